@@ -1,0 +1,64 @@
+"""The command line: ``python -m toolkit SUBCOMMAND ... --json PATH``.
+
+Each subcommand lives in its own module here and registers itself with :func:`subcommand`; every one takes
+``--json PATH`` and writes its result there as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+_SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+MODULES = ("info", "tokens", "train", "bench", "sweep")
+
+
+def subcommand(name: str, help: str):
+    """Register ``configure(parser)`` / ``run(args) -> dict`` for a subcommand (decorate ``run``)."""
+
+    def wrap(run: Callable):
+        def register(configure: Callable):
+            _SUBCOMMANDS[name] = (help, configure, run)
+            return configure
+        run.configure = register
+        return run
+
+    return wrap
+
+
+def write_json(result, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for module in MODULES:
+        try:
+            importlib.import_module(f"toolkit.cli.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"toolkit.cli.{module}":
+                raise
+    parser = argparse.ArgumentParser(prog="python -m toolkit", description=__doc__.splitlines()[0])
+    subs = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, configure, _run) in _SUBCOMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        configure(sub)
+        sub.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _help, _configure, run = _SUBCOMMANDS[args.command]
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_json(result, args.json)
+    return 0

@@ -1,0 +1,127 @@
+"""The toolkit's own LLaVA forward: frozen vision tower -> (pruned) visual tokens -> projector -> LLM.
+
+Why not ``LlavaForConditionalGeneration.forward``: it scatters image features into placeholder positions with a
+data-dependent count check, which breaks ``torch.func.vmap`` and fixes the token count to the unpruned one.
+Here the collator puts the image block at the same position in every row, so the features are concatenated
+in place. With nothing pruned the logits equal the HF forward's (tested).
+
+Example::
+
+    >>> import torch
+    >>> from toolkit.models import build_model
+    >>> from toolkit.forward import LlavaLM, tower_hidden_states, select_features
+    >>> bundle = build_model("tiny")
+    >>> hidden = tower_hidden_states(bundle, torch.zeros(1, 3, 32, 32))
+    >>> select_features(bundle, hidden).shape
+    torch.Size([1, 64, 64])
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def tower_hidden_states(bundle, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run the frozen vision tower; return every hidden state (embeddings output first)."""
+    tower = bundle.vision_tower
+    param = next(tower.parameters())
+    out = tower(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True, return_dict=True)
+    return tuple(out.hidden_states)
+
+
+def select_features(bundle, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The features LLaVA would feed its projector: the ``vision_feature_layer`` state, [CLS] dropped if
+    ``vision_feature_select_strategy == "default"``."""
+    feats = hidden_states[bundle.vision_feature_layer]
+    if bundle.config.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return feats
+
+
+class LlavaLM(nn.Module):
+    """The trainable half of LLaVA (projector + language model + LM head) taking visual features directly.
+
+    It holds references to the bundle's own submodules (no copies), so training it trains the bundle's model.
+    This is the module handed to Opacus: every trainable parameter of the run lives under it.
+    """
+
+    def __init__(self, bundle):
+        super().__init__()
+        self.projector = bundle.model.model.multi_modal_projector
+        self.language_model = bundle.model.model.language_model
+        self.lm_head = bundle.model.lm_head
+        self.image_token_id = bundle.image_token_id
+        self.image_start = None  # set by bind_collator; the image block's first position
+
+    def bind_collator(self, collator) -> "LlavaLM":
+        self.image_start = collator.image_start
+        return self
+
+    def check_placeholders(self, image_features: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Raise if the placeholders in ``input_ids`` do not match the visual tokens about to be fed."""
+        n_visual = image_features.shape[1]
+        n_placeholders = (input_ids == self.image_token_id).sum(dim=1)
+        block = input_ids[:, self.image_start:self.image_start + n_visual]
+        if not bool((n_placeholders == n_visual).all()) or not bool((block == self.image_token_id).all()):
+            raise ValueError(
+                f"image placeholders per row {n_placeholders.tolist()} do not match the {n_visual} visual tokens "
+                f"fed at position {self.image_start}: build the collator with n_visual_tokens={n_visual}"
+            )
+
+    def forward(self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                fusion_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Return logits ``[B, T, V]``. ``fusion_noise`` (optional) is added to the projected-from features
+        before the projector, per example (it is the heuristic fusion noise of mechanism 1)."""
+        if self.image_start is None:
+            raise RuntimeError("call bind_collator(collator) before forward so the image block position is known")
+        if fusion_noise is not None:
+            image_features = image_features + fusion_noise
+        image_embeds = self.projector(image_features)
+        text_embeds = self.language_model.get_input_embeddings()(input_ids)
+        n_visual = image_embeds.shape[1]
+        start = self.image_start
+        embeds = torch.cat([text_embeds[:, :start], image_embeds.to(text_embeds.dtype),
+                            text_embeds[:, start + n_visual:]], dim=1)
+        hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.lm_head(hidden)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's answer tokens: shape ``[B]``."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+@torch.no_grad()
+def rank_candidates(lm: LlavaLM, image_features: torch.Tensor, batch: dict, candidate_ids: list[list[int]]) -> torch.Tensor:
+    """Index of the most likely candidate answer for each example: ``[B]``.
+
+    Each candidate is scored by the summed log-probability of its tokens after the prompt (a closed-set
+    ranking, so accuracy does not depend on free generation). Single-token candidates take one forward.
+    """
+    input_ids, mask, prompt_lengths = batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"]
+    rows = torch.arange(input_ids.shape[0])
+    if all(len(c) == 1 for c in candidate_ids):
+        logits = lm(image_features, input_ids, mask)
+        last = logits[rows, prompt_lengths - 1].float()
+        return last[:, torch.tensor([c[0] for c in candidate_ids])].argmax(dim=1)
+    scores = []
+    for cand in candidate_ids:
+        ids = input_ids.clone()
+        width = int(prompt_lengths.max()) + len(cand)
+        ids = torch.nn.functional.pad(ids, (0, max(0, width - ids.shape[1])), value=0)[:, :width]
+        am = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_lengths.tolist()):
+            ids[i, p:p + len(cand)] = torch.tensor(cand)
+            am[i, : p + len(cand)] = 1
+        logp = lm(image_features, ids, am).float().log_softmax(-1)
+        total = torch.zeros(ids.shape[0])
+        for j, tok in enumerate(cand):
+            total += logp[rows, prompt_lengths - 1 + j, tok]
+        scores.append(total)
+    return torch.stack(scores, dim=1).argmax(dim=1)

@@ -1,0 +1,290 @@
+"""Build LLaVA-family models: tiny presets from config, local checkpoints, and trainable-parameter choices.
+
+Nothing here downloads anything. A preset is a transformers ``LlavaForConditionalGeneration`` built from a
+config, with a word-level tokenizer made on the spot; ``load_model`` reads a directory the user provides
+(a tiny model saved by :func:`save_model`, or a local copy of e.g. ``llava-1.5-7b-hf``).
+
+Example::
+
+    >>> from toolkit.models import build_model
+    >>> bundle = build_model("tiny")
+    >>> bundle.n_patches, bundle.has_cls
+    (64, True)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Words of every question template and answer the embedded data sets use (see toolkit.data).
+VOCAB_WORDS = (
+    "what digit is this ? the even or odd left right sum of two digits a number"
+    " user assistant : , . yes no which"
+).split() + [str(i) for i in range(19)]
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+
+PRESETS: dict[str, dict] = {
+    # Unit-test size: 32x32 canvas, 4x4 patches -> 64 visual tokens (+[CLS]).
+    "tiny": dict(
+        tower="clip", image_size=32, patch_size=4, vision_hidden=64, vision_layers=3, vision_heads=4,
+        lm_hidden=128, lm_layers=2, lm_heads=4, lm_intermediate=256,
+        description="CLIP 3x64 on a 32x32 canvas (64 patches + [CLS]), Llama 2x128",
+    ),
+    # LLaVA-1.5's token count: 24x24 = 576 patches, so 576 -> 64 pruning means what it means on the real model.
+    "llava576": dict(
+        tower="clip", image_size=96, patch_size=4, vision_hidden=64, vision_layers=3, vision_heads=4,
+        lm_hidden=256, lm_layers=4, lm_heads=4, lm_intermediate=688,
+        description="CLIP 3x64 on a 96x96 canvas (24x24 = 576 patches + [CLS], as LLaVA-1.5), Llama 4x256",
+    ),
+    # An encoder without [CLS] (SigLIP-style), for the strategies that must not rely on one.
+    "tiny-siglip": dict(
+        tower="siglip", image_size=32, patch_size=4, vision_hidden=64, vision_layers=3, vision_heads=4,
+        lm_hidden=128, lm_layers=2, lm_heads=4, lm_intermediate=256,
+        description="SigLIP 3x64 on a 32x32 canvas (64 patches, no [CLS]), Llama 2x128",
+    ),
+}
+
+TRAINABLE_MODES = ("lora", "lora+head", "projector", "lm-full")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ModelLoadError(ValueError):
+    """A model directory is missing or does not hold a LLaVA-family model."""
+
+
+@dataclass
+class LlavaBundle:
+    """A LLaVA model with everything needed to feed it: tokenizer, image geometry, placeholder id."""
+
+    model: nn.Module
+    tokenizer: object
+    preset: str
+    image_size: int
+    patch_size: int
+    has_cls: bool
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    prompt_template: str = "user : <image> {question} assistant :"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def n_patches(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_feature_layer(self) -> int:
+        return int(self.model.config.vision_feature_layer)
+
+    @property
+    def n_vision_layers(self) -> int:
+        return int(self.model.config.vision_config.num_hidden_layers)
+
+
+def build_tokenizer():
+    """A word-level tokenizer over the embedded vocabulary (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(set(VOCAB_WORDS)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
+
+
+def _vision_config(spec: dict):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    common = dict(
+        hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_hidden"] * 2,
+        num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
+        image_size=spec["image_size"], patch_size=spec["patch_size"], num_channels=3,
+    )
+    if spec["tower"] == "clip":
+        return CLIPVisionConfig(projection_dim=spec["vision_hidden"], **common)
+    if spec["tower"] == "siglip":
+        return SiglipVisionConfig(**common)
+    raise ValueError(f"unknown vision tower kind {spec['tower']!r}")
+
+
+def build_model(preset: str = "tiny", seed: int = 0) -> LlavaBundle:
+    """Build a randomly initialised LLaVA from a named preset (see ``PRESETS``), reproducible from ``seed``."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    tokenizer = build_tokenizer()
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec["lm_hidden"], intermediate_size=spec["lm_intermediate"],
+        num_hidden_layers=spec["lm_layers"], num_attention_heads=spec["lm_heads"],
+        num_key_value_heads=spec["lm_heads"], max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    has_cls = spec["tower"] == "clip"
+    config = LlavaConfig(
+        vision_config=_vision_config(spec), text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        # LLaVA drops [CLS] before the projector ("default"); a tower without one keeps every token.
+        vision_feature_select_strategy="default" if has_cls else "full",
+        projector_hidden_act="gelu",
+    )
+    # SDPA everywhere: the [CLS] attention row is recomputed from q/k when needed (toolkit.tokens).
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return LlavaBundle(
+        model=model, tokenizer=tokenizer, preset=preset, image_size=spec["image_size"],
+        patch_size=spec["patch_size"], has_cls=has_cls, info=dict(spec, preset=preset, seed=seed),
+    )
+
+
+BUNDLE_FILE = "toolkit_bundle.json"
+
+
+def save_model(bundle: LlavaBundle, path: str | os.PathLike) -> Path:
+    """Save model, tokenizer and image geometry so that :func:`load_model` restores them offline."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    bundle.model.save_pretrained(path)
+    bundle.tokenizer.save_pretrained(path)
+    meta = dict(
+        preset=bundle.preset, image_size=bundle.image_size, patch_size=bundle.patch_size, has_cls=bundle.has_cls,
+        image_mean=list(bundle.image_mean), image_std=list(bundle.image_std),
+        prompt_template=bundle.prompt_template, info=bundle.info,
+    )
+    (path / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LlavaBundle:
+    """Load a LLaVA-family model from a local directory, never from a hub.
+
+    Accepts a directory written by :func:`save_model` or a Hugging Face LLaVA checkpoint (``config.json`` with
+    ``model_type`` ``llava``, tokenizer files, and a ``preprocessor_config.json``).
+
+    Raises:
+        ModelLoadError: the path does not exist, is not a directory, or holds no LLaVA-family model.
+    """
+    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json: not a transformers model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # transformers raises several types for a broken config
+        raise ModelLoadError(f"{str(path)!r}: config.json could not be read ({err})") from err
+    if getattr(config, "model_type", None) != "llava":
+        raise ModelLoadError(
+            f"{str(path)!r} holds a {getattr(config, 'model_type', 'unknown')!r} model, not a LLaVA-family one "
+            "(config.json model_type must be 'llava')"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, attn_implementation="sdpa", dtype=dtype
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    meta_file = path / BUNDLE_FILE
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return LlavaBundle(
+            model=model, tokenizer=tokenizer, preset=meta["preset"], image_size=meta["image_size"],
+            patch_size=meta["patch_size"], has_cls=meta["has_cls"], image_mean=tuple(meta["image_mean"]),
+            image_std=tuple(meta["image_std"]), prompt_template=meta["prompt_template"], info=meta["info"],
+        )
+    vision = config.vision_config
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    proc_file = path / "preprocessor_config.json"
+    if proc_file.is_file():
+        proc = json.loads(proc_file.read_text())
+        mean, std = tuple(proc.get("image_mean", mean)), tuple(proc.get("image_std", std))
+    return LlavaBundle(
+        model=model, tokenizer=tokenizer, preset=f"local:{path.name}", image_size=int(vision.image_size),
+        patch_size=int(vision.patch_size), has_cls=getattr(vision, "model_type", "") == "clip_vision_model",
+        image_mean=mean, image_std=std, prompt_template="USER: <image>\n{question} ASSISTANT:",
+        info=dict(path=str(path)),
+    )
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_trainable(bundle: LlavaBundle, mode: str = "lora", lora_rank: int = 8, lora_alpha: int | None = None) -> int:
+    """Choose what trains; the vision tower always stays frozen. Returns the number of trainable parameters.
+
+    Modes:
+        ``lora``: LoRA adapters on every linear of the language model (the paper's choice) + the projector.
+        ``lora+head``: as ``lora``, plus the LM head (the answer head; cheap on small vocabularies).
+        ``projector``: the multimodal projector only.
+        ``lm-full``: the projector and every language-model weight.
+
+    The tower is frozen on purpose: Opacus refuses a trainable CLIP embeddings module, a trainable position
+    embedding gets a silently wrong per-sample gradient, and the last layer is unused at ``vision_feature_layer=-2``.
+    LoRA layers are injected in place (peft's ``inject_adapter_in_model``) so the LLaVA class keeps its API.
+    """
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}")
+    if lora_rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
+    model = bundle.model
+    freeze_all(model)
+    lm = model.model.language_model
+    if mode.startswith("lora"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if not any("lora_A" in n for n, _ in lm.named_modules()):
+            config = LoraConfig(
+                r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
+                target_modules=list(LORA_TARGETS), bias="none",
+            )
+            inject_adapter_in_model(config, lm)
+        for name, p in lm.named_parameters():
+            p.requires_grad_("lora_" in name)
+    elif mode == "lm-full":
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        for p in model.lm_head.parameters():
+            p.requires_grad_(True)
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    if mode == "lora+head":
+        for p in model.lm_head.parameters():
+            p.requires_grad_(True)
+    return count_trainable(model)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
