@@ -7,7 +7,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: these models are tiny, and OpenMP threads spinning against other processes on a
+# 2-core machine made steps up to 35x slower. Override with TOOLKIT_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("TOOLKIT_TEST_THREADS", "1")))
 
 
 @pytest.fixture

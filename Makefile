@@ -1,0 +1,41 @@
+# Two commands for a fresh machine (Python 3.11): `make app` and `make test`. Both are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 7860
+# torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-test app test chromium clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PIP) install --quiet -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test chromium
+
+# Debian's Chromium for the browser end-to-end test (Playwright drives it; it never downloads a browser).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) || \
+	  (echo "could not install chromium: the browser test will be skipped" >&2)
+
+app: install
+	$(PY) app.py --host $(HOST) --port $(PORT)
+
+test: install-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache artifacts

@@ -1,0 +1,228 @@
+"""Pictures of a pruning decision: pure functions from one example's :class:`PruneOutput` to plotly figures.
+
+* :func:`token_overlay_figure`: on the exact preprocessed image (normalisation undone), the attention heatmap,
+  the patches kept as themselves (outlined), each contextual cluster in its own colour (its centre marked),
+  and the dropped patches dimmed; the title counts "576 -> 64".
+* :func:`spatial_histogram_figure`: how many kept patches fall in each grid row and column, against the flat
+  line a spatially unbiased rule would give (exposes e.g. a bias toward the bottom rows).
+* :func:`save_figure`: ``.html`` always works (plotly.js embedded, opens offline); ``.png``/``.svg``/``.pdf``
+  need kaleido and a Chrome/Chromium browser, else :class:`ImageExportError` says why.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KEPT_COLOUR = "#00e5ff"
+DROPPED_FILL = "rgba(0, 0, 0, 0.7)"
+CLUSTER_PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+                   "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3")
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+
+
+class ImageExportError(RuntimeError):
+    """A static image (PNG/SVG/PDF) could not be written; the message says why and what to do."""
+
+
+def denormalize(pixel_values: torch.Tensor, image_mean, image_std) -> np.ndarray:
+    """Undo the tower's normalisation: ``[3, H, W]`` (or ``[1, 3, H, W]``) -> uint8 ``[H, W, 3]``.
+
+    x_pixel = clip(x_norm * std + mean, 0, 1) * 255, rounded: the image exactly as the tower saw it.
+    """
+    x = pixel_values.detach().float().cpu()
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3 or x.shape[0] != 3:
+        raise ValueError(f"pixel_values must be [3, H, W] or [1, 3, H, W], got {list(pixel_values.shape)}")
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+    rgb = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return rgb.permute(1, 2, 0).numpy()
+
+
+def _as_rgb(image, image_mean, image_std) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        if image_mean is None or image_std is None:
+            raise ValueError("pixel_values are normalised: pass image_mean and image_std (e.g. bundle.image_mean/std)")
+        return denormalize(image, image_mean, image_std)
+    if hasattr(image, "convert"):  # a PIL image
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image must be normalised pixel_values, a PIL image or an [H, W, 3] array, got {array.shape}")
+    return array.astype(np.uint8)
+
+
+def _single(output) -> None:
+    if output.batch_size != 1:
+        raise ValueError(f"a figure shows one example; got a batch of {output.batch_size}: pass output.example(i)")
+
+
+def _rectangles(patches, cols: int, patch_h: float, patch_w: float) -> tuple[list, list]:
+    """Closed outlines of patches as one scatter path (None between rectangles)."""
+    xs, ys = [], []
+    for j in patches:
+        r, c = divmod(int(j), cols)
+        x0, y0 = c * patch_w, r * patch_h
+        xs += [x0, x0 + patch_w, x0 + patch_w, x0, x0, None]
+        ys += [y0, y0, y0 + patch_h, y0 + patch_h, y0, None]
+    return xs, ys
+
+
+def _counts_line(output) -> str:
+    parts = []
+    if output.cls_slot is not None:
+        parts.append("[CLS]")
+    parts.append(f"{output.kept_indices.shape[1]} kept")
+    if output.contextual_slots.numel():
+        parts.append(f"{output.contextual_slots.numel()} fused")
+    return " + ".join(parts) + f"; {output.n_dropped} dropped"
+
+
+def token_overlay_figure(output, image, image_mean=None, image_std=None, show_scores: bool = True,
+                         title: str | None = None):
+    """Overlay one example's pruning decision on its preprocessed image.
+
+    Args:
+        output: a :class:`PruneOutput` of one example (``out.example(i)``).
+        image: the normalised ``pixel_values`` the tower saw (``[3, H, W]``; give ``image_mean``/``image_std``),
+            or an RGB ``[H, W, 3]`` uint8 array / PIL image of the same size.
+        show_scores: draw the attention heatmap (when the strategy has scores).
+    Returns:
+        ``plotly.graph_objects.Figure``.
+    """
+    import plotly.graph_objects as go
+
+    _single(output)
+    rgb = _as_rgb(image, image_mean, image_std)
+    height, width = rgb.shape[:2]
+    rows, cols = output.grid
+    if height % rows or width % cols:
+        raise ValueError(f"image {width}x{height} does not split into the {rows}x{cols} patch grid")
+    patch_h, patch_w = height / rows, width / cols
+    kept = output.kept_indices[0].tolist()
+    clusters = output.clusters[0].cpu()
+    kept_set = set(kept)
+    dropped = [j for j in range(output.n_in) if clusters[j] < 0 and j not in kept_set]
+
+    fig = go.Figure(go.Image(z=rgb, name="image", hoverinfo="skip"))
+    if show_scores and output.scores is not None:
+        scores = output.scores[0].detach().float().cpu().view(rows, cols).numpy()
+        fig.add_trace(go.Heatmap(
+            z=scores, x=(np.arange(cols) + 0.5) * patch_w, y=(np.arange(rows) + 0.5) * patch_h,
+            customdata=np.arange(output.n_in).reshape(rows, cols), colorscale="Inferno", opacity=0.45,
+            name="attention", colorbar=dict(title="score", thickness=12),
+            hovertemplate="patch %{customdata}<br>score %{z:.4g}<extra></extra>",
+        ))
+    if dropped:
+        xs, ys = _rectangles(dropped, cols, patch_h, patch_w)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", fill="toself", fillcolor=DROPPED_FILL, line=dict(width=0),
+                                 name=f"dropped ({len(dropped)})", hoverinfo="skip"))
+    n_fused = int(output.contextual_slots.numel())
+    for cluster in range(n_fused):
+        members = torch.nonzero(clusters == cluster).flatten().tolist()
+        colour = CLUSTER_PALETTE[cluster % len(CLUSTER_PALETTE)]
+        xs, ys = _rectangles(members, cols, patch_h, patch_w)
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines", fill="toself", fillcolor=_with_alpha(colour, 0.4), line=dict(width=0),
+            legendgroup="clusters", showlegend=cluster == 0, name=f"contextual clusters ({n_fused})",
+            hovertemplate=f"cluster {cluster}: {len(members)} patches<extra></extra>",
+        ))
+    centres = output.centre_indices[0].tolist()
+    if centres:
+        fig.add_trace(go.Scatter(
+            x=[(j % cols + 0.5) * patch_w for j in centres], y=[(j // cols + 0.5) * patch_h for j in centres],
+            mode="markers", marker=dict(symbol="x", size=7, color="white", line=dict(width=1, color="black")),
+            name="cluster centres", text=[f"centre of cluster {i} (patch {j})" for i, j in enumerate(centres)],
+            hoverinfo="text",
+        ))
+    if kept:
+        xs, ys = _rectangles(kept, cols, patch_h, patch_w)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=KEPT_COLOUR, width=2),
+                                 name=f"kept ({len(kept)})", hoverinfo="skip"))
+    layer = f", scored at layer {output.layer}" if output.layer is not None else ""
+    heading = title or f"{output.strategy}: {output.n_in} -> {output.n_out} visual tokens"
+    fig.update_layout(
+        title=dict(text=f"{heading}<br><sup>{_counts_line(output)}{layer}</sup>"),
+        width=620, height=600, margin=dict(l=10, r=10, t=70, b=10), legend=dict(orientation="h", y=-0.02),
+        plot_bgcolor="white",
+    )
+    fig.update_xaxes(range=[0, width], showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_yaxes(range=[height, 0], showticklabels=False, showgrid=False, zeroline=False,
+                     scaleanchor="x", scaleratio=1)
+    return fig
+
+
+def _with_alpha(hex_colour: str, alpha: float) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
+def spatial_histogram_figure(output, title: str | None = None):
+    """Kept patches per grid row and per column for one example, with the count a spatially uniform rule
+    would give (n_kept / rows, n_kept / cols) as a dashed line: bars far from it expose a spatial bias."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    _single(output)
+    rows, cols = output.grid
+    kept = torch.as_tensor(output.kept_indices[0]).cpu()
+    per_row = torch.bincount(kept // cols, minlength=rows).tolist()
+    per_col = torch.bincount(kept % cols, minlength=cols).tolist()
+    n_kept = int(kept.numel())
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("kept patches per row", "kept patches per column"))
+    fig.add_trace(go.Bar(x=list(range(rows)), y=per_row, name="per row", marker_color="#4363d8"), row=1, col=1)
+    fig.add_trace(go.Bar(x=list(range(cols)), y=per_col, name="per column", marker_color="#f58231"), row=1, col=2)
+    for column, expected in ((1, n_kept / rows), (2, n_kept / cols)):
+        fig.add_hline(y=expected, line_dash="dash", line_color="grey", row=1, col=column)
+    note = "" if n_kept else " (no patch kept as itself: every token is fused)"
+    heading = title or f"{output.strategy}: where the {n_kept} kept patches lie{note}"
+    fig.update_layout(title=heading, width=720, height=320, showlegend=False, margin=dict(l=40, r=10, t=70, b=40),
+                      bargap=0.1)
+    fig.update_xaxes(title_text="grid row (top = 0)", row=1, col=1)
+    fig.update_xaxes(title_text="grid column (left = 0)", row=1, col=2)
+    return fig
+
+
+def _prepare_browser() -> None:
+    """kaleido 1.x drives a Chrome; point it at a system Chromium when the user has not chosen one."""
+    if os.environ.get("BROWSER_PATH"):
+        return
+    for candidate in CHROMIUM_CANDIDATES:
+        if Path(candidate).is_file():
+            os.environ["BROWSER_PATH"] = candidate
+            return
+
+
+def save_figure(fig, path) -> Path:
+    """Write ``fig`` as ``.html`` (always works, offline) or ``.png``/``.svg``/``.pdf`` (needs kaleido + Chrome)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".html", ".png", ".svg", ".pdf"):
+        what = suffix or "a file without extension"
+        raise ValueError(f"cannot write a figure as {what!r}: use .html, .png, .svg or .pdf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".html":
+        fig.write_html(path, include_plotlyjs=True)  # embedded plotly.js: opens without a network
+        return path
+    try:
+        import kaleido  # noqa: F401
+    except ImportError as err:
+        raise ImageExportError(f"{suffix} export needs the 'kaleido' package ({err}); write .html instead") from err
+    _prepare_browser()
+    browser = os.environ.get("BROWSER_PATH")
+    if browser and not Path(browser).is_file():
+        raise ImageExportError(f"BROWSER_PATH={browser!r} does not exist: kaleido needs a Chrome/Chromium to "
+                               f"write {suffix}; install chromium or write .html instead")
+    try:
+        fig.write_image(path)
+    except Exception as err:  # kaleido/choreographer raise many types when no browser can start
+        raise ImageExportError(
+            f"{suffix} export failed: kaleido could not render with a Chrome/Chromium browser "
+            f"(BROWSER_PATH={browser!r}; {type(err).__name__}: {err}). Install chromium and set BROWSER_PATH, "
+            "or write .html instead"
+        ) from err
+    return path

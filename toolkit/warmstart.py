@@ -1,0 +1,116 @@
+"""A reproducible public warm start for the embedded default model, cached on disk.
+
+No pretrained weights can be downloaded, so the embedded model is first trained *non-privately* on the
+**public** split (``digit`` task, source images 0-699); DP fine-tuning then runs on the disjoint private split.
+Everything is trained here, the vision tower included, plus one auxiliary loss: a linear digit classifier on
+the tower's [CLS] token at the feature layer (discarded afterwards). Why: in a real CLIP the [CLS] token is
+trained to summarise the image, which is what makes [CLS] attention a useful pruning score; LLaVA drops
+[CLS] before the LLM, so without this auxiliary loss [CLS] would never learn where to look.
+
+The result is cached under ``cache_dir()`` keyed by (preset, seed, steps, recipe version) and shared by every
+caller (tests, notebooks, app). Example::
+
+    >>> from toolkit.warmstart import warm_start
+    >>> bundle = warm_start("tiny", steps=2, progress=False)   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.data import Collator, make_vqa, preprocess_images
+from toolkit.forward import LlavaLM, per_example_loss, select_features
+from toolkit.models import build_model, load_model, save_model
+
+RECIPE_VERSION = 1
+DEFAULT_STEPS = {"tiny": 600, "tiny-siglip": 600, "llava576": 300}
+
+
+def cache_dir() -> Path:
+    """Where warm starts (and other caches) live: ``$DUALPRIV_CACHE`` or ``~/.cache/dualpriv-toolkit``."""
+    root = os.environ.get("DUALPRIV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dualpriv-toolkit")
+    return Path(root)
+
+
+def warm_start_path(preset: str, seed: int, steps: int) -> Path:
+    key = hashlib.sha256(f"{preset}|{seed}|{steps}|{RECIPE_VERSION}".encode()).hexdigest()[:12]
+    return cache_dir() / f"warmstart-{preset}-s{seed}-{steps}-{key}"
+
+
+def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, batch_size: int = 64,
+               lr: float = 1e-3, progress: bool = True, refresh: bool = False):
+    """Return the warm-started bundle for ``preset``, training and caching it on first use.
+
+    Args:
+        preset: a model preset (``toolkit.models.PRESETS``).
+        seed: seeds the initialisation, the digit placement and the batch order.
+        steps: optimizer steps on the public split (default ``DEFAULT_STEPS[preset]``, a few CPU minutes).
+        refresh: retrain even if a cached copy exists.
+    """
+    steps = steps if steps is not None else DEFAULT_STEPS.get(preset, 600)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    path = warm_start_path(preset, seed, steps)
+    if (path / "toolkit_bundle.json").is_file() and not refresh:
+        return load_model(path)
+    bundle = build_model(preset, seed=seed)
+    _train_public(bundle, seed, steps, batch_size, lr, progress)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_model(bundle, tmp)
+    if path.exists():  # another process won the race: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(path)
+    return load_model(path)
+
+
+def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    data = make_vqa("digit", "public", image_size=bundle.image_size, seed=seed)
+    pixels = preprocess_images([r.image for r in data], bundle.image_size, bundle.image_mean, bundle.image_std)
+    digits = torch.tensor([int(r.answer) for r in data])
+    collator = Collator(bundle.tokenizer, bundle.n_patches, bundle.image_token_id, bundle.prompt_template)
+    lm = LlavaLM(bundle).bind_collator(collator)
+    model = bundle.model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    d_vision = bundle.config.vision_config.hidden_size
+    cls_head = torch.nn.Linear(d_vision, 10)  # auxiliary, discarded: teaches [CLS] where the digit is
+    params = list(model.parameters()) + list(cls_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # Linear warm-up then cosine decay: without warm-up, lr 1e-3 stalls at chance on these tiny transformers.
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"warm start {bundle.preset} (public split)", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(len(data), (batch_size,), generator=generator)
+        batch = collator([data[i] for i in idx.tolist()])
+        out = bundle.vision_tower(pixels[idx], output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states
+        feats = select_features(bundle, hidden)
+        logits = lm(feats, batch["input_ids"], batch["attention_mask"])
+        loss = per_example_loss(logits, batch["labels"]).mean()
+        if bundle.has_cls:
+            loss = loss + F.cross_entropy(cls_head(hidden[bundle.vision_feature_layer][:, 0]), digits[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    bundle.info.update(warm_start=dict(task="digit", split="public", steps=steps, lr=lr, batch_size=batch_size,
+                                       seconds=round(time.perf_counter() - started, 1), recipe=RECIPE_VERSION))
