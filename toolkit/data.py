@@ -71,6 +71,7 @@ class VQADataset(torch.utils.data.Dataset):
 
 
 def _digits():
+    """The 1,797 scikit-learn digit glyphs (8x8, values 0..16) and their labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()

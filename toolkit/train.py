@@ -272,9 +272,8 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     from toolkit.forward import LlavaLM, per_example_loss
     from toolkit.metering import StepTimer, live_training_tensors, measure_peak
     from toolkit.models import apply_trainable
-    from toolkit.privacy import PoissonSampler, calibrate_noise, check_sampling, make_private
+    from toolkit.privacy import PoissonSampler, calibrate_noise, check_sampling
     from toolkit.tokens import matched_fusion_sigma
-    from toolkit.zo import DPZeroOrder
 
     c = config.resolved()
     started = time.perf_counter()
@@ -314,24 +313,11 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
         fusion_sigma = float(c.fusion_noise_std)
     noise_gen = torch.Generator().manual_seed(c.seed + 1)
 
-    optimizer = _optimizer(params, c)
-    engine = zo = None
-    if c.method in ("dp-sgd", "dual-priv"):
-        engine = make_private(lm, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=c.max_grad_norm,
-                              expected_batch_size=c.expected_batch_size, sample_rate=sample_rate,
-                              accountant=c.accountant, grad_prune_ratio=c.grad_prune_ratio,
-                              prune_scope=c.prune_scope, pruned_state=c.pruned_state,
-                              grad_sample_mode=c.grad_sample_mode, noise_seed=c.seed + 2)
-    elif c.method == "dp-zo":
-        zo = DPZeroOrder(params, lr=c.lr, mu=c.zo_mu, noise_multiplier=noise_multiplier,
-                         max_grad_norm=c.max_grad_norm, expected_batch_size=c.expected_batch_size,
-                         sample_rate=sample_rate, accountant=c.accountant, seed=c.seed + 3)
-    elif c.grad_prune_ratio > 0:
-        raise ValueError("grad_prune_ratio needs a DP-SGD method (it prunes the noisy gradient)")
+    stepper = make_stepper(c, lm, params, noise_multiplier, sample_rate)
     start_step = 0
     if c.resume_from:
-        start_step = _resume(c.resume_from, lm, optimizer, engine, zo)
-    forward_module = engine.module if engine is not None else lm
+        start_step = _resume(c.resume_from, lm, stepper)
+    forward_module = stepper.module
 
     sampler = (PoissonSampler(n_records, sample_rate, seed=c.seed) if c.sampling == "poisson"
                else _ShuffledBatches(len(train_set), c.expected_batch_size, seed=c.seed))
@@ -347,29 +333,7 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
         return per_example_loss(logits, batch["labels"])
 
     def one_step(idx: torch.Tensor) -> float:
-        if engine is not None:
-            if len(idx) == 0:
-                engine.empty_step()
-                return float("nan")
-            return engine.step(batch_losses(idx))
-        if zo is not None:
-            if len(idx) == 0:
-                zo.empty_step()
-                return float("nan")
-            with torch.no_grad():
-                return zo.step(lambda: batch_losses(idx))
-        losses = batch_losses(idx)
-        optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
-        optimizer.step()
-        return float(losses.mean().detach())
-
-    def epsilon_now() -> float:
-        if engine is not None:
-            return engine.epsilon(c.delta)
-        if zo is not None:
-            return zo.epsilon(c.delta)
-        return math.inf
+        return stepper.step(lambda: batch_losses(idx) if len(idx) else None)
 
     # 4. the loop
     timer, rows, peak, cancelled = StepTimer(skip=1), [], None, False
@@ -379,16 +343,16 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     for step, idx in zip(range(start_step, steps), sampler.batches(steps - start_step)):
         if step == measure_at:
             box = {}
-            baseline = live_training_tensors(lm, optimizer) + [train_feats]
+            baseline = live_training_tensors(lm, stepper.optimizer) + [train_feats]
             peak = measure_peak(lambda: box.setdefault("loss", one_step(idx)), baseline)
             loss = box["loss"]
             timer.times.append(float("nan"))  # profiled steps are slower: not timed
         else:
             loss = timer.time(lambda: one_step(idx))
-        row = dict(step=step + 1, steps=steps, loss=loss, epsilon_spent=epsilon_now(), lr=c.lr,
+        row = dict(step=step + 1, steps=steps, loss=loss, epsilon_spent=stepper.epsilon(c.delta), lr=c.lr,
                    step_time_s=timer.times[-1], batch_size=int(len(idx)))
-        if engine is not None:
-            row["kept_fraction"] = engine.last_kept_fraction
+        if stepper.engine is not None:
+            row["kept_fraction"] = stepper.engine.last_kept_fraction
         rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", eps=f"{row['epsilon_spent']:.2f}")
@@ -400,18 +364,83 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     # 5. evaluate, checkpoint, report
     accuracy = evaluate(lm, eval_feats, eval_set.records, eval_collator, eval_set.candidates, c.eval_batch_size)
     if c.checkpoint_path:
-        _checkpoint(c.checkpoint_path, c, lm, optimizer, engine, zo, step=start_step + len(rows))
+        _checkpoint(c.checkpoint_path, c, lm, stepper, step=start_step + len(rows))
     history = pd.DataFrame(rows)
     times = [t for t in timer.times if not math.isnan(t)]
     timer.times = times
     return TrainResult(
-        config=c, history=history, accuracy=accuracy, epsilon_spent=epsilon_now() if private else math.inf,
+        config=c, history=history, accuracy=accuracy, epsilon_spent=stepper.epsilon(c.delta) if private else math.inf,
         noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=start_step + len(rows),
         peak_memory_mb=peak.peak_mb if peak else float("nan"), memory_method=peak.method if peak else "not measured",
         step_time_s=timer.median, trainable_params=n_trainable, visual_tokens=pruner.n_out,
         visual_tokens_in=bundle.n_patches, wall_time_s=time.perf_counter() - started, cancelled=cancelled,
         extra=dict(fusion_noise_std=fusion_sigma, n_records=n_records),
     )
+
+
+class Stepper:
+    """One optimisation step of any method, given a closure that returns the batch's per-example losses.
+
+    ``step(losses_fn)``: ``losses_fn()`` runs the forward through :attr:`module` and returns ``[B]`` losses; a
+    ``None`` closure is an empty Poisson batch (private methods still add noise and the accountant advances).
+    """
+
+    def __init__(self, module, optimizer, engine=None, zo=None):
+        self.lm, self.optimizer, self.engine, self.zo = module, optimizer, engine, zo
+
+    @property
+    def module(self):
+        return self.engine.module if self.engine is not None else self.lm
+
+    def step(self, losses_fn: Callable[[], torch.Tensor] | None) -> float:
+        if self.engine is not None:
+            if losses_fn is None:
+                self.engine.empty_step()
+                return float("nan")
+            return float(self.engine.step(losses_fn()))
+        if self.zo is not None:
+            if losses_fn is None:
+                self.zo.empty_step()
+                return float("nan")
+            with torch.no_grad():
+                return float(self.zo.step(losses_fn))
+        if losses_fn is None:
+            return float("nan")
+        losses = losses_fn()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        self.optimizer.step()
+        return float(losses.mean().detach())
+
+    def epsilon(self, delta: float) -> float:
+        if self.engine is not None:
+            return float(self.engine.epsilon(delta))
+        if self.zo is not None:
+            return float(self.zo.epsilon(delta))
+        return math.inf
+
+
+def make_stepper(c: TrainConfig, lm, params, noise_multiplier: float, sample_rate: float) -> Stepper:
+    """The method's optimizer: plain, Opacus DP-SGD (+ update pruning), or DP zeroth-order."""
+    from toolkit.privacy import make_private
+    from toolkit.zo import DPZeroOrder
+
+    optimizer = _optimizer(params, c)
+    if c.method in ("dp-sgd", "dual-priv"):
+        engine = make_private(lm, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=c.max_grad_norm,
+                              expected_batch_size=c.expected_batch_size, sample_rate=sample_rate,
+                              accountant=c.accountant, grad_prune_ratio=c.grad_prune_ratio,
+                              prune_scope=c.prune_scope, pruned_state=c.pruned_state,
+                              grad_sample_mode=c.grad_sample_mode, noise_seed=c.seed + 2)
+        return Stepper(lm, optimizer, engine=engine)
+    if c.method == "dp-zo":
+        zo = DPZeroOrder(params, lr=c.lr, mu=c.zo_mu, noise_multiplier=noise_multiplier,
+                         max_grad_norm=c.max_grad_norm, expected_batch_size=c.expected_batch_size,
+                         sample_rate=sample_rate, accountant=c.accountant, seed=c.seed + 3)
+        return Stepper(lm, optimizer, zo=zo)
+    if c.grad_prune_ratio > 0:
+        raise ValueError("grad_prune_ratio needs a DP-SGD method: it prunes the noisy gradient")
+    return Stepper(lm, optimizer)
 
 
 class _ShuffledBatches:
@@ -434,19 +463,19 @@ def _trainable_state(lm) -> dict:
     return {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
 
 
-def _checkpoint(path: str, c: TrainConfig, lm, optimizer, engine, zo, step: int) -> None:
+def _checkpoint(path: str, c: TrainConfig, lm, stepper: "Stepper", step: int) -> None:
     state = dict(config=c.to_dict(), step=step, trainable=_trainable_state(lm))
-    if engine is not None:
-        state["engine"] = engine.state_dict()
-    elif zo is not None:
-        state["zo"] = zo.state_dict()
+    if stepper.engine is not None:
+        state["engine"] = stepper.engine.state_dict()
+    elif stepper.zo is not None:
+        state["zo"] = stepper.zo.state_dict()
     else:
-        state["optimizer"] = optimizer.state_dict()
+        state["optimizer"] = stepper.optimizer.state_dict()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
 
 
-def _resume(path: str, lm, optimizer, engine, zo) -> int:
+def _resume(path: str, lm, stepper: "Stepper") -> int:
     """Restore weights, optimizer and accountant history; a resumed run never under-reports ε."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -457,16 +486,16 @@ def _resume(path: str, lm, optimizer, engine, zo) -> int:
             if name not in named:
                 raise ValueError(f"checkpoint parameter {name!r} is not in this model: different config?")
             named[name].copy_(value)
-    if engine is not None:
+    if stepper.engine is not None:
         if "engine" not in state:
             raise ValueError("checkpoint holds no DP-SGD state (accountant history): it was not a DP-SGD run")
-        engine.load_state_dict(state["engine"])
-    elif zo is not None:
+        stepper.engine.load_state_dict(state["engine"])
+    elif stepper.zo is not None:
         if "zo" not in state:
             raise ValueError("checkpoint holds no DP-ZO state (accountant history): it was not a DP-ZO run")
-        zo.load_state_dict(state["zo"])
+        stepper.zo.load_state_dict(state["zo"])
     elif "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+        stepper.optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
 
 

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toolkit.data import Collator, make_vqa, preprocess_images
+import numpy as np
+
+from toolkit.data import Collator, _digits, make_vqa, preprocess_images, render_digits
 from toolkit.forward import LlavaLM, per_example_loss, select_features
 from toolkit.models import build_model, load_model, save_model
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 DEFAULT_STEPS = {"tiny": 600, "tiny-siglip": 600, "llava576": 300}
 
 
@@ -76,8 +78,10 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
     from tqdm.auto import tqdm
 
     data = make_vqa("digit", "public", image_size=bundle.image_size, seed=seed)
-    pixels = preprocess_images([r.image for r in data], bundle.image_size, bundle.image_mean, bundle.image_std)
+    glyphs, targets = _digits()
+    sources = [r.source_ids[0] for r in data]
     digits = torch.tensor([int(r.answer) for r in data])
+    rng = np.random.default_rng(seed)
     collator = Collator(bundle.tokenizer, bundle.n_patches, bundle.image_token_id, bundle.prompt_template)
     lm = LlavaLM(bundle).bind_collator(collator)
     model = bundle.model.train()
@@ -97,7 +101,11 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
     for _ in bar:
         idx = torch.randint(len(data), (batch_size,), generator=generator)
         batch = collator([data[i] for i in idx.tolist()])
-        out = bundle.vision_tower(pixels[idx], output_hidden_states=True, return_dict=True)
+        # Augmentation: every draw re-places the digit at a fresh random offset. Without it the model
+        # memorised the 700 public images (100% train, 34% held-out accuracy).
+        images = [render_digits([glyphs[sources[i]]], bundle.image_size, rng) for i in idx.tolist()]
+        pixels = preprocess_images(images, bundle.image_size, bundle.image_mean, bundle.image_std)
+        out = bundle.vision_tower(pixels, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states
         feats = select_features(bundle, hidden)
         logits = lm(feats, batch["input_ids"], batch["attention_mask"])

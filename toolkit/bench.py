@@ -1,0 +1,143 @@
+"""Side-by-side peak memory and step time of non-private, DP-SGD, Dual-Priv and DP-ZO on one model and batch.
+
+Every method takes the same batch of ``batch_size`` records through the *whole* step: frozen vision tower
+(``tower_in_step=True``, no gradient) -> token pruning -> projector + LLM -> the method's update. Step 1 is a
+warm-up (lazy allocations, optimizer state), step 2 is profiled for peak memory (see :mod:`toolkit.metering`),
+the remaining steps are timed. With ``isolate=True`` each method runs in a fresh Python subprocess so one
+method's allocations cannot inflate another's. Ratios are computed from numbers measured in the same run.
+
+Example::
+
+    >>> from toolkit.bench import run_bench
+    >>> table = run_bench(methods=("dp-sgd", "dual-priv"), preset="tiny", batch_size=2, steps=3,
+    ...                   isolate=False)                                   # doctest: +SKIP
+    >>> list(table.columns)[:4]                                            # doctest: +SKIP
+    ['method', 'visual_tokens', 'peak_memory_mb', 'step_time_s']
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Callable
+
+import pandas as pd
+import torch
+
+DEFAULT_METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
+COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "memory_vs_dp_sgd", "memory_vs_dp_zo",
+           "time_vs_dp_sgd", "time_vs_non_private", "trainable_params", "batch_size", "preset", "tower_in_step",
+           "memory_method", "device"]
+
+
+def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
+                   token_strategy: str = "dual-priv", keep_tokens: int | None = None,
+                   token_prune_ratio: float | None = 0.75, grad_prune_ratio: float = 0.2, trainable: str = "lora+head",
+                   grad_sample_mode: str = "hooks", prune_tokens_for_all: bool = False, tower_in_step: bool = True,
+                   seed: int = 0) -> dict:
+    """Measure one method in this process; returns one record of the table."""
+    from toolkit.data import Collator, make_vqa, preprocess_images
+    from toolkit.forward import LlavaLM, per_example_loss, tower_hidden_states
+    from toolkit.metering import StepTimer, live_training_tensors, measure_peak
+    from toolkit.models import apply_trainable, build_model
+    from toolkit.train import TrainConfig, make_pruner_for, make_stepper
+
+    if steps < 3:
+        raise ValueError(f"steps must be >= 3 (warm-up, profiled, timed), got {steps}")
+    prune = method == "dual-priv" or prune_tokens_for_all
+    config = TrainConfig(method=method, preset=preset, steps=steps, expected_batch_size=batch_size,
+                         token_strategy=token_strategy if prune else "none", keep_tokens=keep_tokens,
+                         token_prune_ratio=token_prune_ratio if prune else None,
+                         grad_prune_ratio=grad_prune_ratio if method == "dual-priv" else 0.0,
+                         trainable=trainable, grad_sample_mode=grad_sample_mode, seed=seed).resolved()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle = build_model(preset, seed=seed)  # weights do not change memory or time: no warm start needed
+    bundle.model.to(device)
+    torch.manual_seed(seed)
+    n_trainable = apply_trainable(bundle, config.trainable, config.lora_rank)
+    pruner = make_pruner_for(bundle, config)
+    records = make_vqa("digit", "private", bundle.image_size, limit=batch_size).records
+    pixels = preprocess_images([r.image for r in records], bundle.image_size, bundle.image_mean, bundle.image_std)
+    pixels = pixels.to(device)
+    collator = Collator(bundle.tokenizer, pruner.n_out, bundle.image_token_id, bundle.prompt_template)
+    batch = {k: v.to(device) for k, v in collator(records).items()}
+    lm = LlavaLM(bundle).bind_collator(collator).train()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    stepper = make_stepper(config, lm, params, noise_multiplier=1.0, sample_rate=min(1.0, batch_size / 700))
+    cached = None if tower_in_step else pruner(tower_hidden_states(bundle, pixels)).features
+
+    def losses() -> torch.Tensor:
+        feats = pruner(tower_hidden_states(bundle, pixels)).features if tower_in_step else cached
+        logits = stepper.module(feats, batch["input_ids"], batch["attention_mask"])
+        return per_example_loss(logits, batch["labels"])
+
+    stepper.step(losses)  # warm-up
+    baseline = live_training_tensors(bundle.model, stepper.optimizer) + [pixels]
+    peak = measure_peak(lambda: stepper.step(losses), baseline, device=device)
+    timer = StepTimer(skip=0)
+    for _ in range(steps - 2):
+        timer.time(lambda: stepper.step(losses))
+    return dict(method=method, visual_tokens=pruner.n_out, peak_memory_mb=round(peak.peak_mb, 2),
+                step_time_s=round(timer.median, 4), trainable_params=n_trainable, batch_size=batch_size,
+                preset=preset, tower_in_step=tower_in_step, memory_method=peak.method, device=device)
+
+
+def _measure_isolated(kwargs: dict) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-m", "toolkit.bench", json.dumps(kwargs)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of {kwargs['method']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
+    """Ratios to DP-SGD, DP-ZO and non-private, from numbers of the same run (NaN when absent)."""
+    def ratio(column: str, method: str) -> pd.Series:
+        ref = table.loc[table.method == method, column]
+        return table[column] / float(ref.iloc[0]) if len(ref) else float("nan")
+
+    table = table.copy()
+    table["memory_vs_dp_sgd"] = ratio("peak_memory_mb", "dp-sgd")
+    table["memory_vs_dp_zo"] = ratio("peak_memory_mb", "dp-zo")
+    table["time_vs_dp_sgd"] = ratio("step_time_s", "dp-sgd")
+    table["time_vs_non_private"] = ratio("step_time_s", "non-private")
+    return table[[c for c in COLUMNS if c in table.columns]].round(4)
+
+
+def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
+              token_strategy: str = "dual-priv", keep_tokens: int | None = None, token_prune_ratio: float | None = 0.75,
+              grad_prune_ratio: float = 0.2, trainable: str = "lora+head", grad_sample_mode: str = "hooks",
+              prune_tokens_for_all: bool = False, tower_in_step: bool = True, isolate: bool = True,
+              progress: Callable[[str, int, int], None] | None = None) -> pd.DataFrame:
+    """Measure every method on the same model and batch; one row per method, with ratios.
+
+    ``progress(method, index, total)`` is called before each method (the dashboard uses it).
+    """
+    methods = list(methods)
+    unknown = [m for m in methods if m not in DEFAULT_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown}; choose among {DEFAULT_METHODS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = []
+    for i, method in enumerate(methods):
+        if progress is not None:
+            progress(method, i, len(methods))
+        kwargs = dict(method=method, preset=preset, batch_size=batch_size, steps=steps, token_strategy=token_strategy,
+                      keep_tokens=keep_tokens, token_prune_ratio=token_prune_ratio, grad_prune_ratio=grad_prune_ratio,
+                      trainable=trainable, grad_sample_mode=grad_sample_mode,
+                      prune_tokens_for_all=prune_tokens_for_all, tower_in_step=tower_in_step)
+        rows.append(_measure_isolated(kwargs) if isolate else measure_method(**kwargs))
+    return add_ratios(pd.DataFrame(rows))
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "memory_vs_dp_sgd", "memory_vs_dp_zo",
+             "time_vs_dp_sgd", "time_vs_non_private"]
+    return table[[c for c in shown if c in table.columns]].to_string(index=False)
+
+
+if __name__ == "__main__":  # worker mode for isolate=True: one method, one JSON line on stdout
+    print(json.dumps(measure_method(**json.loads(sys.argv[1]))))

@@ -1,0 +1,37 @@
+"""``python -m toolkit bench``: peak memory and step time of several methods, side by side, in one run."""
+from __future__ import annotations
+
+from toolkit.cli import subcommand
+
+
+@subcommand("bench", help="side-by-side peak memory and step time of the methods on one model and batch")
+def run(args) -> list[dict]:
+    from toolkit.bench import format_table, run_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    table = run_bench(methods=methods, preset=args.preset, batch_size=args.batch_size, steps=args.steps,
+                      token_strategy=args.token_strategy, keep_tokens=args.keep_tokens,
+                      token_prune_ratio=None if args.keep_tokens else args.token_prune_ratio,
+                      grad_prune_ratio=args.grad_prune_ratio, trainable=args.trainable,
+                      grad_sample_mode=args.grad_sample_mode, tower_in_step=not args.cached_features,
+                      isolate=not args.in_process)
+    print(format_table(table))
+    print(f"\nmemory: {table.memory_method.iloc[0]} on {table.device.iloc[0]}; "
+          f"tower {'inside' if not args.cached_features else 'outside'} the step")
+    return table.to_dict(orient="records")
+
+
+@run.configure
+def configure(parser) -> None:
+    parser.add_argument("--methods", default="non-private,dp-sgd,dual-priv,dp-zo")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="warm-up + profiled + timed steps (>= 3)")
+    parser.add_argument("--token-strategy", default="dual-priv")
+    parser.add_argument("--keep-tokens", type=int, default=None)
+    parser.add_argument("--token-prune-ratio", type=float, default=0.75)
+    parser.add_argument("--grad-prune-ratio", type=float, default=0.2)
+    parser.add_argument("--trainable", default="lora+head")
+    parser.add_argument("--grad-sample-mode", default="hooks")
+    parser.add_argument("--cached-features", action="store_true", help="run the vision tower outside the step")
+    parser.add_argument("--in-process", action="store_true", help="no fresh subprocess per method")
