@@ -1,0 +1,40 @@
+"""The warm-start cache and the info CLI."""
+import json
+
+import pytest
+
+import toolkit.warmstart as ws
+from toolkit.cli import main
+
+
+def test_warm_start_is_cached_and_reproducible(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
+    first = ws.warm_start("tiny", seed=1, steps=2, batch_size=4, progress=False)
+    assert ws.warm_start_path("tiny", 1, 2).is_dir()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached warm start must not be retrained")
+
+    monkeypatch.setattr(ws, "_train_public", refuse)
+    again = ws.warm_start("tiny", seed=1, steps=2, batch_size=4, progress=False)
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert (a == b).all(), name
+    monkeypatch.undo()
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "other"))
+    rebuilt = ws.warm_start("tiny", seed=1, steps=2, batch_size=4, progress=False)
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), rebuilt.model.state_dict().items()):
+        assert (a == b).all(), f"warm start not reproducible from its seed: {name}"
+
+
+def test_warm_start_trains_on_the_public_split_only():
+    assert ws.warm_start.__doc__ and "public" in ws.__doc__
+    with pytest.raises(ValueError, match="steps"):
+        ws.warm_start("tiny", steps=-1)
+
+
+def test_info_lists_versions_presets_and_dataset_sizes(tmp_path, capsys):
+    out = tmp_path / "info.json"
+    assert main(["info", "--json", str(out)]) == 0
+    info = json.loads(out.read_text())
+    assert {"tiny", "llava576", "tiny-siglip"} <= set(info["presets"])
+    assert info["dataset_sizes"]["parity"]["private"] == 700 and info["torch"].startswith("2.13")
