@@ -61,7 +61,7 @@ class TrainConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    sampling: str | None = None             # "poisson" (private default) or "shuffle" (non-private default)
+    sampling: str | None = None             # "poisson" (private default) or "fixed" (non-private default)
     allow_fixed_batches: bool = False       # opt in to fixed batches under DP (different accounting)
     grad_sample_mode: str = "hooks"
     # schedule
@@ -104,7 +104,7 @@ class TrainConfig:
         if c.grad_prune_ratio is None:
             c.grad_prune_ratio = 0.2 if c.method == "dual-priv" else 0.0
         if c.sampling is None:
-            c.sampling = "poisson" if private else "shuffle"
+            c.sampling = "poisson" if private else "fixed"
         if c.lr is None:
             c.lr = {"non-private": 1e-3, "dp-zo": 2e-3}.get(c.method, 5e-3)
         _check(c)
@@ -141,8 +141,8 @@ def _check(c: TrainConfig) -> None:
         bad(f"grad_prune_ratio must be in [0, 1), got {c.grad_prune_ratio}")
     if c.token_prune_ratio is not None and not 0 <= c.token_prune_ratio < 1:
         bad(f"token_prune_ratio must be in [0, 1), got {c.token_prune_ratio}")
-    if c.sampling not in ("poisson", "shuffle"):
-        bad(f"sampling must be 'poisson' or 'shuffle', got {c.sampling!r}")
+    if c.sampling not in ("poisson", "fixed"):
+        bad(f"sampling must be 'poisson' or 'fixed', got {c.sampling!r}")
     if isinstance(c.fusion_noise_std, str) and c.fusion_noise_std != "matched":
         bad(f"fusion_noise_std must be a number, 'matched' or None, got {c.fusion_noise_std!r}")
     if isinstance(c.fusion_noise_std, (int, float)) and c.fusion_noise_std < 0:
@@ -272,7 +272,7 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     from toolkit.forward import LlavaLM, per_example_loss
     from toolkit.metering import StepTimer, live_training_tensors, measure_peak
     from toolkit.models import apply_trainable
-    from toolkit.privacy import PoissonSampler, calibrate_noise, check_sampling
+    from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
     from toolkit.tokens import matched_fusion_sigma
 
     c = config.resolved()
@@ -320,7 +320,8 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     forward_module = stepper.module
 
     sampler = (PoissonSampler(n_records, sample_rate, seed=c.seed) if c.sampling == "poisson"
-               else _ShuffledBatches(len(train_set), c.expected_batch_size, seed=c.seed))
+               else FixedBatchSampler(len(train_set), min(c.expected_batch_size, len(train_set)), seed=c.seed))
+    sampler.skip(start_step)  # a resumed run continues the same batch sequence
 
     def batch_losses(idx: torch.Tensor) -> torch.Tensor:
         idx = idx[idx < len(train_set)]  # declared size may exceed the held records (public padding)
@@ -441,22 +442,6 @@ def make_stepper(c: TrainConfig, lm, params, noise_multiplier: float, sample_rat
     if c.grad_prune_ratio > 0:
         raise ValueError("grad_prune_ratio needs a DP-SGD method: it prunes the noisy gradient")
     return Stepper(lm, optimizer)
-
-
-class _ShuffledBatches:
-    """Fixed-size shuffled batches (non-private default; refused under DP unless explicitly allowed)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, min(batch_size, n)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def batches(self, steps: int):
-        order = torch.empty(0, dtype=torch.long)
-        for _ in range(steps):
-            if len(order) < self.batch_size:
-                order = torch.cat([order, torch.randperm(self.n, generator=self.generator)])
-            yield order[: self.batch_size]
-            order = order[self.batch_size:]
 
 
 def _trainable_state(lm) -> dict:

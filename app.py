@@ -1,0 +1,73 @@
+"""The Dual-Priv Pruning dashboard: ``python app.py`` (or ``make app``) and open http://127.0.0.1:7860.
+
+Fine-tune with any method (live loss and ε), look at the visual tokens a strategy keeps, measure memory side by
+side, and draw privacy–utility curves, all on the embedded default model (preset "tiny" with its cached
+public warm start, trained on first use). The app is a thin layer over the toolkit: see
+``toolkit/dashboard/`` (handlers and UI) and ``toolkit.train`` / ``toolkit.tokens`` / ``toolkit.bench``.
+
+Flags: ``--host`` (default 127.0.0.1), ``--port`` (7860), ``--share`` (off), ``--max-steps`` (200),
+``--time-limit`` seconds (600), ``--preset``, ``--warm-start-steps`` (0 skips the warm start, for tests),
+``--train-limit`` / ``--eval-limit`` (fewer records: faster), ``--no-bench-isolate``.
+Environment: ``DUALPRIV_APP_WARM_START_STEPS``, ``DUALPRIV_APP_TRAIN_LIMIT``, ``DUALPRIV_APP_EVAL_LIMIT``,
+``DUALPRIV_APP_BENCH_ISOLATE``; uploads and downloads stay under ``GRADIO_TEMP_DIR`` (default
+``<system tmp>/dualpriv-app``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+# Before gradio is imported: uploads and generated files live in a temporary directory, no telemetry.
+os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), "dualpriv-app"))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "tiny", **options):
+    """The dashboard ``gr.Blocks`` (see :func:`toolkit.dashboard.ui.build_app`)."""
+    from toolkit.dashboard import build_app as _build
+
+    return _build(max_steps=max_steps, time_limit=time_limit, preset=preset, **options)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from toolkit.models import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    parser.add_argument("--max-steps", type=int, default=200, help="most optimizer steps a job may run (default 200)")
+    parser.add_argument("--time-limit", type=float, default=600.0,
+                        help="seconds after which a fine-tune is stopped cleanly (default 600)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="embedded model (default tiny)")
+    parser.add_argument("--warm-start-steps", type=int, default=None,
+                        help="public warm-start steps (default: the preset's; 0: none, an untrained model)")
+    parser.add_argument("--train-limit", type=int, default=None, help="private records used (default: all)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="test records evaluated (default: all)")
+    parser.add_argument("--no-bench-isolate", action="store_true",
+                        help="measure memory in the app's process instead of a fresh subprocess per method")
+    args = parser.parse_args(argv)
+    if args.max_steps < 1:
+        parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not args.time_limit > 0:
+        parser.error(f"--time-limit must be > 0, got {args.time_limit}")
+    if args.warm_start_steps is not None and args.warm_start_steps < 0:
+        parser.error(f"--warm-start-steps must be >= 0, got {args.warm_start_steps}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    options = dict(warm_start_steps=args.warm_start_steps, train_limit=args.train_limit, eval_limit=args.eval_limit)
+    if args.no_bench_isolate:
+        options["bench_isolate"] = False
+    demo = build_app(max_steps=args.max_steps, time_limit=args.time_limit, preset=args.preset, **options)
+    from toolkit.dashboard.ui import launch
+
+    launch(demo, host=args.host, port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""End to end in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright; never downloaded).
+
+Starts ``app.py`` as a subprocess on a free local port with tiny settings (no warm start, 32 records), sets ε and
+the prune ratios, runs a short fine-tune to the end and reads its result, triggers a bad input and sees the
+message, opens the visual tokens view and sees an overlay. Screenshots go to ``artifacts/`` (gitignored).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+START_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The dashboard served by a subprocess; stopped (terminate, then kill) when the module's tests end."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`make chromium`) to run the browser test")
+    pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ, DUALPRIV_APP_WARM_START_STEPS="0", DUALPRIV_APP_TRAIN_LIMIT="32",
+               DUALPRIV_APP_EVAL_LIMIT="32", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")), GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1")
+    log = open(ARTIFACTS / "app_browser_server.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port),
+                             "--max-steps", "20", "--time-limit", "120"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}; see {ARTIFACTS / 'app_browser_server.log'}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not answer on {url} within {START_TIMEOUT_S} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+            tab.set_default_timeout(30_000)
+            tab.goto(app_url)
+            tab.wait_for_selector("#ft-run")
+            yield tab
+        finally:
+            browser.close()
+
+
+def _set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_finetune_bad_input_and_tokens_in_chromium(page):
+    from playwright.sync_api import expect
+
+    # 1. a short Dual-Priv fine-tune with ε = 2 and our own prune ratios, to the end
+    _set_number(page, "ft-epsilon", 2)
+    _set_number(page, "ft-token-ratio", 0.5)
+    _set_number(page, "ft-grad-ratio", 0.3)
+    _set_number(page, "ft-steps", 3)
+    _set_number(page, "ft-batch", 8)
+    started = time.monotonic()
+    page.locator("#ft-run").click()
+    status = page.locator("#ft-status")
+    expect(status).to_contain_text("Finished 3 steps", timeout=120_000)
+    elapsed = time.monotonic() - started
+    result = page.locator("#ft-result")
+    expect(result).to_contain_text("accuracy")
+    text = result.inner_text()
+    assert "ε spent / target" in text and "/ 2 (δ = 1e-05)" in text, text
+    assert "32 of 64 (dual-priv)" in text, text  # token prune ratio 0.5 reached the run
+    expect(page.locator("#ft-curve .js-plotly-plot")).to_be_visible()
+    page.locator("#ft-result").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "app_finetune.png"), full_page=True)
+    print(f"fine-tune of 3 steps in the browser: {elapsed:.1f} s")
+
+    # 2. a bad input: ε = 0 shows a message and starts nothing
+    _set_number(page, "ft-epsilon", 0)
+    page.locator("#ft-run").click()
+    expect(status).to_contain_text("Not started: ε must be > 0")
+    expect(result).not_to_contain_text("accuracy")  # the previous result is cleared: nothing ran
+    expect(page.get_by_text("Not started: ε must be > 0").first).to_be_visible()  # the toast or the status
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "app_bad_input.png"), full_page=False)
+
+    # 3. the visual tokens view: an overlay of the default test image with a 0.75 budget
+    page.get_by_role("tab", name="Visual tokens").click()
+    page.locator("#tok-run").click()
+    expect(page.locator("#tok-status")).to_contain_text("64 patches -> 16 visual tokens")
+    expect(page.locator("#tok-overlay .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#tok-overlay")).to_contain_text("dual-priv: 64 -> 16 visual tokens")
+    page.screenshot(path=str(ARTIFACTS / "app_tokens.png"), full_page=True)
