@@ -90,7 +90,8 @@ class LlavaLM(nn.Module):
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each example's answer tokens: shape ``[B]``."""
-    shift_logits = logits[:, :-1].float()
+    # At least fp32 (bf16 logits lose the loss), never a downcast (float64 gradient checks).
+    shift_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
     counts = (shift_labels != -100).sum(dim=1).clamp(min=1)

@@ -70,7 +70,9 @@ class TrainConfig:
     expected_batch_size: int = 64
     lr: float | None = None
     optimizer: str = "adam"
-    seed: int = 0
+    seed: int = 0                           # model init, LoRA init, data order of non-private runs
+    noise_seed: int | None = None           # DP noise + Poisson sampling; None = OS entropy (secret). A fixed
+                                            # seed makes the noise re-creatable: reproducible, NOT private.
     # mechanism 1: visual tokens
     token_strategy: str | None = None       # None: "dual-priv" for method dual-priv, else "none"
     keep_tokens: int | None = None
@@ -273,6 +275,7 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     from toolkit.metering import StepTimer, live_training_tensors, measure_peak
     from toolkit.models import apply_trainable
     from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
+    from toolkit.privacy.curve import EpsilonCurve
     from toolkit.tokens import matched_fusion_sigma
 
     c = config.resolved()
@@ -319,12 +322,28 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
         start_step = _resume(c.resume_from, lm, stepper)
     forward_module = stepper.module
 
-    sampler = (PoissonSampler(n_records, sample_rate, seed=c.seed) if c.sampling == "poisson"
+    curve = None
+    if private and noise_multiplier > 0:
+        curve = EpsilonCurve(noise_multiplier, sample_rate, steps, c.delta, accountant=c.accountant)
+
+    def epsilon_now() -> float:
+        # The accountant's history is the truth; the precomputed curve is the same analysis, evaluated once.
+        accountant = stepper.accountant
+        if accountant is None:
+            return math.inf
+        history = list(accountant.history)
+        if curve is not None and len(history) == 1 and tuple(history[0][:2]) == (noise_multiplier, sample_rate) \
+                and history[0][2] <= steps:
+            return curve(int(history[0][2]))
+        return stepper.epsilon(c.delta)
+
+    # Which records join a step is part of the secret randomness: Poisson batches use the noise seed.
+    sampler = (PoissonSampler(n_records, sample_rate, seed=c.noise_seed) if c.sampling == "poisson"
                else FixedBatchSampler(len(train_set), min(c.expected_batch_size, len(train_set)), seed=c.seed))
-    sampler.skip(start_step)  # a resumed run continues the same batch sequence
+    if c.resume_from:
+        _restore_sampler(c.resume_from, sampler, start_step)
 
     def batch_losses(idx: torch.Tensor) -> torch.Tensor:
-        idx = idx[idx < len(train_set)]  # declared size may exceed the held records (public padding)
         batch = collator([train_set[i] for i in idx.tolist()])
         feats = train_feats[idx]
         noise = None
@@ -334,7 +353,8 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
         return per_example_loss(logits, batch["labels"])
 
     def one_step(idx: torch.Tensor) -> float:
-        return stepper.step(lambda: batch_losses(idx) if len(idx) else None)
+        idx = idx[idx < len(train_set)]  # a declared size above the records held samples "absent" records
+        return stepper.step((lambda: batch_losses(idx)) if len(idx) else None)
 
     # 4. the loop
     timer, rows, peak, cancelled = StepTimer(skip=1), [], None, False
@@ -350,7 +370,7 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
             timer.times.append(float("nan"))  # profiled steps are slower: not timed
         else:
             loss = timer.time(lambda: one_step(idx))
-        row = dict(step=step + 1, steps=steps, loss=loss, epsilon_spent=stepper.epsilon(c.delta), lr=c.lr,
+        row = dict(step=step + 1, steps=steps, loss=loss, epsilon_spent=epsilon_now(), lr=c.lr,
                    step_time_s=timer.times[-1], batch_size=int(len(idx)))
         if stepper.engine is not None:
             row["kept_fraction"] = stepper.engine.last_kept_fraction
@@ -365,12 +385,12 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     # 5. evaluate, checkpoint, report
     accuracy = evaluate(lm, eval_feats, eval_set.records, eval_collator, eval_set.candidates, c.eval_batch_size)
     if c.checkpoint_path:
-        _checkpoint(c.checkpoint_path, c, lm, stepper, step=start_step + len(rows))
+        _checkpoint(c.checkpoint_path, c, lm, stepper, sampler, step=start_step + len(rows))
     history = pd.DataFrame(rows)
     times = [t for t in timer.times if not math.isnan(t)]
     timer.times = times
     return TrainResult(
-        config=c, history=history, accuracy=accuracy, epsilon_spent=stepper.epsilon(c.delta) if private else math.inf,
+        config=c, history=history, accuracy=accuracy, epsilon_spent=epsilon_now() if private else math.inf,
         noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=start_step + len(rows),
         peak_memory_mb=peak.peak_mb if peak else float("nan"), memory_method=peak.method if peak else "not measured",
         step_time_s=timer.median, trainable_params=n_trainable, visual_tokens=pruner.n_out,
@@ -413,6 +433,12 @@ class Stepper:
         self.optimizer.step()
         return float(losses.mean().detach())
 
+    @property
+    def accountant(self):
+        """The Opacus accountant of a private method (None for non-private)."""
+        owner = self.engine if self.engine is not None else self.zo
+        return getattr(owner, "accountant", None)
+
     def epsilon(self, delta: float) -> float:
         if self.engine is not None:
             return float(self.engine.epsilon(delta))
@@ -432,12 +458,13 @@ def make_stepper(c: TrainConfig, lm, params, noise_multiplier: float, sample_rat
                               expected_batch_size=c.expected_batch_size, sample_rate=sample_rate,
                               accountant=c.accountant, grad_prune_ratio=c.grad_prune_ratio,
                               prune_scope=c.prune_scope, pruned_state=c.pruned_state,
-                              grad_sample_mode=c.grad_sample_mode, noise_seed=c.seed + 2)
+                              grad_sample_mode=c.grad_sample_mode, noise_seed=c.noise_seed)
         return Stepper(lm, optimizer, engine=engine)
     if c.method == "dp-zo":
         zo = DPZeroOrder(params, lr=c.lr, mu=c.zo_mu, noise_multiplier=noise_multiplier,
                          max_grad_norm=c.max_grad_norm, expected_batch_size=c.expected_batch_size,
-                         sample_rate=sample_rate, accountant=c.accountant, seed=c.seed + 3)
+                         sample_rate=sample_rate, accountant=c.accountant, seed=c.seed,
+                         noise_seed=c.noise_seed)
         return Stepper(lm, optimizer, zo=zo)
     if c.grad_prune_ratio > 0:
         raise ValueError("grad_prune_ratio needs a DP-SGD method: it prunes the noisy gradient")
@@ -448,8 +475,12 @@ def _trainable_state(lm) -> dict:
     return {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
 
 
-def _checkpoint(path: str, c: TrainConfig, lm, stepper: "Stepper", step: int) -> None:
+def _checkpoint(path: str, c: TrainConfig, lm, stepper: "Stepper", sampler, step: int) -> None:
+    """Weights, optimizer/accountant state and sampler state. It holds the noise generator's state, which is
+    secret: share the model weights, never this file."""
     state = dict(config=c.to_dict(), step=step, trainable=_trainable_state(lm))
+    if hasattr(sampler, "state_dict"):
+        state["sampler"] = sampler.state_dict()
     if stepper.engine is not None:
         state["engine"] = stepper.engine.state_dict()
     elif stepper.zo is not None:
@@ -482,6 +513,14 @@ def _resume(path: str, lm, stepper: "Stepper") -> int:
     elif "optimizer" in state:
         stepper.optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
+
+
+def _restore_sampler(path: str, sampler, start_step: int) -> None:
+    state = torch.load(path, weights_only=False)
+    if "sampler" in state and hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state["sampler"])
+    else:
+        sampler.skip(start_step)
 
 
 def save_result(result: TrainResult, path: str) -> None:

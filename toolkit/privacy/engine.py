@@ -1,0 +1,354 @@
+"""The DP training engine: Opacus per-sample gradients + :mod:`update_pruning`'s optimizer + an accountant.
+
+One call of :meth:`DPEngine.step` on the per-example losses ``L_i`` of a Poisson batch does::
+
+    backward of mean_i L_i          -> Opacus: per-example gradients g_i = ∇L_i (hooks/functorch),
+                                       or per-example norms only (ghost clipping, second backward)
+    clip, sum, + N(0, σ²C² I)       -> noise in ≥ fp32
+    divide by expected_batch_size   -> B_expected = q·N, NOT the realised batch size (Poisson)
+    update-pruning mask (M2)        -> from the noisy gradient only
+    inner optimizer step, zero grads, accountant records (σ, q)
+
+Per-sample-gradient modes (``grad_sample_mode``):
+
+* ``"hooks"`` (default): Opacus' per-layer formulas (Linear, Embedding, ...); layers without one
+  (``LlamaRMSNorm``) fall back to per-layer ``torch.func``. Memory: one ``[B, *param]`` tensor per
+  trainable parameter, small for LoRA.
+* ``"functorch"``: every layer through per-layer ``torch.func.vmap`` (a cross-check of ``hooks``).
+* ``"ghost"``: Opacus ghost clipping: per-example gradient *norms* without instantiating per-example
+  gradients, then a second backward of ``Σ_i c_i L_i`` with the clipping factors ``c_i``.
+
+Evaluate with ``torch.no_grad()`` (hooks capture nothing then) and keep the module in train mode for
+steps (Opacus captures activations only in train mode; dropout is 0 in these models).
+
+Checkpoints: :meth:`DPEngine.state_dict` holds the noise generator's state so that a resumed run is
+bit-identical to an uninterrupted one. That state is SECRET (it determines the noise): keep it with
+private data, never release it with the model.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from toolkit.privacy import make_private
+    >>> net = nn.Linear(3, 1)
+    >>> engine = make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0,
+    ...                       max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.04, noise_seed=0)
+    >>> x, y = torch.randn(4, 3), torch.randn(4)
+    >>> loss = engine.step((engine.module(x).squeeze(1) - y) ** 2)
+    >>> engine.steps_taken, round(engine.epsilon(1e-5), 1) > 0
+    (1, True)
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .accounting import ACCOUNTANTS, accountant_state, epsilon_spent, make_accountant, restore_accountant
+from .update_pruning import (
+    UpdatePruningDPOptimizer,
+    UpdatePruningDPOptimizerFastGradientClipping,
+    _check_ratio,
+    _check_scope,
+    PRUNED_STATES,
+)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+def _positive_number(name: str, value, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) \
+        and (value >= 0 if allow_zero else value > 0) and not math.isinf(value)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+class DPEngine:
+    """DP-SGD (+ update pruning) on an ``nn.Module``; build it with :func:`make_private`.
+
+    Attributes:
+        module: the Opacus GradSampleModule wrapping the user's module; forward through it.
+        optimizer: the DP optimizer (wraps the user's optimizer).
+        accountant: the Opacus accountant; ``epsilon(delta)`` reads it.
+        noise_multiplier, max_grad_norm, expected_batch_size, sample_rate, steps_taken, grad_sample_mode.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
+                 grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
+                 grad_sample_mode: str = "hooks", noise_seed: int | None = None, secure_mode: bool = False):
+        from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if isinstance(module, AbstractGradSampleModule):
+            raise ValueError("module is already wrapped by Opacus; pass the plain module")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.noise_multiplier = _positive_number("noise_multiplier", noise_multiplier, allow_zero=True)
+        self.max_grad_norm = _positive_number("max_grad_norm", max_grad_norm)
+        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size < 1:
+            raise ValueError(f"expected_batch_size must be an integer >= 1, got {expected_batch_size!r}")
+        self.expected_batch_size = expected_batch_size
+        if not isinstance(sample_rate, (int, float)) or not 0.0 < float(sample_rate) <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        self.sample_rate = float(sample_rate)
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}")
+        _check_ratio(grad_prune_ratio)
+        _check_scope(prune_scope)
+        if pruned_state not in PRUNED_STATES:
+            raise ValueError(f"unknown pruned_state {pruned_state!r}; choose one of {PRUNED_STATES}")
+        self._check_parameters(module, optimizer)
+        self.grad_sample_mode = grad_sample_mode
+
+        module.train()  # Opacus records activations only in train mode
+        if grad_sample_mode == "ghost":
+            self.module = GradSampleModuleFastGradientClipping(
+                module, batch_first=True, loss_reduction="mean", max_grad_norm=self.max_grad_norm,
+                use_ghost_clipping=True)
+            optimizer_cls = UpdatePruningDPOptimizerFastGradientClipping
+        else:
+            self.module = GradSampleModule(module, batch_first=True, loss_reduction="mean",
+                                           force_functorch=grad_sample_mode == "functorch")
+            optimizer_cls = UpdatePruningDPOptimizer
+        # One optimizer step per backward: a second backward without a step is an error, not accumulation.
+        self.module.forbid_grad_accumulation()
+
+        device = next(p for g in optimizer.param_groups for p in g["params"]).device
+        self.generator = torch.Generator(device=device)
+        if noise_seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(noise_seed))
+        self.optimizer = optimizer_cls(
+            optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size, grad_prune_ratio=grad_prune_ratio,
+            prune_scope=prune_scope, pruned_state=pruned_state, loss_reduction="mean",
+            generator=self.generator, secure_mode=secure_mode)
+        self.accountant = make_accountant(accountant)
+        # Accounting happens inside the optimizer, right after the noise is added: a noised step is
+        # never unaccounted, whoever calls optimizer.step().
+        self.optimizer.attach_step_hook(self._account)
+        self.steps_taken = 0
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------ checks
+
+    @staticmethod
+    def _check_parameters(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        names = {id(p): n for n, p in module.named_parameters()}
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
+        if not in_optimizer:
+            raise ValueError("the optimizer has no parameters")
+        foreign = [p for p in in_optimizer if id(p) not in names]
+        if foreign:
+            raise ValueError(f"{len(foreign)} optimizer parameter(s) do not belong to the module: Opacus computes "
+                             "per-example gradients only for the module's parameters")
+        frozen = [names[id(p)] for p in in_optimizer if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"optimizer holds frozen parameters (requires_grad=False): {frozen[:5]}")
+        missing = [names[i] for i in trainable - {id(p) for p in in_optimizer}]
+        if missing:
+            raise ValueError(
+                f"trainable parameters missing from the optimizer: {sorted(missing)[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}; freeze them or give them to the optimizer "
+                "(their per-example gradients would be computed and never cleared)")
+
+    def _check_per_sample_gradients(self, batch_size: int) -> None:
+        if self.grad_sample_mode == "ghost":
+            return
+        missing = [p for p in self.optimizer.params if getattr(p, "grad_sample", None) is None]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} trainable parameter(s) got no per-example gradient: the losses must come from a "
+                "forward through engine.module with grad enabled and the module in train mode, every trainable "
+                "parameter must take part in the forward (freeze unused ones), and no other forward with grad "
+                "enabled may run between the step's forward and engine.step (evaluate under torch.no_grad())")
+        got = self.optimizer.params[0].grad_sample.shape[0]
+        if got != batch_size:
+            raise ValueError(f"per_example_losses has {batch_size} entries but the forward saw a batch of {got}")
+
+    @staticmethod
+    def _check_losses(per_example_losses) -> None:
+        if not torch.is_tensor(per_example_losses) or per_example_losses.dim() != 1:
+            raise ValueError("per_example_losses must be a 1-D tensor [batch] (one loss per example; "
+                             "do not reduce over the batch)")
+        if per_example_losses.shape[0] == 0:
+            raise ValueError("empty batch: call engine.empty_step() for an empty Poisson batch")
+        if not per_example_losses.requires_grad:
+            raise ValueError("per_example_losses does not require grad: compute it from a forward through "
+                             "engine.module with grad enabled")
+
+    def _check_captured_batch(self, batch_size: int) -> None:
+        """Before backward: the forward the hooks captured must have the losses' batch size (Opacus would
+        otherwise fail deep inside a broadcast, or mix up examples)."""
+        for m in self.module.modules():
+            captured = m.__dict__.get("activations")
+            if captured:
+                got = captured[-1][0].shape[0] if captured[-1] else None
+                if got is not None and got != batch_size:
+                    raise ValueError(f"per_example_losses has {batch_size} entries but the forward through "
+                                     f"engine.module saw a batch of {got}")
+                return
+
+    def _reset_captured(self) -> None:
+        """Forget what Opacus' hooks captured in forwards that were never (successfully) backpropagated."""
+        for m in self.module.modules():
+            for attr in ("activations", "max_batch_len"):
+                if attr in m.__dict__:
+                    delattr(m, attr)
+        for p in self.optimizer.params:
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+            if hasattr(p, "_norm_sample"):
+                del p._norm_sample
+
+    def _account(self, optimizer) -> None:
+        self.accountant.step(noise_multiplier=optimizer.noise_multiplier,
+                             sample_rate=self.sample_rate * optimizer.accumulated_iterations)
+
+    # ------------------------------------------------------------ steps
+
+    def step(self, per_example_losses: torch.Tensor) -> float:
+        """One private step on a non-empty Poisson batch; returns the batch's mean loss (not private).
+
+        ``per_example_losses`` is ``[B]`` (e.g. :func:`toolkit.forward.per_example_loss` of a forward
+        through :attr:`module`). For an empty Poisson batch call :meth:`empty_step` instead.
+        """
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        try:
+            self._check_losses(per_example_losses)
+            batch_size = per_example_losses.shape[0]
+            self._check_captured_batch(batch_size)
+            with warnings.catch_warnings():
+                # Opacus' full backward hooks warn when the module's inputs need no grad (frozen features).
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                if self.grad_sample_mode == "ghost":
+                    DPTensorFastGradientClipping(self.module, self.optimizer, per_example_losses, "mean").backward()
+                else:
+                    per_example_losses.mean().backward()
+            if self.grad_sample_mode != "ghost":
+                self._check_per_sample_gradients(batch_size)
+            self.optimizer.step()
+            self.steps_taken += 1
+        except BaseException:
+            # A refused or failed step must not leave activations captured by the hooks behind: the next
+            # backward would pair them with the wrong forward.
+            self._reset_captured()
+            raise
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(per_example_losses.detach().float().mean())
+
+    def empty_step(self) -> None:
+        """The step of an empty Poisson batch: the update is pure noise N(0, σ²C²)/B_expected (pruned by M2
+        like any other), and the accountant still records the step."""
+        params = self.optimizer.params
+        try:
+            for p in params:
+                if self.grad_sample_mode == "ghost":
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((0, *p.shape))  # Opacus clips an empty batch to a zero sum
+            self.optimizer.step()
+            self.steps_taken += 1
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------ reporting
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (0.0 before the first step, ∞ if σ = 0)."""
+        return epsilon_spent(self.accountant, delta)
+
+    @property
+    def last_kept_fraction(self) -> float:
+        """Fraction of gradient coordinates kept by update pruning at the last step (1.0 without pruning)."""
+        return self.optimizer.last_kept_fraction
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Inner optimizer state, accountant history, steps taken and the (secret) noise generator state.
+
+        Model weights are not included: save the module's own ``state_dict`` alongside.
+        """
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "accountant": accountant_state(self.accountant),
+            "steps_taken": self.steps_taken,
+            "noise_generator": self.generator.get_state(),
+            "config": {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+                       "expected_batch_size": self.expected_batch_size, "sample_rate": self.sample_rate,
+                       "grad_sample_mode": self.grad_sample_mode,
+                       "grad_prune_ratio": self.optimizer.grad_prune_ratio,
+                       "prune_scope": self.optimizer.prune_scope, "pruned_state": self.optimizer.pruned_state},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`. Must be called before the first step, so no step is ever dropped
+        from the accounting (the saved history is the whole past)."""
+        if self.steps_taken or self.accountant.history:
+            raise RuntimeError("load_state_dict must be called on a fresh engine, before any step: "
+                               "otherwise steps already taken would vanish from the privacy accounting")
+        for key in ("optimizer", "accountant", "steps_taken"):
+            if key not in state:
+                raise ValueError(f"engine state has no {key!r} entry (was it made by DPEngine.state_dict?)")
+        accountant = restore_accountant(state["accountant"])
+        if accountant.mechanism() != self.accountant.mechanism():
+            raise ValueError(f"the checkpoint was accounted with {accountant.mechanism()!r}, this engine uses "
+                             f"{self.accountant.mechanism()!r}; build the engine with accountant="
+                             f"{accountant.mechanism()!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.accountant = accountant
+        self.steps_taken = int(state["steps_taken"])
+        if state.get("noise_generator") is not None:
+            self.generator.set_state(state["noise_generator"])
+
+    def close(self) -> nn.Module:
+        """Remove Opacus' hooks and return the plain module (the engine is unusable afterwards)."""
+        return self.module.to_standard_module()
+
+
+PrivateTrainer = DPEngine
+
+
+def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
+                 grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
+                 grad_sample_mode: str = "hooks", noise_seed: int | None = None,
+                 secure_mode: bool = False) -> DPEngine:
+    """Wrap ``module`` and ``optimizer`` for DP training (see :class:`DPEngine` and the module docstring).
+
+    Args:
+        module: the model (e.g. :class:`toolkit.forward.LlavaLM`); its trainable parameters must all be in
+            ``optimizer``.
+        optimizer: any torch optimizer over those parameters.
+        noise_multiplier: σ (from :func:`toolkit.privacy.calibrate_noise`); 0 gives no privacy (ε = ∞).
+        max_grad_norm: C, the per-example clipping norm.
+        expected_batch_size: q·N; gradients are divided by it.
+        sample_rate: q, the Poisson sampling rate the accountant records.
+        accountant: ``"prv"`` or ``"rdp"``.
+        grad_prune_ratio, prune_scope, pruned_state: mechanism 2 (:mod:`toolkit.privacy.update_pruning`).
+        grad_sample_mode: ``"hooks"`` (default), ``"functorch"`` or ``"ghost"``.
+        noise_seed: seed of the noise generator, for reproducible experiments and tests ONLY: whoever knows it
+            can regenerate the noise and subtract it, so a model trained with a known (e.g. config-derived)
+            seed has no privacy guarantee. None (default): seeded from OS entropy.
+        secure_mode: Opacus' floating-point-attack-resistant noise (slower).
+    """
+    return DPEngine(module, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                    expected_batch_size=expected_batch_size, sample_rate=sample_rate, accountant=accountant,
+                    grad_prune_ratio=grad_prune_ratio, prune_scope=prune_scope, pruned_state=pruned_state,
+                    grad_sample_mode=grad_sample_mode, noise_seed=noise_seed, secure_mode=secure_mode)

@@ -1,0 +1,233 @@
+"""Mechanism 2: gradient-update pruning of the *noisy* DP gradient, as an Opacus ``DPOptimizer``.
+
+One step of :class:`UpdatePruningDPOptimizer`::
+
+    g_i   = per-example gradient                      (Opacus GradSampleModule)
+    ḡ_i   = g_i · min(1, C / ‖g_i‖)                   (clip, Opacus)
+    s     = Σ_i ḡ_i                                   (sum, Opacus)
+    g̃     = (s + N(0, σ²C² I)) / B_expected           (noise drawn in ≥ fp32, then scale)
+    m     = noisy_gradient_mask(g̃, p)                 (keep all but the fraction p of smallest |g̃_j|)
+    θ     ← inner_optimizer.step(g̃ ⊙ m)
+
+``m`` is computed from ``g̃`` alone, so it is post-processing of the Gaussian mechanism's output and
+costs no privacy. The clean sum ``s`` (``p.summed_grad`` in Opacus) is discarded right after the
+noise is added: nothing after that point can read it.
+
+What happens to a pruned coordinate (the paper does not say; ``pruned_state``):
+
+* ``"advance"`` (default): the inner optimizer steps with gradient 0 there. Its state still advances:
+  Adam's moments decay (m ← β₁m, v ← β₂v) and the coordinate still moves by the decayed momentum;
+  SGD momentum still moves it; decoupled weight decay (AdamW) still shrinks it.
+* ``"freeze"``: the coordinate is untouched this step: after the inner step its parameter value and
+  every per-parameter state tensor of the parameter's shape (Adam's ``exp_avg``/``exp_avg_sq``, SGD's
+  ``momentum_buffer``) are restored at the pruned positions. Scalar/shared state (Adam's ``step``
+  count, used for bias correction) is per tensor and still advances.
+
+Example::
+
+    >>> import torch
+    >>> from toolkit.privacy.update_pruning import noisy_gradient_mask
+    >>> g = [torch.tensor([0.3, -0.1, 2.0, 0.05])]
+    >>> noisy_gradient_mask(g, 0.5)[0].tolist()
+    [True, False, True, False]
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+PRUNE_SCOPES = ("global", "per-tensor")
+PRUNED_STATES = ("advance", "freeze")
+
+
+def _check_ratio(grad_prune_ratio: float) -> float:
+    if isinstance(grad_prune_ratio, bool) or not isinstance(grad_prune_ratio, (int, float)) \
+            or not 0.0 <= float(grad_prune_ratio) < 1.0:
+        raise ValueError(f"grad_prune_ratio must be in [0, 1), got {grad_prune_ratio!r}")
+    return float(grad_prune_ratio)
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in PRUNE_SCOPES:
+        raise ValueError(f"unknown prune_scope {scope!r}; choose one of {PRUNE_SCOPES}")
+    return scope
+
+
+def _n_pruned(n: int, ratio: float) -> int:
+    # floor, with a little slack so 0.3 * 10 (= 3.0000000000000004) and 0.29 * 100 (= 28.999999999999996)
+    # give the obvious 3 and 29.
+    return min(n, int(math.floor(ratio * n + 1e-9)))
+
+
+def _keep_flat(magnitudes: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Keep-mask over a 1-D magnitude vector: False at the ``n_prune`` smallest entries.
+
+    Ties at the threshold are broken by position (earlier index pruned first), so the mask is a
+    deterministic function of the magnitudes. O(n) memory beyond the input, no full sort.
+    """
+    if n_prune <= 0:
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    threshold = torch.kthvalue(magnitudes, n_prune).values
+    below = magnitudes < threshold
+    at = magnitudes == threshold
+    still_needed = n_prune - int(below.sum())
+    prune_at = at & (torch.cumsum(at, dim=0) <= still_needed)
+    return ~(below | prune_at)
+
+
+def noisy_gradient_mask(noisy_grads: list[torch.Tensor], grad_prune_ratio: float,
+                        scope: str = "global") -> list[torch.Tensor]:
+    """Keep-masks (True = keep) that zero the ``grad_prune_ratio`` fraction of smallest-|g| coordinates.
+
+    Args:
+        noisy_grads: the noisy (post-noise) gradient tensors; this function must never see clean ones.
+        grad_prune_ratio: fraction in [0, 1) to zero; 0 keeps everything. ``floor(ratio · n)`` coordinates
+            are pruned (n = all coordinates for ``global``, each tensor's own size for ``per-tensor``).
+        scope: ``"global"`` ranks all coordinates of all tensors together; ``"per-tensor"`` ranks each
+            tensor on its own (every tensor loses the same fraction).
+
+    Ties are broken by position (flattened, in list order): the mask is deterministic.
+    Magnitudes are compared in at least fp32.
+    """
+    ratio = _check_ratio(grad_prune_ratio)
+    _check_scope(scope)
+    if not isinstance(noisy_grads, (list, tuple)) or not all(torch.is_tensor(g) for g in noisy_grads):
+        raise TypeError("noisy_grads must be a list of tensors")
+    grads = list(noisy_grads)
+    if ratio == 0.0 or not grads:
+        return [torch.ones_like(g, dtype=torch.bool) for g in grads]
+
+    def magnitudes(g: torch.Tensor) -> torch.Tensor:
+        return g.detach().reshape(-1).abs().to(torch.promote_types(g.dtype, torch.float32))
+
+    if scope == "per-tensor":
+        return [_keep_flat(magnitudes(g), _n_pruned(g.numel(), ratio)).view(g.shape) for g in grads]
+    device = grads[0].device
+    dtype = torch.promote_types(torch.float32, grads[0].dtype)
+    for g in grads[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    flat = torch.cat([magnitudes(g).to(device=device, dtype=dtype) for g in grads])
+    keep = _keep_flat(flat, _n_pruned(flat.numel(), ratio))
+    return [piece.view(g.shape).to(g.device) for piece, g in zip(keep.split([g.numel() for g in grads]), grads)]
+
+
+class _UpdatePruningMixin:
+    """Shared by the per-sample-gradient and the ghost-clipping optimizers (see the module docstring)."""
+
+    def _init_pruning(self, grad_prune_ratio: float, prune_scope: str, pruned_state: str) -> None:
+        self.grad_prune_ratio = _check_ratio(grad_prune_ratio)
+        self.prune_scope = _check_scope(prune_scope)
+        if pruned_state not in PRUNED_STATES:
+            raise ValueError(f"unknown pruned_state {pruned_state!r}; choose one of {PRUNED_STATES}")
+        self.pruned_state = pruned_state
+        self.last_kept_fraction = 1.0
+        self._masks: list[torch.Tensor] | None = None
+
+    def add_noise(self) -> None:
+        """``p.grad = s + N(0, σ²C²)`` with the noise drawn and added in at least fp32 (bf16 params too)."""
+        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad.to(torch.promote_types(p.summed_grad.dtype, torch.float32))
+            noise = _generate_noise(std=sigma * self.max_grad_norm, reference=summed,
+                                    generator=self.generator, secure_mode=self.secure_mode)
+            p.grad = (summed + noise).to(p.dtype).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[bool]:
+        """Opacus' clip -> sum -> noise -> scale (-> accountant hook), then the noisy-gradient mask."""
+        self._masks = None
+        if not super().pre_step(closure):
+            return False  # a skipped (accumulating) step: nothing noised yet, keep the clean sum for later
+        params = self.params
+        # The noise is in p.grad now; drop the clean sum so nothing below (or any hook) can read it.
+        for p in params:
+            p.summed_grad = None
+        if self.grad_prune_ratio == 0.0:
+            self.last_kept_fraction = 1.0
+            return True
+        masks = noisy_gradient_mask([p.grad for p in params], self.grad_prune_ratio, self.prune_scope)
+        kept = total = 0
+        for p, mask in zip(params, masks):
+            p.grad.mul_(mask)
+            kept += int(mask.sum())
+            total += mask.numel()
+        self.last_kept_fraction = kept / max(total, 1)
+        self._masks = masks
+        return True
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if not self.pre_step():
+            return None
+        if self.pruned_state == "advance" or self._masks is None:
+            return self.original_optimizer.step()
+        saved = self._save_pruned()
+        out = self.original_optimizer.step()
+        self._restore_pruned(saved)
+        return out
+
+    # "freeze": remember the pruned coordinates of each parameter and of its same-shape state tensors.
+    def _save_pruned(self) -> list:
+        saved = []
+        for p, keep in zip(self.params, self._masks):
+            pruned = ~keep
+            if not bool(pruned.any()):
+                saved.append(None)
+                continue
+            state = self.original_optimizer.state.get(p, {})
+            tensors = {k: v[pruned].clone() for k, v in state.items()
+                       if torch.is_tensor(v) and v.shape == p.shape}
+            saved.append((pruned, p.detach()[pruned].clone(), tensors))
+        return saved
+
+    def _restore_pruned(self, saved: list) -> None:
+        with torch.no_grad():
+            for p, item in zip(self.params, saved):
+                if item is None:
+                    continue
+                pruned, values, tensors = item
+                p[pruned] = values
+                state = self.original_optimizer.state.get(p, {})
+                for k, v in tensors.items():
+                    state[k][pruned] = v
+
+
+class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
+    """Opacus ``DPOptimizer`` (per-sample gradients: hooks / functorch) + update pruning of the noisy gradient.
+
+    Args:
+        optimizer: the inner optimizer (SGD, Adam, AdamW, ...) over the module's trainable parameters.
+        noise_multiplier: σ; noise std is σ·C on the summed clipped gradient.
+        max_grad_norm: C, the per-example L2 clipping norm.
+        expected_batch_size: q·N; the noisy sum is divided by it (not by the realised batch size).
+        grad_prune_ratio: fraction of smallest-|noisy grad| coordinates zeroed each step, in [0, 1).
+        prune_scope: ``"global"`` or ``"per-tensor"`` (see :func:`noisy_gradient_mask`).
+        pruned_state: ``"advance"`` or ``"freeze"`` (see the module docstring).
+        Other keyword arguments go to Opacus' ``DPOptimizer`` (``generator``, ``secure_mode``, ...).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
+                 pruned_state: str = "advance", loss_reduction: str = "mean", **kwargs):
+        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state)
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
+
+
+class UpdatePruningDPOptimizerFastGradientClipping(_UpdatePruningMixin, DPOptimizerFastGradientClipping):
+    """The same for Opacus ghost clipping (``DPOptimizerFastGradientClipping``): ``p.grad`` arrives clipped
+    and summed from the second backward pass; noise, scaling and the mask then follow as above."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
+                 pruned_state: str = "advance", loss_reduction: str = "mean", **kwargs):
+        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state)
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
