@@ -21,13 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 B = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on two shared cores run ~20x slower than one (spin-waiting on a busy core).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,6 @@ from toolkit.privacy.update_pruning import UpdatePruningDPOptimizer, noisy_gradi
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------- the mask function

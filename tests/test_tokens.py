@@ -19,14 +19,6 @@ PRUNING = sorted(set(STRATEGIES) - {"none"})
 CLS_FREE = sorted(set(PRUNING) - {"dual-priv"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: one thread avoids OpenMP spin contention (100x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _pixels(bundle, n=4):
     records = make_vqa("digit", "test", image_size=bundle.image_size, limit=n).records

@@ -11,12 +11,6 @@ from toolkit.privacy.accounting import epsilon_for
 from toolkit.zo import DPZeroOrder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _zo(params, **kwargs):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from toolkit.privacy.accounting import (
-    ACCOUNTANTS,
+    check_sampled_step,
     accountant_state,
     epsilon_spent,
     make_accountant,
@@ -91,14 +91,7 @@ class DPZeroOrder:
         self.mu = _number("mu", mu)
         self.noise_multiplier = _number("noise_multiplier", noise_multiplier, strict=False)
         self.max_grad_norm = _number("max_grad_norm", max_grad_norm)
-        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size < 1:
-            raise ValueError(f"expected_batch_size must be an integer >= 1, got {expected_batch_size!r}")
-        self.expected_batch_size = expected_batch_size
-        if not isinstance(sample_rate, (int, float)) or not 0.0 < float(sample_rate) <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        self.sample_rate = float(sample_rate)
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+        self.expected_batch_size, self.sample_rate = check_sampled_step(expected_batch_size, sample_rate, accountant)
         self.accountant = make_accountant(accountant)
         self.seed = int(seed)
         self.noise_generator = torch.Generator()

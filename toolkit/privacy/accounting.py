@@ -81,6 +81,14 @@ def _check_noise_multiplier(sigma: float) -> float:
     return float(sigma)
 
 
+def check_sampled_step(expected_batch_size: int, sample_rate: float, accountant: str) -> tuple[int, float]:
+    """Validate what every private optimizer shares: the expected batch size, q, and the accountant's name."""
+    if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size < 1:
+        raise ValueError(f"expected_batch_size must be an integer >= 1, got {expected_batch_size!r}")
+    _check_accountant_name(accountant)
+    return expected_batch_size, _check_sample_rate(sample_rate)
+
+
 # ---------------------------------------------------------------- accountants
 
 def make_accountant(name: str = "prv"):
@@ -149,8 +157,6 @@ def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: flo
         ValueError: ε ≤ 0, δ not in (0, 1), sample_rate not in (0, 1], steps < 1, unknown accountant.
         PrivacyBudgetError: even σ = ``MAX_NOISE_MULTIPLIER`` spends more than ``target_epsilon``.
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     if not isinstance(target_epsilon, (int, float)) or math.isnan(target_epsilon) or target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be > 0 (or inf for no privacy), got {target_epsilon!r}")
     delta = _check_delta(target_delta)

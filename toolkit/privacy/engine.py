@@ -46,7 +46,8 @@ import warnings
 import torch
 from torch import nn
 
-from .accounting import ACCOUNTANTS, accountant_state, epsilon_spent, make_accountant, restore_accountant
+from .accounting import (accountant_state, check_sampled_step, epsilon_spent, make_accountant,
+                         restore_accountant)
 from .update_pruning import (
     UpdatePruningDPOptimizer,
     UpdatePruningDPOptimizerFastGradientClipping,
@@ -92,14 +93,7 @@ class DPEngine:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.noise_multiplier = _positive_number("noise_multiplier", noise_multiplier, allow_zero=True)
         self.max_grad_norm = _positive_number("max_grad_norm", max_grad_norm)
-        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size < 1:
-            raise ValueError(f"expected_batch_size must be an integer >= 1, got {expected_batch_size!r}")
-        self.expected_batch_size = expected_batch_size
-        if not isinstance(sample_rate, (int, float)) or not 0.0 < float(sample_rate) <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        self.sample_rate = float(sample_rate)
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+        self.expected_batch_size, self.sample_rate = check_sampled_step(expected_batch_size, sample_rate, accountant)
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}")
         _check_ratio(grad_prune_ratio)
