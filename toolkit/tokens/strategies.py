@@ -135,6 +135,20 @@ def cell_of_patch(keep: int, grid: tuple[int, int], strategy: str) -> tuple[int,
     return tuple(cell_of)
 
 
+@register_strategy("dual-priv-random", default_contextual=default_contextual_tokens, options=("seed",),
+                   summary="[CLS] + K random patches (seeded per image) + k fused: control for [CLS] selection")
+def dual_priv_random(view: ExampleView, budget: Budget) -> Selection:
+    """Dual-Priv's layout with the K patches drawn at random instead of by [CLS] attention: the control the
+    reviewers asked for (same token count, same fusion, only the selection rule differs)."""
+    seed = view.seed if view.seed is not None else example_seed(view.patches, budget.options.get("seed", 0))
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(view.patches.shape[0], generator=generator).to(view.patches.device)
+    with_cls = view.cls is not None
+    random_view = ExampleView(patches=view.patches, cls=view.cls, scores=scores, seed=view.seed)
+    n_dominant = budget.keep - int(with_cls) - budget.n_contextual
+    return dominant_plus_contextual(random_view, n_dominant, budget.n_contextual, with_cls=with_cls)
+
+
 @register_strategy("uniform", summary="the centre patch of each cell of a rows x cols grid (spatial stride)")
 def uniform_patches(view: ExampleView, budget: Budget) -> Selection:
     """Spatial stride: split the grid into keep = r x c cells, keep each cell's centre patch (upper-left of the

@@ -1,0 +1,80 @@
+"""``python -m toolkit sweep``: run a grid of fine-tunes into one CSV, resumably.
+
+    python -m toolkit sweep --named privacy-utility --out artifacts/sweeps --json out.json --quick
+    python -m toolkit sweep --config configs/sweep-quick.yaml --out artifacts/sweeps --json out.json
+    python -m toolkit sweep --named ablation --out artifacts/sweeps --dry-run     # the plan, nothing runs
+
+Re-running the same command skips the cells already in ``OUT/<name>.csv``. See :mod:`toolkit.experiments`.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from toolkit.cli import subcommand
+
+
+@subcommand("sweep", help="run a sweep (grid of fine-tunes) into a CSV; re-running skips finished cells")
+def run(args) -> dict:
+    from toolkit.experiments import NAMED_SWEEPS, load_sweep_config, named_sweep, plan_sweep, run_sweep
+
+    if args.list:
+        out = {name: named_sweep(name, quick=False).description for name in NAMED_SWEEPS}
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return dict(named_sweeps=out)
+    if bool(args.config) == bool(args.named):
+        raise ValueError("give exactly one of --config FILE or --named NAME (see --list)")
+    if args.config:
+        sweep = load_sweep_config(args.config)
+        if args.quick:
+            sweep = sweep.quick_version()
+    else:
+        sweep = named_sweep(args.named, quick=args.quick, preset=args.preset)
+    plan = plan_sweep(sweep)
+    result = dict(plan.summary(), description=sweep.description, out=str(args.out) if args.out else None,
+                  csv=str(args.out / f"{sweep.name}.csv") if args.out else None, quick=bool(args.quick))
+    if args.dry_run:
+        result["cells_planned"] = [dict(cell_id=c.cell_id, label=c.label) for c in plan.cells]
+        print(json.dumps({k: result[k] for k in ("name", "cells", "skipped")}, indent=2))
+        for cell in plan.cells:
+            print(f"  {cell.cell_id}  {cell.label}")
+        for skip in plan.skipped:
+            print(f"  skipped  {skip.label}: [{skip.rule}] {skip.reason}")
+        return result
+    if not args.out:
+        raise ValueError("give --out DIR (where the CSV goes)")
+    events = {"done": 0, "cached": 0, "failed": 0}
+    failures = []
+
+    def count(event):
+        events[event["kind"]] += 1
+        if event["kind"] == "failed":
+            failures.append(dict(label=event["label"], error=event["error"]))
+
+    started = time.perf_counter()
+    df = run_sweep(sweep, args.out, progress=not args.no_progress, callback=count,
+                   on_error="continue" if args.keep_going else "raise", parquet=args.parquet)
+    result.update(wall_time_s=time.perf_counter() - started, ran=events["done"], cached=events["cached"],
+                  failed=events["failed"], failures=failures, rows=df.to_dict(orient="records"))
+    shown = {k: result[k] for k in ("name", "csv", "cells", "skipped", "ran", "cached", "failed", "wall_time_s")}
+    print(json.dumps(shown, indent=2, default=str, ensure_ascii=False))
+    return result
+
+
+@run.configure
+def configure(parser) -> None:
+    from pathlib import Path
+
+    parser.add_argument("--config", metavar="FILE", help="a sweep file (.yaml/.yml/.json), see configs/")
+    parser.add_argument("--named", metavar="NAME",
+                        help="a built-in sweep: privacy-utility, ablation, budget, lora-rank (see --list)")
+    parser.add_argument("--preset", default="tiny", help="model preset for --named (default: tiny; llava576)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder for NAME.csv and NAME.plan.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings (no warm start, 32 records, 2 steps): checks the plumbing in minutes")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (cells and skipped) and stop")
+    parser.add_argument("--list", action="store_true", help="list the built-in sweeps")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="record a failing cell and go on (it is retried on the next run) instead of stopping")
+    parser.add_argument("--parquet", action="store_true", help="also write NAME.parquet (needs pyarrow)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
