@@ -113,3 +113,15 @@ def test_train_cli_writes_the_json_record(tmp_path):
 def test_train_cli_reports_bad_values_without_a_traceback(capsys):
     assert main(["train", "--method", "dp-sgd", "--epsilon", "-1", "--steps", "2"]) == 2
     assert "epsilon must be > 0" in capsys.readouterr().err
+
+
+def test_explicit_cpu_device_runs_and_a_missing_cuda_device_is_refused():
+    import torch
+
+    result = train(TrainConfig(method="dual-priv", device="cpu", **FAST))
+    assert 0 <= result.accuracy <= 1
+    with pytest.raises(ValueError, match="not a torch device"):
+        TrainConfig(method="dp-sgd", device="gpu0", **FAST).resolved()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            TrainConfig(method="dp-sgd", device="cuda", **FAST).resolved()

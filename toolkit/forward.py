@@ -106,11 +106,13 @@ def rank_candidates(lm: LlavaLM, image_features: torch.Tensor, batch: dict, cand
     ranking, so accuracy does not depend on free generation). Single-token candidates take one forward.
     """
     input_ids, mask, prompt_lengths = batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"]
-    rows = torch.arange(input_ids.shape[0])
+    device = image_features.device
+    input_ids, mask, prompt_lengths = input_ids.to(device), mask.to(device), prompt_lengths.to(device)
+    rows = torch.arange(input_ids.shape[0], device=device)
     if all(len(c) == 1 for c in candidate_ids):
         logits = lm(image_features, input_ids, mask)
         last = logits[rows, prompt_lengths - 1].float()
-        return last[:, torch.tensor([c[0] for c in candidate_ids])].argmax(dim=1)
+        return last[:, torch.tensor([c[0] for c in candidate_ids], device=device)].argmax(dim=1)
     scores = []
     for cand in candidate_ids:
         ids = input_ids.clone()
@@ -118,10 +120,10 @@ def rank_candidates(lm: LlavaLM, image_features: torch.Tensor, batch: dict, cand
         ids = torch.nn.functional.pad(ids, (0, max(0, width - ids.shape[1])), value=0)[:, :width]
         am = torch.zeros_like(ids)
         for i, p in enumerate(prompt_lengths.tolist()):
-            ids[i, p:p + len(cand)] = torch.tensor(cand)
+            ids[i, p:p + len(cand)] = torch.tensor(cand, device=device)
             am[i, : p + len(cand)] = 1
         logp = lm(image_features, ids, am).float().log_softmax(-1)
-        total = torch.zeros(ids.shape[0])
+        total = torch.zeros(ids.shape[0], device=device)
         for j, tok in enumerate(cand):
             total += logp[rows, prompt_lengths - 1 + j, tok]
         scores.append(total)

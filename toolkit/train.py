@@ -89,6 +89,7 @@ class TrainConfig:
     zo_mu: float = 1e-3
     # running
     eval_batch_size: int = 128
+    device: str = "auto"                    # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     progress: bool = True
     checkpoint_path: str | None = None      # save model + accountant state here at the end
     resume_from: str | None = None          # continue a checkpointed run (ε keeps counting)
@@ -147,6 +148,13 @@ def _check(c: TrainConfig) -> None:
         bad(f"sampling must be 'poisson' or 'fixed', got {c.sampling!r}")
     if isinstance(c.fusion_noise_std, str) and c.fusion_noise_std != "matched":
         bad(f"fusion_noise_std must be a number, 'matched' or None, got {c.fusion_noise_std!r}")
+    if c.device != "auto":
+        try:
+            device = torch.device(c.device)
+        except RuntimeError as err:
+            bad(f"device {c.device!r} is not a torch device ({err})")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            bad(f"device {c.device!r} asked for, but torch sees no CUDA device")
     if isinstance(c.fusion_noise_std, (int, float)) and c.fusion_noise_std < 0:
         bad(f"fusion_noise_std must be >= 0, got {c.fusion_noise_std}")
 
@@ -254,7 +262,7 @@ def evaluate(lm, features: torch.Tensor, records, collator, candidates, batch_si
         batch = collator(chunk)
         pred = rank_candidates(lm, features[start:start + batch_size], batch, candidate_ids)
         gold = torch.tensor([candidates.index(r.answer) if r.answer in candidates else -1 for r in chunk])
-        correct += int((pred == gold).sum())
+        correct += int((pred.cpu() == gold).sum())
     lm.train(was_training)
     return correct / len(records)
 
@@ -285,6 +293,8 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
 
     # 1. model, what trains, and the data (one record per source image)
     bundle = load_bundle(c)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else torch.device(c.device)
+    bundle.model.to(device)
     torch.manual_seed(c.seed)
     n_trainable = apply_trainable(bundle, c.trainable, c.lora_rank)
     train_set = make_vqa(c.task, c.train_split, bundle.image_size, limit=c.train_limit)
@@ -344,11 +354,11 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
         _restore_sampler(c.resume_from, sampler, start_step)
 
     def batch_losses(idx: torch.Tensor) -> torch.Tensor:
-        batch = collator([train_set[i] for i in idx.tolist()])
-        feats = train_feats[idx]
+        batch = {k: v.to(device) for k, v in collator([train_set[i] for i in idx.tolist()]).items()}
+        feats = train_feats[idx.to(train_feats.device)]
         noise = None
         if fusion_sigma > 0 and pruner.n_contextual > 0:  # heuristic, outside the DP guarantee
-            noise = pruner.fusion_noise(len(idx), generator=noise_gen, sigma=fusion_sigma)
+            noise = pruner.fusion_noise(len(idx), generator=noise_gen, sigma=fusion_sigma).to(device)
         logits = forward_module(feats, batch["input_ids"], batch["attention_mask"], fusion_noise=noise)
         return per_example_loss(logits, batch["labels"])
 
@@ -365,7 +375,7 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
         if step == measure_at:
             box = {}
             baseline = live_training_tensors(lm, stepper.optimizer) + [train_feats]
-            peak = measure_peak(lambda: box.setdefault("loss", one_step(idx)), baseline)
+            peak = measure_peak(lambda: box.setdefault("loss", one_step(idx)), baseline, device=device.type)
             loss = box["loss"]
             timer.times.append(float("nan"))  # profiled steps are slower: not timed
         else:
@@ -495,7 +505,7 @@ def _resume(path: str, lm, stepper: "Stepper") -> int:
     """Restore weights, optimizer and accountant history; a resumed run never under-reports ε."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     named = dict(lm.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -516,7 +526,7 @@ def _resume(path: str, lm, stepper: "Stepper") -> int:
 
 
 def _restore_sampler(path: str, sampler, start_step: int) -> None:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     if "sampler" in state and hasattr(sampler, "load_state_dict"):
         sampler.load_state_dict(state["sampler"])
     else:
