@@ -111,12 +111,7 @@ def resolve_keep(strategy: str, n_patches: int, keep=None, token_prune_ratio=Non
     if keep is not None and token_prune_ratio is not None:
         raise ValueError("give either keep or token_prune_ratio, not both")
     if keep is not None:
-        if isinstance(keep, bool):
-            raise ValueError(f"keep must be an integer number of visual tokens, got {keep!r}")
-        try:
-            keep = operator.index(keep)
-        except TypeError:
-            raise ValueError(f"keep must be an integer number of visual tokens, got {keep!r}") from None
+        keep = _integer(keep, f"keep must be an integer number of visual tokens, got {keep!r}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1 visual token, got {keep}")
         if keep > n_patches:
@@ -134,16 +129,21 @@ def resolve_keep(strategy: str, n_patches: int, keep=None, token_prune_ratio=Non
     raise ValueError(f"strategy {strategy!r} needs a budget: give keep (visual tokens fed) or token_prune_ratio")
 
 
+def _integer(value, message: str) -> int:
+    """``value`` as an int (numpy integers too), or ValueError(message); bools are refused."""
+    if isinstance(value, bool):
+        raise ValueError(message)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(message) from None
+
+
 def resolve_layer(layer, n_layers: int, default: int) -> int:
     """0-based encoder layer; negative counts from the end (-1 = last). Out of range -> ValueError."""
     if layer is None:
         return default
-    if isinstance(layer, bool):
-        raise ValueError(f"layer must be an integer encoder layer index, got {layer!r}")
-    try:
-        layer = operator.index(layer)
-    except TypeError:
-        raise ValueError(f"layer must be an integer encoder layer index, got {layer!r}") from None
+    layer = _integer(layer, f"layer must be an integer encoder layer index, got {layer!r}")
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the vision tower's {n_layers} encoder layers "
                          f"(valid: 0..{n_layers - 1}, or -{n_layers}..-1 from the end)")
