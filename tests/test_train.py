@@ -125,3 +125,15 @@ def test_explicit_cpu_device_runs_and_a_missing_cuda_device_is_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             TrainConfig(method="dp-sgd", device="cuda", **FAST).resolved()
+
+
+def test_dp_noise_and_batches_are_secret_unless_a_noise_seed_is_given():
+    def run(**extra):
+        return train(TrainConfig(method="dp-sgd", epsilon=1.0, **dict(FAST, steps=4), **extra)).history
+
+    # Same public config, no noise seed: the noise and the Poisson batches must not be re-creatable.
+    a, b = run(), run()
+    assert not (a.loss.equals(b.loss) and a.batch_size.equals(b.batch_size))
+    # With an explicit noise seed the run is reproducible (documented as not private).
+    c, d = run(noise_seed=7), run(noise_seed=7)
+    assert c.loss.equals(d.loss) and c.batch_size.equals(d.batch_size)

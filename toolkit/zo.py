@@ -43,7 +43,7 @@ from toolkit.privacy.accounting import (
     accountant_state,
     epsilon_spent,
     make_accountant,
-    restore_accountant,
+    resume_accountant,
 )
 
 
@@ -191,15 +191,7 @@ class DPZeroOrder:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume; only on a fresh optimiser, so no accounted step is ever dropped."""
-        if self.steps_taken or self.accountant.history:
-            raise RuntimeError("load_state_dict must be called before the first step (accounting would lose steps)")
-        for key in ("steps_taken", "seed", "accountant"):
-            if key not in state:
-                raise ValueError(f"DP-ZO state has no {key!r} entry (was it made by DPZeroOrder.state_dict?)")
-        accountant = restore_accountant(state["accountant"])
-        if accountant.mechanism() != self.accountant.mechanism():
-            raise ValueError(f"the checkpoint was accounted with {accountant.mechanism()!r}, this optimiser uses "
-                             f"{self.accountant.mechanism()!r}")
+        accountant = resume_accountant(self.accountant, state, ("steps_taken", "seed", "accountant"), "DP-ZO optimiser")
         self.accountant = accountant
         self.steps_taken = int(state["steps_taken"])
         self.seed = int(state["seed"])

@@ -367,13 +367,12 @@ def _in_thread(fn: Callable, *args) -> queue.Queue:
 
 def _drain(events: queue.Queue, timeout: float) -> list:
     """Every event available now (waiting up to ``timeout`` for the first)."""
-    out = []
     try:
-        out.append(events.get(timeout=timeout))
-        while True:
-            out.append(events.get_nowait())
+        out = [events.get(timeout=timeout)]
     except queue.Empty:
-        pass
+        return []
+    while not events.empty():  # one consumer: what empty() sees cannot be taken by anyone else
+        out.append(events.get_nowait())
     return out
 
 
@@ -441,6 +440,12 @@ def _stopping_callback(emit, settings: AppSettings, job: Job, started: float):
     return callback
 
 
+def _check_idle(session: str) -> None:
+    """One job per session at a time: refuse a second before anything starts."""
+    if running_job(session) is not None:
+        raise InputError("a job of yours is already running (cancel it first).")
+
+
 def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
              token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise: bool = False,
              session: str = "local") -> Iterator[dict]:
@@ -451,11 +456,9 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     try:
         config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
                                     token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise)
+        _check_idle(session)
     except InputError as err:
         yield dict(empty, status=_warn(f"Not started: {err}"))
-        return
-    if running_job(session) is not None:
-        yield dict(empty, status=_warn("Not started: a job of yours is already running (cancel it first)."))
         return
     job = _register(session, "finetune")
     private = config.method != "non-private"
@@ -785,11 +788,9 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
         if runs > settings.max_sweep_runs:
             raise InputError(f"this sweep has {runs} runs; the app allows {settings.max_sweep_runs} "
                              "(choose fewer methods, ε values or seeds)")
+        _check_idle(session)
     except InputError as err:
         yield dict(empty, status=_warn(f"Not started: {err}"))
-        return
-    if running_job(session) is not None:
-        yield dict(empty, status=_warn("Not started: a job of yours is already running (cancel it first)."))
         return
     job = _register(session, "sweep")
     out_dir = tempfile.mkdtemp(prefix="sweep-", dir=settings.results_dir())

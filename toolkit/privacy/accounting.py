@@ -235,6 +235,26 @@ def accountant_state(accountant) -> dict:
             "history": [[float(s), float(q), int(n)] for s, q, n in accountant.history]}
 
 
+def resume_accountant(current, state: dict, required: tuple[str, ...], owner: str):
+    """The accountant a resumed private optimizer continues with, from its saved ``state``.
+
+    Shared by every private optimizer (DP-SGD engine, DP-ZO): refuses a ``current`` accountant that has already
+    recorded steps (they would vanish from the accounting), a state missing any ``required`` key, and a
+    checkpoint accounted with another mechanism.
+    """
+    if current.history:
+        raise RuntimeError(f"load_state_dict must be called on a fresh {owner}, before any step: "
+                           "otherwise steps already taken would vanish from the privacy accounting")
+    for key in required:
+        if key not in state:
+            raise ValueError(f"{owner} state has no {key!r} entry (was it made by the {owner}'s state_dict?)")
+    accountant = restore_accountant(state["accountant"])
+    if accountant.mechanism() != current.mechanism():
+        raise ValueError(f"the checkpoint was accounted with {accountant.mechanism()!r}, this {owner} uses "
+                         f"{current.mechanism()!r}; build it with accountant={accountant.mechanism()!r}")
+    return accountant
+
+
 def restore_accountant(state: dict):
     """Rebuild an accountant from :func:`accountant_state`; a resumed run keeps every past step.
 

@@ -46,8 +46,7 @@ import warnings
 import torch
 from torch import nn
 
-from .accounting import (accountant_state, check_sampled_step, epsilon_spent, make_accountant,
-                         restore_accountant)
+from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
 from .update_pruning import (
     UpdatePruningDPOptimizer,
     UpdatePruningDPOptimizerFastGradientClipping,
@@ -294,17 +293,7 @@ class DPEngine:
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`. Must be called before the first step, so no step is ever dropped
         from the accounting (the saved history is the whole past)."""
-        if self.steps_taken or self.accountant.history:
-            raise RuntimeError("load_state_dict must be called on a fresh engine, before any step: "
-                               "otherwise steps already taken would vanish from the privacy accounting")
-        for key in ("optimizer", "accountant", "steps_taken"):
-            if key not in state:
-                raise ValueError(f"engine state has no {key!r} entry (was it made by DPEngine.state_dict?)")
-        accountant = restore_accountant(state["accountant"])
-        if accountant.mechanism() != self.accountant.mechanism():
-            raise ValueError(f"the checkpoint was accounted with {accountant.mechanism()!r}, this engine uses "
-                             f"{self.accountant.mechanism()!r}; build the engine with accountant="
-                             f"{accountant.mechanism()!r}")
+        accountant = resume_accountant(self.accountant, state, ("optimizer", "accountant", "steps_taken"), "engine")
         self.optimizer.load_state_dict(state["optimizer"])
         self.accountant = accountant
         self.steps_taken = int(state["steps_taken"])
