@@ -1,0 +1,96 @@
+"""One home for input checks: each raises ``ValueError`` with a message that names the input and what it got.
+
+The privacy modules keep their own narrow checks next to the maths they protect (:mod:`toolkit.privacy`); every
+other layer (config, CLI, dashboard, data) uses these.
+
+Example::
+
+    >>> from toolkit.validation import check_fraction
+    >>> check_fraction("token_prune_ratio", 0.75)
+    0.75
+    >>> check_fraction("token_prune_ratio", 1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: token_prune_ratio must be in [0, 1), got 1.5
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(name: str, value, *, minimum: float | None = None, strict: bool = True,
+                 allow_inf: bool = False) -> float:
+    """A real number (not bool, not NaN), finite unless ``allow_inf``, above ``minimum`` (``>=`` if not strict)."""
+    ok = _is_number(value) and not math.isnan(value) and (allow_inf or math.isfinite(value))
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number{bound}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (not bool) within ``[minimum, maximum]``."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and minimum is not None:
+        ok = value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        if minimum is not None and maximum is not None:
+            bound = f" in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            bound = f" >= {minimum}"
+        else:
+            bound = f" <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+    return value
+
+
+def check_fraction(name: str, value, *, include_one: bool = False) -> float:
+    """A number in [0, 1) (or [0, 1] with ``include_one``)."""
+    ok = _is_number(value) and 0.0 <= value and (value <= 1.0 if include_one else value < 1.0)
+    if not ok:
+        raise ValueError(f"{name} must be in [0, 1{']' if include_one else ')'}, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")
+    return value
+
+
+def inside_folder(folder: str | os.PathLike, relative: str, what: str = "path") -> Path:
+    """``folder / relative`` resolved, refused unless it stays inside ``folder`` (no ``..``, no absolute path,
+    no symlink out). The error names the path but never says whether something exists outside the folder."""
+    root = Path(folder).resolve()
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise ValueError(f"{what} {relative!r} must be relative to {str(folder)!r} and stay inside it")
+    resolved = (root / candidate).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ValueError(f"{what} {relative!r} must be relative to {str(folder)!r} and stay inside it")
+    return resolved
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Fail before a long run if ``path`` cannot be written (its folder is created if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r}: its folder cannot be created ({err.strerror})") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {str(path)!r} is not writable")
+    return path
