@@ -18,11 +18,15 @@ Example::
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from toolkit.compat import profiler_memory_events
 
 MB = 1024 * 1024
 
@@ -70,12 +74,10 @@ def measure_peak(step: Callable[[], object], baseline_tensors: Iterable[torch.Te
         torch.cuda.synchronize()
         return PeakMemory(torch.cuda.max_memory_allocated() / MB, before / MB,
                           torch.cuda.max_memory_reserved() / MB, device, "cuda max_memory_allocated")
-    from torch.profiler import ProfilerActivity, profile
-
     baseline = tensor_bytes(baseline_tensors)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = profiler_memory_events(prof)
     running = peak = 0
     for _, nbytes in events:
         running += nbytes
@@ -103,7 +105,5 @@ class StepTimer:
 
     @property
     def median(self) -> float:
-        import statistics
-
         kept = self.times[self.skip:] or self.times
         return float(statistics.median(kept)) if kept else float("nan")

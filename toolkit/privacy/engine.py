@@ -46,6 +46,8 @@ import warnings
 import torch
 from torch import nn
 
+from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures
+
 from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
 from .update_pruning import (
     UpdatePruningDPOptimizer,
@@ -184,28 +186,14 @@ class DPEngine:
     def _check_captured_batch(self, batch_size: int) -> None:
         """Before backward: the forward the hooks captured must have the losses' batch size (Opacus would
         otherwise fail deep inside a broadcast, or mix up examples)."""
-        for m in self.module.modules():
-            captured = m.__dict__.get("activations")
-            if captured:
-                got = captured[-1][0].shape[0] if captured[-1] else None
-                if got is not None and got != batch_size:
-                    raise ValueError(f"per_example_losses has {batch_size} entries but the forward through "
-                                     f"engine.module saw a batch of {got}")
-                return
+        got = opacus_captured_batch_size(self.module)
+        if got is not None and got != batch_size:
+            raise ValueError(f"per_example_losses has {batch_size} entries but the forward through "
+                             f"engine.module saw a batch of {got}")
 
     def _reset_captured(self) -> None:
         """Forget what Opacus' hooks captured in forwards that were never (successfully) backpropagated."""
-        for m in self.module.modules():
-            for attr in ("activations", "max_batch_len"):
-                if attr in m.__dict__:
-                    delattr(m, attr)
-        for p in self.optimizer.params:
-            if hasattr(p, "_forward_counter"):
-                p._forward_counter = 0
-            if hasattr(p, "_current_grad_sample"):
-                del p._current_grad_sample
-            if hasattr(p, "_norm_sample"):
-                del p._norm_sample
+        opacus_forget_captures(self.module, self.optimizer.params)
 
     def _account(self, optimizer) -> None:
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier,

@@ -38,7 +38,8 @@ from typing import Callable, Optional
 
 import torch
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise
 
 PRUNE_SCOPES = ("global", "per-tensor")
 PRUNED_STATES = ("advance", "freeze")
@@ -131,12 +132,12 @@ class _UpdatePruningMixin:
         """``p.grad = s + N(0, σ²C²)`` with the noise drawn and added in at least fp32 (bf16 params too)."""
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         for p in self.params:
-            _check_processed_flag(p.summed_grad)
+            opacus_check_unprocessed(p.summed_grad)
             summed = p.summed_grad.to(torch.promote_types(p.summed_grad.dtype, torch.float32))
-            noise = _generate_noise(std=sigma * self.max_grad_norm, reference=summed,
+            noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
                                     generator=self.generator, secure_mode=self.secure_mode)
             p.grad = (summed + noise).to(p.dtype).view_as(p)
-            _mark_as_processed(p.summed_grad)
+            opacus_mark_processed(p.summed_grad)
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[bool]:
         """Opacus' clip -> sum -> noise -> scale (-> accountant hook), then the noisy-gradient mask."""

@@ -1,0 +1,56 @@
+"""Every use of a library's private (underscored or undocumented) attribute, in one place.
+
+When Opacus, the torch profiler or tqdm change their internals, this is the one module to fix; each function
+says what it relies on. Nothing else in the toolkit reaches into a library's private names.
+"""
+from __future__ import annotations
+
+import torch
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+# Per-module attributes Opacus' GradSampleModule hooks set during a forward (capture_activations_hook).
+_OPACUS_MODULE_CAPTURES = ("activations", "max_batch_len")
+# Per-parameter attributes Opacus sets while computing per-sample gradients or norms.
+_OPACUS_PARAM_CAPTURES = ("_current_grad_sample", "_norm_sample")
+
+
+def opacus_noise(std: float, reference: torch.Tensor, generator, secure_mode: bool) -> torch.Tensor:
+    """Opacus' Gaussian noise shaped like ``reference`` (``secure_mode``: its floating-point-attack-safe draw)."""
+    return _generate_noise(std=std, reference=reference, generator=generator, secure_mode=secure_mode)
+
+
+def opacus_check_unprocessed(summed_grad: torch.Tensor) -> None:
+    """Opacus' guard against noising the same clipped sum twice (raises if it was already noised)."""
+    _check_processed_flag(summed_grad)
+
+
+def opacus_mark_processed(summed_grad: torch.Tensor) -> None:
+    _mark_as_processed(summed_grad)
+
+
+def opacus_captured_batch_size(module: torch.nn.Module) -> int | None:
+    """Batch size of the last forward Opacus' hooks captured anywhere under ``module`` (None if none)."""
+    for m in module.modules():
+        captured = m.__dict__.get("activations")
+        if captured:
+            return captured[-1][0].shape[0] if captured[-1] else None
+    return None
+
+
+def opacus_forget_captures(module: torch.nn.Module, params) -> None:
+    """Drop what Opacus' hooks captured in forwards that were never (successfully) backpropagated."""
+    for m in module.modules():
+        for attr in _OPACUS_MODULE_CAPTURES:
+            if attr in m.__dict__:
+                delattr(m, attr)
+    for p in params:
+        if hasattr(p, "_forward_counter"):
+            p._forward_counter = 0
+        for attr in _OPACUS_PARAM_CAPTURES:
+            if hasattr(p, attr):
+                delattr(p, attr)
+
+
+def profiler_memory_events(prof) -> list[tuple[int, int]]:
+    """``(start_ns, nbytes)`` of every allocation/free the torch profiler recorded (its kineto results)."""
+    return sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
