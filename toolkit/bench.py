@@ -25,7 +25,16 @@ from typing import Callable
 import pandas as pd
 import torch
 
-DEFAULT_METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
+from toolkit.config import TrainConfig
+from toolkit.data import Collator, make_vqa, preprocess_images
+from toolkit.features import make_pruner_for
+from toolkit.forward import LlavaLM, per_example_loss, tower_hidden_states
+from toolkit.metering import StepTimer, live_training_tensors, measure_peak
+from toolkit.models import apply_trainable, build_model
+from toolkit.optimizers import make_optimizer
+from toolkit.vocabulary import METHODS
+
+DEFAULT_METHODS = METHODS
 COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "memory_vs_dp_sgd", "memory_vs_dp_zo",
            "time_vs_dp_sgd", "time_vs_non_private", "trainable_params", "batch_size", "preset", "tower_in_step",
            "memory_method", "device"]
@@ -37,12 +46,6 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                    grad_sample_mode: str = "hooks", prune_tokens_for_all: bool = False, tower_in_step: bool = True,
                    seed: int = 0) -> dict:
     """Measure one method in this process; returns one record of the table."""
-    from toolkit.data import Collator, make_vqa, preprocess_images
-    from toolkit.forward import LlavaLM, per_example_loss, tower_hidden_states
-    from toolkit.metering import StepTimer, live_training_tensors, measure_peak
-    from toolkit.models import apply_trainable, build_model
-    from toolkit.train import TrainConfig, make_pruner_for, make_stepper
-
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (warm-up, profiled, timed), got {steps}")
     prune = method == "dual-priv" or prune_tokens_for_all
@@ -63,8 +66,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
     collator = Collator(bundle.tokenizer, pruner.n_out, bundle.image_token_id, bundle.prompt_template)
     batch = {k: v.to(device) for k, v in collator(records).items()}
     lm = LlavaLM(bundle).bind_collator(collator).train()
-    params = [p for p in lm.parameters() if p.requires_grad]
-    stepper = make_stepper(config, lm, params, noise_multiplier=1.0, sample_rate=min(1.0, batch_size / 700))
+    stepper = make_optimizer(config, lm, noise_multiplier=1.0, sample_rate=min(1.0, batch_size / 700))
     cached = None if tower_in_step else pruner(tower_hidden_states(bundle, pixels)).features
 
     def losses() -> torch.Tensor:
@@ -73,7 +75,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
         return per_example_loss(logits, batch["labels"])
 
     stepper.step(losses)  # warm-up
-    baseline = live_training_tensors(bundle.model, stepper.optimizer) + [pixels]
+    baseline = live_training_tensors(bundle.model, getattr(stepper, "optimizer", None)) + [pixels]
     peak = measure_peak(lambda: stepper.step(losses), baseline, device=device)
     timer = StepTimer(skip=0)
     for _ in range(steps - 2):

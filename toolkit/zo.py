@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from toolkit.compat import opacus_noise
 from toolkit.privacy.accounting import (
     check_sampled_step,
     accountant_state,
@@ -70,6 +71,9 @@ class DPZeroOrder:
         seed: seed of the (public) directions; step t uses a seed derived from (seed, t).
         noise_seed: seed of the noise generator, for reproducible experiments and tests ONLY (a known seed lets
             anyone subtract the noise: no privacy). None (default): seeded from OS entropy.
+        secure_mode: Opacus' floating-point-attack-resistant Gaussian draw for the scalar noise.
+        module: the module the losses are computed through (the training loop forwards through
+            :attr:`module`, as with every optimizer of :mod:`toolkit.optimizers`); not used by the maths.
 
     Attributes (for reporting and tests): ``last_clipped_scalars`` (d̄, ``[B]`` float64),
     ``last_projected_grad`` (ĝ), ``steps_taken``.
@@ -77,7 +81,8 @@ class DPZeroOrder:
 
     def __init__(self, params: Iterable[torch.Tensor], *, lr: float, mu: float = 1e-3, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
-                 seed: int = 0, noise_seed: int | None = None):
+                 seed: int = 0, noise_seed: int | None = None, secure_mode: bool = False,
+                 module: torch.nn.Module | None = None):
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("DPZeroOrder got no parameters")
@@ -94,6 +99,9 @@ class DPZeroOrder:
         self.expected_batch_size, self.sample_rate = check_sampled_step(expected_batch_size, sample_rate, accountant)
         self.accountant = make_accountant(accountant)
         self.seed = int(seed)
+        self.secure_mode = bool(secure_mode)
+        self.module = module
+        self.optimizer = None  # no inner torch optimizer: the update is applied in place
         self.noise_generator = torch.Generator()
         if noise_seed is None:
             self.noise_generator.seed()
@@ -164,9 +172,9 @@ class DPZeroOrder:
         self._noisy_update(torch.zeros(0, dtype=torch.float64), self._direction_seed(self.steps_taken))
 
     def _noisy_update(self, clipped: torch.Tensor, step_seed: int) -> None:
-        noise = torch.normal(0.0, self.noise_multiplier * self.max_grad_norm, (1,),
-                             generator=self.noise_generator, dtype=torch.float64) \
-            if self.noise_multiplier > 0 else torch.zeros(1, dtype=torch.float64)
+        noise = opacus_noise(std=self.noise_multiplier * self.max_grad_norm,
+                             reference=torch.zeros(1, dtype=torch.float64), generator=self.noise_generator,
+                             secure_mode=self.secure_mode).to(torch.float64)
         projected = float((clipped.sum() + noise[0]) / self.expected_batch_size)
         self._add_direction(-self.lr * projected, step_seed)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

@@ -7,10 +7,13 @@ import math
 import typing
 
 from toolkit.cli import subcommand
+from toolkit.config import TrainConfig
+from toolkit.train import train
+from toolkit.vocabulary import INFINITY_WORDS
 
 
 def _parse_float(text: str) -> float:
-    return math.inf if text.lower() in ("inf", "infinity", "∞") else float(text)
+    return math.inf if text.strip().lower() in INFINITY_WORDS else float(text)
 
 
 def _parse_fusion(text: str):
@@ -55,8 +58,6 @@ def config_from_args(args, config_cls):
 
 @subcommand("train", help="fine-tune with non-private, dp-sgd, dual-priv or dp-zo and evaluate")
 def run(args) -> dict:
-    from toolkit.train import TrainConfig, train
-
     result = train(config_from_args(args, TrainConfig))
     summary = result.summary()
     summary["history"] = result.history.to_dict(orient="records")
@@ -68,6 +69,4 @@ def run(args) -> dict:
 
 @run.configure
 def configure(parser) -> None:
-    from toolkit.train import TrainConfig
-
     add_config_flags(parser, TrainConfig)

@@ -38,9 +38,11 @@ from .accounting import (
     ACCOUNTANTS,
     PrivacyBudgetError,
     accountant_state,
+    calibrate_continuation,
     calibrate_noise,
     epsilon_for,
     epsilon_spent,
+    history_epsilon,
     make_accountant,
     restore_accountant,
 )
@@ -62,7 +64,7 @@ from .update_pruning import (
 )
 
 __all__ = [
-    "ACCOUNTANTS", "PrivacyBudgetError", "accountant_state", "calibrate_noise", "epsilon_for", "epsilon_spent",
+    "ACCOUNTANTS", "PrivacyBudgetError", "accountant_state", "calibrate_continuation", "calibrate_noise", "epsilon_for", "epsilon_spent", "history_epsilon",
     "make_accountant", "restore_accountant",
     "GRAD_SAMPLE_MODES", "DPEngine", "PrivateTrainer", "make_private",
     "SAMPLINGS", "FixedBatchSampler", "FixedBatchesInPrivateModeError", "PoissonSampler", "check_sampling",

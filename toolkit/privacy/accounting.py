@@ -227,12 +227,68 @@ def _calibrate(target_epsilon: float, delta: float, q: float, steps: int, accoun
     return high
 
 
+def history_epsilon(history: list, delta: float, accountant: str = "prv") -> float:
+    """ε of a ``[(σ, q, steps), ...]`` history at ``delta`` (the composition of every entry)."""
+    return _history_epsilon([(_check_noise_multiplier(float(s)), _check_sample_rate(float(q)), _check_steps(int(n)))
+                             for s, q, n in history], _check_delta(delta), _check_accountant_name(accountant))
+
+
+def calibrate_continuation(history: list, target_epsilon: float, target_delta: float, sample_rate: float,
+                           steps: int, accountant: str = "prv", epsilon_tolerance: float = 0.01) -> float:
+    """σ for ``steps`` more Poisson steps at ``sample_rate`` after ``history`` so that the *composition* of the
+    past and the new steps stays ≤ ``target_epsilon`` (a resumed run given a new total budget).
+
+    Adding steps only raises ε, so the σ of a fresh run of ``steps`` steps is a lower bound; bisection then
+    evaluates the composed history with the same function the trainers report with, and only a σ verified
+    to keep the total ≤ ``target_epsilon`` is returned.
+
+    Raises:
+        PrivacyBudgetError: the past alone already spends ``target_epsilon`` or more.
+    """
+    delta = _check_delta(target_delta)
+    q = _check_sample_rate(sample_rate)
+    steps = _check_steps(steps)
+    _check_accountant_name(accountant)
+    past = [(_check_noise_multiplier(float(s)), _check_sample_rate(float(r)), _check_steps(int(n)))
+            for s, r, n in history]
+    if math.isinf(target_epsilon):
+        return 0.0
+    spent = _history_epsilon(past, delta, accountant)
+    if spent >= target_epsilon:
+        raise PrivacyBudgetError(f"the resumed run has already spent epsilon={spent:.3f} >= the new target "
+                                 f"{target_epsilon}: no further private step fits")
+    if not past:
+        return calibrate_noise(target_epsilon, delta, q, steps, accountant, epsilon_tolerance)
+
+    def total(sigma: float) -> float:
+        return _history_epsilon(past + [(sigma, q, steps)], delta, accountant)
+
+    low = calibrate_noise(target_epsilon, delta, q, steps, accountant, epsilon_tolerance)
+    high = low
+    while total(high) > target_epsilon:
+        high *= 2.0
+        if high > MAX_NOISE_MULTIPLIER:
+            raise PrivacyBudgetError(f"epsilon={target_epsilon} is out of reach below σ={MAX_NOISE_MULTIPLIER:g} "
+                                     f"after the {spent:.3f} already spent")
+    if high == low:
+        return high
+    eps_high = total(high)
+    while target_epsilon - eps_high > epsilon_tolerance and (high - low) > 1e-6 * high:
+        mid = 0.5 * (low + high)
+        eps_mid = total(mid)
+        if eps_mid <= target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
+
+
 # ---------------------------------------------------------------- save / restore
 
 def accountant_state(accountant) -> dict:
     """A JSON-friendly copy of the accountant: ``{"mechanism", "history": [[σ, q, steps], ...]}``."""
-    return {"mechanism": accountant.mechanism(),
-            "history": [[float(s), float(q), int(n)] for s, q, n in accountant.history]}
+    state = accountant.state_dict()  # Opacus' own: {"history", "mechanism"}
+    return {"mechanism": state["mechanism"], "history": [[float(s), float(q), int(n)] for s, q, n in state["history"]]}
 
 
 def resume_accountant(current, state: dict, required: tuple[str, ...], owner: str):
@@ -270,6 +326,6 @@ def restore_accountant(state: dict):
             raise ValueError(f"accountant history entries are (sigma, sample_rate, steps), got {entry!r}")
         sigma, q, n = entry
         history.append((_check_noise_multiplier(float(sigma)), _check_sample_rate(float(q)), _check_steps(int(n))))
-    accountant.history = history
+    accountant.load_state_dict({"mechanism": state["mechanism"], "history": history})
     return accountant
 

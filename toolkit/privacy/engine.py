@@ -42,8 +42,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures
@@ -82,10 +87,6 @@ class DPEngine:
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
                  grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
                  grad_sample_mode: str = "hooks", noise_seed: int | None = None, secure_mode: bool = False):
-        from opacus import GradSampleModule
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, AbstractGradSampleModule):
@@ -201,15 +202,16 @@ class DPEngine:
 
     # ------------------------------------------------------------ steps
 
-    def step(self, per_example_losses: torch.Tensor) -> float:
+    def step(self, per_example_losses: torch.Tensor | Callable[[], torch.Tensor]) -> float:
         """One private step on a non-empty Poisson batch; returns the batch's mean loss (not private).
 
         ``per_example_losses`` is ``[B]`` (e.g. :func:`toolkit.forward.per_example_loss` of a forward
-        through :attr:`module`). For an empty Poisson batch call :meth:`empty_step` instead.
+        through :attr:`module`), or a function returning it (the protocol of :mod:`toolkit.optimizers`).
+        For an empty Poisson batch call :meth:`empty_step` instead.
         """
-        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
         try:
+            if callable(per_example_losses):
+                per_example_losses = per_example_losses()
             self._check_losses(per_example_losses)
             batch_size = per_example_losses.shape[0]
             self._check_captured_batch(batch_size)

@@ -31,6 +31,7 @@ import math
 import warnings
 
 import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 SAMPLINGS = ("poisson", "fixed")
 
@@ -64,34 +65,42 @@ def sample_rate_for(expected_batch_size: int, n_records: int) -> float:
     return expected_batch_size / n_records
 
 
-class PoissonSampler:
+class PoissonSampler(UniformWithReplacementSampler):
     """Poisson sampling: every step includes each record independently with probability ``sample_rate``.
 
-    Equivalent to Opacus' ``UniformWithReplacementSampler`` (``torch.rand(n) < q`` per step) but yields
-    ``LongTensor`` indices, which may be empty. Iterating yields ``steps`` batches (default: one epoch in
-    expectation, ``round(1 / q)``). The generator state is saved by :meth:`state_dict` so a resumed run
-    draws the batches an uninterrupted one would have.
+    Opacus' ``UniformWithReplacementSampler`` (the same draw, ``torch.rand(n) < q`` per step), yielding
+    ``LongTensor`` indices (possibly empty). Iterating yields ``steps`` batches (default: one epoch in
+    expectation, ``round(1 / q)``). The randomness comes from ``generator`` (or a generator seeded from ``seed``,
+    OS entropy when both are None); :meth:`state_dict` saves it so a resumed run draws the batches an
+    uninterrupted one would have.
     """
 
-    def __init__(self, n_records: int, sample_rate: float, seed: int | None = None, steps: int | None = None):
-        self.n_records = _check_n_records(n_records)
-        if not isinstance(sample_rate, (int, float)) or not 0.0 < float(sample_rate) <= 1.0:
+    def __init__(self, n_records: int, sample_rate: float, seed: int | None = None, steps: int | None = None,
+                 generator: torch.Generator | None = None):
+        n_records = _check_n_records(n_records)
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
+                or not 0.0 < float(sample_rate) <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        self.sample_rate = float(sample_rate)
         if steps is None:
-            steps = max(1, round(1.0 / self.sample_rate))
+            steps = max(1, round(1.0 / float(sample_rate)))
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        self.steps = steps
-        self.generator = _make_generator(seed)
+        if generator is not None and seed is not None:
+            raise ValueError("give seed or generator, not both")
+        super().__init__(num_samples=n_records, sample_rate=float(sample_rate),
+                         generator=generator if generator is not None else _make_generator(seed), steps=steps)
+
+    @property
+    def n_records(self) -> int:
+        return self.num_samples
 
     @property
     def expected_batch_size(self) -> float:
-        return self.sample_rate * self.n_records
+        return self.sample_rate * self.num_samples
 
     def sample(self) -> torch.Tensor:
         """One Poisson batch: the sorted indices of the records drawn this step (``int64``, maybe empty)."""
-        mask = torch.rand(self.n_records, generator=self.generator) < self.sample_rate
+        mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
         return mask.nonzero(as_tuple=False).reshape(-1)
 
     def batches(self, steps: int):
@@ -104,23 +113,20 @@ class PoissonSampler:
         sampler built with the same seed and then draws exactly the batches of the uninterrupted run (re-drawing
         batches 0.. again would correlate steps, which the accountant assumes independent)."""
         for _ in range(steps):
-            torch.rand(self.n_records, generator=self.generator)
+            torch.rand(self.num_samples, generator=self.generator)
 
     def __iter__(self):
         return self.batches(self.steps)
 
-    def __len__(self) -> int:
-        return self.steps
-
     def state_dict(self) -> dict:
-        return {"n_records": self.n_records, "sample_rate": self.sample_rate, "steps": self.steps,
+        return {"n_records": self.num_samples, "sample_rate": self.sample_rate, "steps": self.steps,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n_records"] != self.n_records or state["sample_rate"] != self.sample_rate:
+        if state["n_records"] != self.num_samples or state["sample_rate"] != self.sample_rate:
             raise ValueError(
                 f"sampler state is for n_records={state['n_records']}, sample_rate={state['sample_rate']}; "
-                f"this sampler has n_records={self.n_records}, sample_rate={self.sample_rate}")
+                f"this sampler has n_records={self.num_samples}, sample_rate={self.sample_rate}")
         self.generator.set_state(state["generator"])
 
 

@@ -1,0 +1,131 @@
+"""One optimizer protocol for every method, and the registry that builds the right one from a config.
+
+Every training step in the toolkit goes through an object with this interface (:class:`TrainingOptimizer`):
+
+* ``module``: the module to forward through (Opacus' wrapper for DP-SGD, the plain module otherwise);
+* ``step(per_example_losses_fn) -> float``: ``per_example_losses_fn()`` runs the forward and returns ``[B]``
+  per-example losses; the optimizer computes the update its own way and returns the batch's mean loss;
+* ``empty_step()``: the step of an empty Poisson batch (private methods still add noise and account it);
+* ``epsilon(delta)``, ``accountant`` (``None`` when nothing is accounted);
+* ``state_dict()`` / ``load_state_dict(state)`` for checkpoints.
+
+Three implementations: :class:`NonPrivateOptimizer` (a plain torch optimizer on the mean loss),
+:class:`toolkit.privacy.DPEngine` (Opacus DP-SGD, with update pruning for Dual-Priv) and
+:class:`toolkit.zo.DPZeroOrder`. :func:`make_optimizer` picks one through :data:`OPTIMIZER_BUILDERS`.
+
+Example::
+
+    >>> import torch
+    >>> from toolkit.optimizers import NonPrivateOptimizer
+    >>> net = torch.nn.Linear(2, 1)
+    >>> opt = NonPrivateOptimizer(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    >>> x = torch.randn(4, 2)
+    >>> loss = opt.step(lambda: opt.module(x).squeeze(1) ** 2)
+    >>> opt.epsilon(1e-5)
+    inf
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from toolkit.config import TrainConfig
+from toolkit.privacy import make_private
+from toolkit.zo import DPZeroOrder
+
+LossesFn = Callable[[], torch.Tensor]
+
+
+class TrainingOptimizer(Protocol):
+    module: nn.Module
+    accountant: object | None
+
+    def step(self, per_example_losses_fn: LossesFn) -> float: ...
+
+    def empty_step(self) -> None: ...
+
+    def epsilon(self, delta: float) -> float: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NonPrivateOptimizer:
+    """A torch optimizer stepping on the mean of the per-example losses (no clipping, no noise, no accountant)."""
+
+    accountant = None
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def step(self, per_example_losses_fn: LossesFn) -> float:
+        losses = per_example_losses_fn()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        self.optimizer.step()
+        return float(losses.mean().detach())
+
+    def empty_step(self) -> None:
+        """Nothing to do: an empty batch carries no gradient and nothing is accounted."""
+
+    def epsilon(self, delta: float) -> float:
+        return math.inf
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "optimizer" not in state:
+            raise ValueError("optimizer state has no 'optimizer' entry (was it made by state_dict?)")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def torch_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    """The inner optimizer every method wraps (the DP ones add clipping and noise around it)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of ('adam', 'adamw', 'sgd')")
+
+
+def _non_private(c: TrainConfig, module, params, noise_multiplier, sample_rate) -> NonPrivateOptimizer:
+    return NonPrivateOptimizer(module, torch_optimizer(params, c.optimizer, c.lr))
+
+
+def _dp_sgd(c: TrainConfig, module, params, noise_multiplier, sample_rate):
+    return make_private(module, torch_optimizer(params, c.optimizer, c.lr), noise_multiplier=noise_multiplier,
+                        max_grad_norm=c.max_grad_norm, expected_batch_size=c.expected_batch_size,
+                        sample_rate=sample_rate, accountant=c.accountant, grad_prune_ratio=c.grad_prune_ratio,
+                        prune_scope=c.prune_scope, pruned_state=c.pruned_state,
+                        grad_sample_mode=c.grad_sample_mode, noise_seed=c.noise_seed, secure_mode=c.secure_mode)
+
+
+def _dp_zo(c: TrainConfig, module, params, noise_multiplier, sample_rate) -> DPZeroOrder:
+    return DPZeroOrder(params, lr=c.lr, mu=c.zo_mu, noise_multiplier=noise_multiplier,
+                       max_grad_norm=c.max_grad_norm, expected_batch_size=c.expected_batch_size,
+                       sample_rate=sample_rate, accountant=c.accountant, seed=c.seed, noise_seed=c.noise_seed,
+                       secure_mode=c.secure_mode, module=module)
+
+
+OPTIMIZER_BUILDERS: dict[str, Callable] = {
+    "non-private": _non_private,
+    "dp-sgd": _dp_sgd,
+    "dual-priv": _dp_sgd,   # the same engine; update pruning comes from grad_prune_ratio
+    "dp-zo": _dp_zo,
+}
+
+
+def make_optimizer(c: TrainConfig, module: nn.Module, noise_multiplier: float, sample_rate: float):
+    """The method's :class:`TrainingOptimizer` over ``module``'s trainable parameters."""
+    if c.grad_prune_ratio > 0 and c.method not in ("dp-sgd", "dual-priv"):
+        raise ValueError(f"grad_prune_ratio needs a DP-SGD method: it prunes the noisy gradient, and {c.method} "
+                         "has no gradient vector to prune")
+    params = [p for p in module.parameters() if p.requires_grad]
+    return OPTIMIZER_BUILDERS[c.method](c, module, params, noise_multiplier, sample_rate)
