@@ -291,3 +291,19 @@ def test_bad_input_fails_clearly(records):
         ghost.step(case.losses(ghost.module)[:2])
     ghost.step(case.losses(ghost.module))
     assert ghost.steps_taken == 1
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost"])
+def test_noisy_sum_is_divided_by_the_expected_not_the_realised_batch_size(records, grad_sample_mode):
+    """Poisson batches vary in size; the accountant's analysis holds for sum / (q·N), never sum / |batch|."""
+    case = make_case(records, "lora", 16)
+    plain = copy.deepcopy(case.lm)
+    plain_params = [p for p in plain.parameters() if p.requires_grad]
+    # The non-private reference: the SUM of the per-example gradients of 2 records, divided by 8 by hand.
+    per_example_loss(plain(case.feats[:2], case.batch["input_ids"][:2], case.batch["attention_mask"][:2]),
+                     case.batch["labels"][:2]).sum().backward()
+    engine = engine_for(case, lr=1.0, expected_batch_size=8, grad_sample_mode=grad_sample_mode)
+    before = [p.detach().clone() for p in case.trainable().values()]
+    engine.step(case.losses(engine.module, rows=slice(0, 2)))  # a realised batch of 2, expected 8
+    for p, p0, ref in zip(case.trainable().values(), before, plain_params):
+        torch.testing.assert_close(p0 - p.detach(), ref.grad / 8, atol=1e-10, rtol=1e-8)

@@ -234,3 +234,12 @@ def test_dp_zo_trains_lora_on_the_tiny_llava():
     assert math.isfinite(loss) and zo.last_clipped_scalars.shape == (4,)
     assert all(not torch.equal(p.detach(), before[n]) for n, p in params.items())
     assert all(p.grad is None for p in params.values())  # no backward, no gradient memory
+
+
+def test_noisy_sum_is_divided_by_the_expected_not_the_realised_batch_size():
+    w = torch.zeros(2, dtype=torch.float64)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    zo = _zo([w], expected_batch_size=8, noise_multiplier=0.0, max_grad_norm=1e6)
+    zo.step(lambda: (x @ w - 1.0) ** 2)  # a realised batch of 2
+    torch.testing.assert_close(torch.tensor(zo.last_projected_grad, dtype=torch.float64),
+                               zo.last_clipped_scalars.sum() / 8)
