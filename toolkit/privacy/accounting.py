@@ -34,6 +34,8 @@ import math
 import warnings
 
 import numpy as np
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -93,8 +95,6 @@ def check_sampled_step(expected_batch_size: int, sample_rate: float, accountant:
 
 def make_accountant(name: str = "prv"):
     """A fresh Opacus accountant (``opacus.accountants.PRVAccountant`` / ``RDPAccountant``), empty history."""
-    from opacus.accountants import create_accountant
-
     return create_accountant(mechanism=_check_accountant_name(name))
 
 
@@ -178,8 +178,6 @@ _CALIBRATED: dict[tuple, float] = {}
 
 def _calibrate(target_epsilon: float, delta: float, q: float, steps: int, accountant: str,
                epsilon_tolerance: float) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
     def eps(sigma: float) -> float:
         return _history_epsilon([(sigma, q, steps)], delta, accountant)
 

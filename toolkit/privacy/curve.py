@@ -29,22 +29,21 @@ import math
 import warnings
 
 import numpy as np
+from opacus.accountants.analysis.prv import (Domain, PoissonSubsampledGaussianPRV, TruncatedPrivacyRandomVariable,
+                                             compose_heterogeneous, discretize)
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.rdp import RDPAccountant
 
 from toolkit.privacy.accounting import PRV_MAX_EPSILON, _check_accountant_name, _check_delta
 
 
 @functools.lru_cache(maxsize=256)
 def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> tuple[tuple, np.ndarray]:
-    from opacus.accountants.analysis.rdp import compute_rdp
-    from opacus.accountants.rdp import RDPAccountant
-
     orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
     return orders, np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders))
 
 
 def _rdp_epsilon(orders, rdp, delta: float) -> float:
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # "optimal order is the largest alpha": still a valid bound
         eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
@@ -77,9 +76,6 @@ class EpsilonCurve:
             self._dprv = self._discretise()
 
     def _discretise(self):
-        from opacus.accountants.analysis.prv import (Domain, PoissonSubsampledGaussianPRV,
-                                                     TruncatedPrivacyRandomVariable, discretize)
-
         steps, delta_error = self.planned_steps, self.delta / 1000  # Opacus' default δ error
         # Remark 5.6 (Gopi et al.), with the bounds opacus.accountants.analysis.prv.compute_safe_domain_size uses.
         size = max(_rdp_epsilon(self.orders, self.rdp_one * steps, delta_error / 4),
@@ -105,8 +101,6 @@ class EpsilonCurve:
         return self._cache[steps]
 
     def _epsilon(self, steps: int) -> float:
-        from opacus.accountants.analysis.prv import compose_heterogeneous
-
         eps_rdp = _rdp_epsilon(self.orders, self.rdp_one * steps, self.delta)
         if self._dprv is None:
             return eps_rdp

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.forward import tower_hidden_states
 from toolkit.tokens.attention import cls_attention, encoder_layers, mean_received_attention
 from toolkit.tokens.noise import _check_sigma, fusion_noise
 from toolkit.tokens.registry import STRATEGIES, Budget, ExampleView, Selection, StrategySpec
@@ -274,8 +275,6 @@ class TokenPruner:
 
     def from_pixels(self, bundle, pixel_values: torch.Tensor, example_seeds=None) -> PruneOutput:
         """Run the frozen tower on preprocessed ``pixel_values`` [B, 3, H, W], then prune."""
-        from toolkit.forward import tower_hidden_states
-
         return self(tower_hidden_states(bundle, pixel_values), example_seeds=example_seeds)
 
     def fusion_noise(self, batch_size: int, generator: torch.Generator | None = None, sigma: float | None = None,
