@@ -129,3 +129,24 @@ def test_explicit_cpu_device_runs_and_a_missing_cuda_device_is_refused():
             TrainConfig(method="dp-sgd", device="cuda", **FAST).resolved()
 
 
+
+
+@pytest.mark.parametrize("options", [dict(update_mask="past-noisy", grad_prune_ratio=0.5),
+                                     dict(update_mask="public", grad_prune_ratio=0.5),
+                                     dict(update_mask="random", grad_prune_ratio=0.5),
+                                     dict(lora_variant="ffa"), dict(optimizer="dp-adambc")])
+def test_update_mask_lora_variant_and_optimizer_options_train_within_the_same_budget(options):
+    plain = train(TrainConfig(method="dual-priv", epsilon=3.0, **FAST))
+    result = train(TrainConfig(method="dual-priv", epsilon=3.0, **dict(FAST, **options)))
+    assert result.noise_multiplier == plain.noise_multiplier and result.epsilon_spent == plain.epsilon_spent
+    if "update_mask" in options:
+        assert result.history.kept_fraction.iloc[-1] == pytest.approx(0.5, abs=1e-3)
+    if "lora_variant" in options:
+        assert result.trainable_params < plain.trainable_params
+
+
+def test_options_that_do_not_apply_are_refused():
+    with pytest.raises(ValueError, match="needs grad_prune_ratio > 0"):
+        TrainConfig(method="dp-sgd", update_mask="random", steps=1).resolved()
+    with pytest.raises(ValueError, match="dp-adambc"):
+        train(TrainConfig(method="dp-zo", optimizer="dp-adambc", **FAST))

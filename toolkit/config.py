@@ -18,7 +18,9 @@ import torch
 from toolkit.validation import check_choice, check_fraction, check_int, check_number
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "dp-adambc")
+UPDATE_MASKS = ("noisy", "past-noisy", "public", "random")
+LORA_VARIANTS = ("standard", "ffa")
 DEFAULT_LR = {"non-private": 1e-3, "dp-zo": 2e-3, "dp-sgd": 5e-3, "dual-priv": 5e-3}
 
 
@@ -33,6 +35,7 @@ class TrainConfig:
     warm_start_steps: int | None = None     # None: the preset's default public warm start; 0: none
     trainable: str = "lora+head"
     lora_rank: int = 8
+    lora_variant: str = "standard"          # "ffa": LoRA's A matrices frozen (FFA-LoRA): half the noised coordinates
     # data
     task: str = "parity"
     train_split: str = "private"
@@ -71,6 +74,8 @@ class TrainConfig:
     grad_prune_ratio: float | None = None   # None: 0.2 for dual-priv, else 0
     prune_scope: str = "global"
     pruned_state: str = "advance"
+    update_mask: str = "noisy"              # "noisy": the paper's mask after the noise; "past-noisy", "public",
+                                            # "random": fixed before the noise (noise on kept coordinates only)
     # DP-ZO
     zo_mu: float = 1e-3
     # running
@@ -127,6 +132,10 @@ def check_config(c: TrainConfig) -> None:
     check_int("eval_batch_size", c.eval_batch_size, minimum=1)
     check_number("lr", c.lr, minimum=0)
     check_choice("optimizer", c.optimizer, OPTIMIZERS)
+    check_choice("update_mask", c.update_mask, UPDATE_MASKS)
+    check_choice("lora_variant", c.lora_variant, LORA_VARIANTS)
+    if c.update_mask != "noisy" and c.grad_prune_ratio == 0:
+        raise ValueError(f"update_mask={c.update_mask!r} needs grad_prune_ratio > 0 (the fraction it drops)")
     check_fraction("grad_prune_ratio", c.grad_prune_ratio)
     if c.token_prune_ratio is not None:
         check_fraction("token_prune_ratio", c.token_prune_ratio)

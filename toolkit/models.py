@@ -242,11 +242,13 @@ def freeze_all(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def apply_trainable(bundle: LlavaBundle, mode: str = "lora", lora_rank: int = 8, lora_alpha: int | None = None) -> int:
+def apply_trainable(bundle: LlavaBundle, mode: str = "lora", lora_rank: int = 8, lora_alpha: int | None = None,
+                    lora_variant: str = "standard") -> int:
     """Choose what trains; the vision tower always stays frozen. Returns the number of trainable parameters.
 
     Modes:
         ``lora``: LoRA adapters on every linear of the language model (the paper's choice) + the projector.
+        ``lora_variant="ffa"`` freezes LoRA's A matrices (FFA-LoRA, Sun et al. 2024).
         ``lora+head``: as ``lora``, plus the LM head (the answer head; cheap on small vocabularies).
         ``projector``: the multimodal projector only.
         ``lm-full``: the projector and every language-model weight.
@@ -271,8 +273,12 @@ def apply_trainable(bundle: LlavaBundle, mode: str = "lora", lora_rank: int = 8,
                 target_modules=list(LORA_TARGETS), bias="none",
             )
             inject_adapter_in_model(config, lm)
+        if lora_variant not in ("standard", "ffa"):
+            raise ValueError(f"unknown lora_variant {lora_variant!r}; choose 'standard' or 'ffa'")
+        # FFA-LoRA: A stays at its random init and only B trains, halving the coordinates DP-SGD must noise.
+        trained = "lora_B" if lora_variant == "ffa" else "lora_"
         for name, p in lm.named_parameters():
-            p.requires_grad_("lora_" in name)
+            p.requires_grad_(trained in name)
     elif mode == "lm-full":
         for p in lm.parameters():
             p.requires_grad_(True)

@@ -32,8 +32,10 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from toolkit.config import TrainConfig
-from toolkit.privacy import make_private
+from toolkit.config import OPTIMIZERS, TrainConfig
+from toolkit.privacy import make_pre_noise_mask, make_private
+from toolkit.privacy.adam_bc import DPAdamBC, noise_variance
+from toolkit.vocabulary import DP_SGD_METHODS
 from toolkit.zo import DPZeroOrder
 
 LossesFn = Callable[[], torch.Tensor]
@@ -84,30 +86,39 @@ class NonPrivateOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def torch_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
-    """The inner optimizer every method wraps (the DP ones add clipping and noise around it)."""
+def torch_optimizer(params, name: str, lr: float, noise_variance: float = 0.0) -> torch.optim.Optimizer:
+    """The inner optimizer every method wraps (the DP ones add clipping and noise around it). ``dp-adambc``
+    corrects Adam's second moment for the DP noise variance Φ (:mod:`toolkit.privacy.adam_bc`)."""
+    if name == "dp-adambc":
+        return DPAdamBC(params, lr=lr, noise_variance=noise_variance)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of ('adam', 'adamw', 'sgd')")
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
-def _non_private(c: TrainConfig, module, params, noise_multiplier, sample_rate) -> NonPrivateOptimizer:
+def _non_private(c: TrainConfig, module, params, noise_multiplier, sample_rate,
+                 public_gradients=None) -> NonPrivateOptimizer:
     return NonPrivateOptimizer(module, torch_optimizer(params, c.optimizer, c.lr))
 
 
-def _dp_sgd(c: TrainConfig, module, params, noise_multiplier, sample_rate):
-    return make_private(module, torch_optimizer(params, c.optimizer, c.lr), noise_multiplier=noise_multiplier,
+def _dp_sgd(c: TrainConfig, module, params, noise_multiplier, sample_rate, public_gradients=None):
+    inner = torch_optimizer(params, c.optimizer, c.lr,
+                            noise_variance(noise_multiplier, c.max_grad_norm, c.expected_batch_size))
+    mask = make_pre_noise_mask(c.update_mask, c.grad_prune_ratio, c.prune_scope,
+                               public_gradients=public_gradients, seed=c.seed)
+    return make_private(module, inner, noise_multiplier=noise_multiplier,
                         max_grad_norm=c.max_grad_norm, expected_batch_size=c.expected_batch_size,
                         sample_rate=sample_rate, accountant=c.accountant, grad_prune_ratio=c.grad_prune_ratio,
                         prune_scope=c.prune_scope, pruned_state=c.pruned_state,
-                        grad_sample_mode=c.grad_sample_mode, noise_seed=c.noise_seed, secure_mode=c.secure_mode)
+                        grad_sample_mode=c.grad_sample_mode, noise_seed=c.noise_seed, secure_mode=c.secure_mode,
+                        pre_noise_mask=mask)
 
 
-def _dp_zo(c: TrainConfig, module, params, noise_multiplier, sample_rate) -> DPZeroOrder:
+def _dp_zo(c: TrainConfig, module, params, noise_multiplier, sample_rate, public_gradients=None) -> DPZeroOrder:
     return DPZeroOrder(params, lr=c.lr, mu=c.zo_mu, noise_multiplier=noise_multiplier,
                        max_grad_norm=c.max_grad_norm, expected_batch_size=c.expected_batch_size,
                        sample_rate=sample_rate, accountant=c.accountant, seed=c.seed, noise_seed=c.noise_seed,
@@ -122,10 +133,15 @@ OPTIMIZER_BUILDERS: dict[str, Callable] = {
 }
 
 
-def make_optimizer(c: TrainConfig, module: nn.Module, noise_multiplier: float, sample_rate: float):
-    """The method's :class:`TrainingOptimizer` over ``module``'s trainable parameters."""
-    if c.grad_prune_ratio > 0 and c.method not in ("dp-sgd", "dual-priv"):
+def make_optimizer(c: TrainConfig, module: nn.Module, noise_multiplier: float, sample_rate: float,
+                   public_gradients: list[torch.Tensor] | None = None):
+    """The method's :class:`TrainingOptimizer` over ``module``'s trainable parameters. ``public_gradients``
+    (aligned with those parameters) feed the ``public`` update mask."""
+    if c.grad_prune_ratio > 0 and c.method not in DP_SGD_METHODS:
         raise ValueError(f"grad_prune_ratio needs a DP-SGD method: it prunes the noisy gradient, and {c.method} "
                          "has no gradient vector to prune")
+    if c.optimizer == "dp-adambc" and c.method not in DP_SGD_METHODS:
+        raise ValueError(f"optimizer='dp-adambc' corrects for DP-SGD's per-coordinate noise; {c.method} has none")
     params = [p for p in module.parameters() if p.requires_grad]
-    return OPTIMIZER_BUILDERS[c.method](c, module, params, noise_multiplier, sample_rate)
+    return OPTIMIZER_BUILDERS[c.method](c, module, params, noise_multiplier, sample_rate,
+                                        public_gradients=public_gradients)

@@ -201,7 +201,7 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     device = resolve_device(c)
     bundle.model.to(device)
     torch.manual_seed(c.seed)
-    trainable_params = apply_trainable(bundle, c.trainable, c.lora_rank)
+    trainable_params = apply_trainable(bundle, c.trainable, c.lora_rank, lora_variant=c.lora_variant)
     if train_set is None:
         train_set = make_vqa(c.task, c.train_split, bundle.image_size, limit=c.train_limit)
     if eval_set is None:
@@ -232,7 +232,8 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
         check_plan_within_target(history, plan, steps - start_step)
     noise_multiplier = plan.noise_multiplier if plan else 0.0
 
-    optimizer = make_optimizer(c, lm, noise_multiplier, sample_rate)
+    public = public_gradients(c, bundle, lm, collator, pruner) if c.update_mask == "public" else None
+    optimizer = make_optimizer(c, lm, noise_multiplier, sample_rate, public_gradients=public)
     sampler = make_sampler(c, n_records, len(train_set), sample_rate)
     if checkpoint is not None:
         restore_trainable(lm, checkpoint)
@@ -253,6 +254,21 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     return Run(c, bundle, device, lm, optimizer, sampler, train_set, eval_set, train_features, eval_features,
                collator, eval_collator, pruner, n_records, trainable_params, sample_rate, steps, start_step, plan,
                curve, fusion_sigma, secret_generator(c.noise_seed, stream=2), started)
+
+
+def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pruner,
+                     n_records: int = 256) -> list[torch.Tensor]:
+    """Mean gradient of the trainable parameters on the task's *public* split (the warm start's data, never the
+    private one): what the ``public`` update mask ranks. No privacy cost."""
+    public = make_vqa(c.task, "public", bundle.image_size, limit=n_records)
+    features = encode_records(bundle, pruner, public.records).to(next(lm.parameters()).device)
+    batch = {k: v.to(features.device) for k, v in collator(public.records).items()}
+    params = [p for p in lm.parameters() if p.requires_grad]
+    lm.zero_grad(set_to_none=True)
+    per_example_loss(lm(features, batch["input_ids"], batch["attention_mask"]), batch["labels"]).mean().backward()
+    grads = [p.grad.detach().clone() for p in params]
+    lm.zero_grad(set_to_none=True)
+    return grads
 
 
 # ------------------------------------------------------------------------------------------------ steps

@@ -3,6 +3,7 @@
 * :mod:`.accounting`: ``calibrate_noise`` (σ for a target (ε, δ)), accountants, save/restore.
 * :mod:`.sampling`: ``PoissonSampler`` (private runs), ``FixedBatchSampler`` (non-private), ``check_sampling``.
 * :mod:`.update_pruning`: mechanism 2 — mask the smallest coordinates of the *noisy* gradient.
+* :mod:`.update_masks`: where the update goes: the paper's post-noise mask, or masks fixed before the noise.
 * :mod:`.engine`: ``make_private(module, optimizer, ...) -> DPEngine`` with ``step`` / ``empty_step`` /
   ``epsilon`` / ``state_dict``.
 
@@ -55,6 +56,7 @@ from .sampling import (
     check_sampling,
     sample_rate_for,
 )
+from .update_masks import UPDATE_MASKS, PreNoiseMask, make_pre_noise_mask, magnitude_mask
 from .update_pruning import (
     PRUNE_SCOPES,
     PRUNED_STATES,
@@ -70,5 +72,5 @@ __all__ = [
     "SAMPLINGS", "FixedBatchSampler", "FixedBatchesInPrivateModeError", "PoissonSampler", "check_sampling",
     "sample_rate_for",
     "PRUNE_SCOPES", "PRUNED_STATES", "UpdatePruningDPOptimizer", "UpdatePruningDPOptimizerFastGradientClipping",
-    "noisy_gradient_mask",
+    "noisy_gradient_mask", "UPDATE_MASKS", "PreNoiseMask", "make_pre_noise_mask", "magnitude_mask",
 ]

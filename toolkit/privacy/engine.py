@@ -54,13 +54,8 @@ from torch import nn
 from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures
 
 from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
-from .update_pruning import (
-    UpdatePruningDPOptimizer,
-    UpdatePruningDPOptimizerFastGradientClipping,
-    _check_ratio,
-    _check_scope,
-    PRUNED_STATES,
-)
+from .update_masks import PreNoiseMask, check_ratio, check_scope
+from .update_pruning import PRUNED_STATES, UpdatePruningDPOptimizer, UpdatePruningDPOptimizerFastGradientClipping
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
@@ -86,7 +81,8 @@ class DPEngine:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
                  grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
-                 grad_sample_mode: str = "hooks", noise_seed: int | None = None, secure_mode: bool = False):
+                 grad_sample_mode: str = "hooks", noise_seed: int | None = None, secure_mode: bool = False,
+                 pre_noise_mask: PreNoiseMask | None = None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, AbstractGradSampleModule):
@@ -98,8 +94,11 @@ class DPEngine:
         self.expected_batch_size, self.sample_rate = check_sampled_step(expected_batch_size, sample_rate, accountant)
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}")
-        _check_ratio(grad_prune_ratio)
-        _check_scope(prune_scope)
+        check_ratio(grad_prune_ratio)
+        check_scope(prune_scope)
+        if pre_noise_mask is not None and grad_sample_mode == "ghost":
+            raise ValueError("a pre-noise update mask needs per-example gradients to mask before clipping; ghost "
+                             "clipping never materialises them: use grad_sample_mode='hooks'")
         if pruned_state not in PRUNED_STATES:
             raise ValueError(f"unknown pruned_state {pruned_state!r}; choose one of {PRUNED_STATES}")
         self._check_parameters(module, optimizer)
@@ -128,7 +127,8 @@ class DPEngine:
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size, grad_prune_ratio=grad_prune_ratio,
             prune_scope=prune_scope, pruned_state=pruned_state, loss_reduction="mean",
-            generator=self.generator, secure_mode=secure_mode)
+            generator=self.generator, secure_mode=secure_mode,
+            **({"pre_noise_mask": pre_noise_mask} if pre_noise_mask is not None else {}))
         self.accountant = make_accountant(accountant)
         # Accounting happens inside the optimizer, right after the noise is added: a noised step is
         # never unaccounted, whoever calls optimizer.step().
@@ -273,6 +273,8 @@ class DPEngine:
             "accountant": accountant_state(self.accountant),
             "steps_taken": self.steps_taken,
             "noise_generator": self.generator.get_state(),
+            "update_mask": (self.optimizer.pre_noise_mask.state_dict()
+                            if self.optimizer.pre_noise_mask is not None else None),
             "config": {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                        "expected_batch_size": self.expected_batch_size, "sample_rate": self.sample_rate,
                        "grad_sample_mode": self.grad_sample_mode,
@@ -289,6 +291,8 @@ class DPEngine:
         self.steps_taken = int(state["steps_taken"])
         if state.get("noise_generator") is not None:
             self.generator.set_state(state["noise_generator"])
+        if state.get("update_mask") is not None and self.optimizer.pre_noise_mask is not None:
+            self.optimizer.pre_noise_mask.load_state_dict(state["update_mask"])
 
     def close(self) -> nn.Module:
         """Remove Opacus' hooks and return the plain module (the engine is unusable afterwards)."""
@@ -302,7 +306,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
                  grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
                  grad_sample_mode: str = "hooks", noise_seed: int | None = None,
-                 secure_mode: bool = False) -> DPEngine:
+                 secure_mode: bool = False, pre_noise_mask: PreNoiseMask | None = None) -> DPEngine:
     """Wrap ``module`` and ``optimizer`` for DP training (see :class:`DPEngine` and the module docstring).
 
     Args:
@@ -320,8 +324,10 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
             can regenerate the noise and subtract it, so a model trained with a known (e.g. config-derived)
             seed has no privacy guarantee. None (default): seeded from OS entropy.
         secure_mode: Opacus' floating-point-attack-resistant noise (slower).
+        pre_noise_mask: fix the update's support before the noise (:mod:`toolkit.privacy.update_masks`).
     """
     return DPEngine(module, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                     expected_batch_size=expected_batch_size, sample_rate=sample_rate, accountant=accountant,
                     grad_prune_ratio=grad_prune_ratio, prune_scope=prune_scope, pruned_state=pruned_state,
-                    grad_sample_mode=grad_sample_mode, noise_seed=noise_seed, secure_mode=secure_mode)
+                    grad_sample_mode=grad_sample_mode, noise_seed=noise_seed, secure_mode=secure_mode,
+                    pre_noise_mask=pre_noise_mask)

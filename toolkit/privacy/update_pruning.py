@@ -33,51 +33,15 @@ Example::
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise
+from toolkit.privacy.update_masks import PRUNE_SCOPES, PreNoiseMask, check_ratio, check_scope, magnitude_mask
 
-PRUNE_SCOPES = ("global", "per-tensor")
 PRUNED_STATES = ("advance", "freeze")
-
-
-def _check_ratio(grad_prune_ratio: float) -> float:
-    if isinstance(grad_prune_ratio, bool) or not isinstance(grad_prune_ratio, (int, float)) \
-            or not 0.0 <= float(grad_prune_ratio) < 1.0:
-        raise ValueError(f"grad_prune_ratio must be in [0, 1), got {grad_prune_ratio!r}")
-    return float(grad_prune_ratio)
-
-
-def _check_scope(scope: str) -> str:
-    if scope not in PRUNE_SCOPES:
-        raise ValueError(f"unknown prune_scope {scope!r}; choose one of {PRUNE_SCOPES}")
-    return scope
-
-
-def _n_pruned(n: int, ratio: float) -> int:
-    # floor, with a little slack so 0.3 * 10 (= 3.0000000000000004) and 0.29 * 100 (= 28.999999999999996)
-    # give the obvious 3 and 29.
-    return min(n, int(math.floor(ratio * n + 1e-9)))
-
-
-def _keep_flat(magnitudes: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Keep-mask over a 1-D magnitude vector: False at the ``n_prune`` smallest entries.
-
-    Ties at the threshold are broken by position (earlier index pruned first), so the mask is a
-    deterministic function of the magnitudes. O(n) memory beyond the input, no full sort.
-    """
-    if n_prune <= 0:
-        return torch.ones_like(magnitudes, dtype=torch.bool)
-    threshold = torch.kthvalue(magnitudes, n_prune).values
-    below = magnitudes < threshold
-    at = magnitudes == threshold
-    still_needed = n_prune - int(below.sum())
-    prune_at = at & (torch.cumsum(at, dim=0) <= still_needed)
-    return ~(below | prune_at)
 
 
 def noisy_gradient_mask(noisy_grads: list[torch.Tensor], grad_prune_ratio: float,
@@ -94,48 +58,55 @@ def noisy_gradient_mask(noisy_grads: list[torch.Tensor], grad_prune_ratio: float
     Ties are broken by position (flattened, in list order): the mask is deterministic.
     Magnitudes are compared in at least fp32.
     """
-    ratio = _check_ratio(grad_prune_ratio)
-    _check_scope(scope)
     if not isinstance(noisy_grads, (list, tuple)) or not all(torch.is_tensor(g) for g in noisy_grads):
         raise TypeError("noisy_grads must be a list of tensors")
-    grads = list(noisy_grads)
-    if ratio == 0.0 or not grads:
-        return [torch.ones_like(g, dtype=torch.bool) for g in grads]
-
-    def magnitudes(g: torch.Tensor) -> torch.Tensor:
-        return g.detach().reshape(-1).abs().to(torch.promote_types(g.dtype, torch.float32))
-
-    if scope == "per-tensor":
-        return [_keep_flat(magnitudes(g), _n_pruned(g.numel(), ratio)).view(g.shape) for g in grads]
-    device = grads[0].device
-    dtype = torch.promote_types(torch.float32, grads[0].dtype)
-    for g in grads[1:]:
-        dtype = torch.promote_types(dtype, g.dtype)
-    flat = torch.cat([magnitudes(g).to(device=device, dtype=dtype) for g in grads])
-    keep = _keep_flat(flat, _n_pruned(flat.numel(), ratio))
-    return [piece.view(g.shape).to(g.device) for piece, g in zip(keep.split([g.numel() for g in grads]), grads)]
+    return magnitude_mask(list(noisy_grads), grad_prune_ratio, scope)
 
 
 class _UpdatePruningMixin:
     """Shared by the per-sample-gradient and the ghost-clipping optimizers (see the module docstring)."""
 
-    def _init_pruning(self, grad_prune_ratio: float, prune_scope: str, pruned_state: str) -> None:
-        self.grad_prune_ratio = _check_ratio(grad_prune_ratio)
-        self.prune_scope = _check_scope(prune_scope)
+    def _init_pruning(self, grad_prune_ratio: float, prune_scope: str, pruned_state: str,
+                      pre_noise_mask: PreNoiseMask | None = None) -> None:
+        self.grad_prune_ratio = check_ratio(grad_prune_ratio)
+        self.prune_scope = check_scope(prune_scope)
         if pruned_state not in PRUNED_STATES:
             raise ValueError(f"unknown pruned_state {pruned_state!r}; choose one of {PRUNED_STATES}")
+        if pre_noise_mask is not None and not isinstance(pre_noise_mask, PreNoiseMask):
+            raise TypeError("pre_noise_mask must be a toolkit.privacy.update_masks.PreNoiseMask")
         self.pruned_state = pruned_state
+        self.pre_noise_mask = pre_noise_mask
         self.last_kept_fraction = 1.0
         self._masks: list[torch.Tensor] | None = None
+        self._step_mask: list[torch.Tensor] | None = None
+
+    def _pre_noise_masks(self) -> list[torch.Tensor] | None:
+        """The step's pre-noise mask, fixed once per (logical) step from public information only."""
+        if self.pre_noise_mask is None:
+            return None
+        if self._step_mask is None:
+            self._step_mask = self.pre_noise_mask.mask(self.params)
+        return self._step_mask
+
+    def clip_and_accumulate(self) -> None:
+        """With a pre-noise mask, per-example gradients are masked BEFORE clipping, so C bounds what is released."""
+        masks = self._pre_noise_masks()
+        if masks is not None:
+            for p, keep in zip(self.params, masks):
+                p.grad_sample = p.grad_sample * keep.to(p.grad_sample.dtype)
+        super().clip_and_accumulate()
 
     def add_noise(self) -> None:
         """``p.grad = s + N(0, σ²C²)`` with the noise drawn and added in at least fp32 (bf16 params too)."""
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-        for p in self.params:
+        masks = self._pre_noise_masks() or [None] * len(self.params)
+        for p, keep in zip(self.params, masks):
             opacus_check_unprocessed(p.summed_grad)
             summed = p.summed_grad.to(torch.promote_types(p.summed_grad.dtype, torch.float32))
             noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
                                     generator=self.generator, secure_mode=self.secure_mode)
+            if keep is not None:
+                noise = noise * keep  # noise only where the update may go (the mask is public)
             p.grad = (summed + noise).to(p.dtype).view_as(p)
             opacus_mark_processed(p.summed_grad)
 
@@ -148,6 +119,13 @@ class _UpdatePruningMixin:
         # The noise is in p.grad now; drop the clean sum so nothing below (or any hook) can read it.
         for p in params:
             p.summed_grad = None
+        if self.pre_noise_mask is not None:
+            masks, self._step_mask = self._step_mask, None
+            kept = sum(int(m.sum()) for m in masks) if masks is not None else sum(p.numel() for p in params)
+            self.last_kept_fraction = kept / max(sum(p.numel() for p in params), 1)
+            self._masks = masks
+            self.pre_noise_mask.observe([p.grad for p in params])  # the released update: public from now on
+            return True
         if self.grad_prune_ratio == 0.0:
             self.last_kept_fraction = 1.0
             return True
@@ -211,13 +189,17 @@ class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
         grad_prune_ratio: fraction of smallest-|noisy grad| coordinates zeroed each step, in [0, 1).
         prune_scope: ``"global"`` or ``"per-tensor"`` (see :func:`noisy_gradient_mask`).
         pruned_state: ``"advance"`` or ``"freeze"`` (see the module docstring).
+        pre_noise_mask: a :class:`toolkit.privacy.update_masks.PreNoiseMask` fixing the update's support before
+            the noise (per-example gradients masked before clipping, noise only on kept coordinates); None: the
+            paper's post-noise mask from ``grad_prune_ratio``.
         Other keyword arguments go to Opacus' ``DPOptimizer`` (``generator``, ``secure_mode``, ...).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
-                 pruned_state: str = "advance", loss_reduction: str = "mean", **kwargs):
-        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state)
+                 pruned_state: str = "advance", loss_reduction: str = "mean",
+                 pre_noise_mask: PreNoiseMask | None = None, **kwargs):
+        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state, pre_noise_mask)
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
 
