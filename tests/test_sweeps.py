@@ -192,12 +192,15 @@ def test_a_result_file_is_written_to_a_synced_temp_file_then_renamed(tmp_path, m
                                                               real_replace(src, dst))[1])
     path = write_cell(tmp_path, dict(cell_id="a1", accuracy=0.5, epsilon=math.inf, note=None))
     assert path == tmp_path / "a1.json"
-    assert events[0] == "fsync"                                    # the data is on disk before the rename
+    assert events[0] == "fsync" and events[2:] == ["fsync"]        # data synced before the rename, folder after
     _, src, dst = events[1]
     assert dst == path and src.parent == path.parent               # same folder: os.replace is atomic there
     assert src.name.startswith(".") and src.name.endswith(".tmp") and not src.exists()
     assert json.loads(path.read_text()) == dict(cell_id="a1", accuracy=0.5, epsilon="inf", note=None)  # strict JSON
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a1.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask          # readable as any file the user writes
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -387,6 +390,7 @@ def test_run_sweep_on_error_continue_retries_next_time(tmp_path, monkeypatch):
     df = run_sweep(sweep, tmp_path, progress=False, on_error="continue", callback=lambda e: events.append(e))
     assert len(df) == 1 and [e["kind"] for e in events] == ["done", "failed"]
     assert "simulated crash" in events[1]["error"]
+    assert [p.stem for p in (tmp_path / "flaky").iterdir()] == [events[0]["cell_id"]]   # nothing for the failure
     with pytest.raises(RuntimeError, match="simulated"):
         run_sweep(sweep, tmp_path, progress=False)
     state["fail"] = False
@@ -409,7 +413,7 @@ def test_cli_sweep_config_dry_run_and_run(tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["ran"] == 2 and len(result["rows"]) == 2 and (out / "cli.csv").is_file()
     assert len(list((out / "cli").glob("*.json"))) == 2 and result["results"] == str(out / "cli")
-    exported = pd.read_csv(out / "cli.csv")
+    exported = pd.read_csv(out / "cli.csv", dtype={"cell_id": str})
     assert list(exported["cell_id"]) == [r["cell_id"] for r in result["rows"]]
     assert list(exported["method"]) == ["non-private", "dual-priv"] and math.isinf(exported["epsilon"][0])
     assert main(["sweep", "--config", str(config), "--out", str(out), "--json", str(tmp_path / "r2.json"),

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -63,7 +63,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     then fsync the folder. On any error the temp file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp"
+    # os.open with mode 0o666 honours the umask (tempfile.mkstemp would make every result file owner-only)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -71,7 +73,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:  # also Ctrl-C: never leave our temp file behind when we can remove it
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
     return path
