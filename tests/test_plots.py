@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from toolkit.experiments import named_sweep, run_sweep
+from toolkit.sweeps import named_sweep, run_sweep
 from toolkit.flops import estimate_step_flops, preset_dims, text_length, trainable_params
 from toolkit.plots import (
     ablation_contributions, ablation_figure, flops_memory_figure, lora_rank_figure, memory_time_figure,

@@ -1,4 +1,4 @@
-"""Figures from a sweep DataFrame (:func:`toolkit.experiments.run_sweep`) or a bench table (:mod:`toolkit.bench`).
+"""Figures from a sweep DataFrame (:func:`toolkit.sweeps.run_sweep`) or a bench table (:mod:`toolkit.bench`).
 
 Every function takes the DataFrame and returns a ``plotly.graph_objects.Figure`` whose title and subtitle say
 what is plotted, over how many seeds, and what the error bars are, so the figure reads without the code.

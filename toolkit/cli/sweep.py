@@ -1,22 +1,29 @@
-"""``python -m toolkit sweep``: run a grid of fine-tunes into one CSV, resumably.
+"""``python -m toolkit sweep``: run a grid of fine-tunes, resumably, into one result file per cell and a CSV.
 
     python -m toolkit sweep --named privacy-utility --out artifacts/sweeps --json out.json --quick
     python -m toolkit sweep --config configs/sweep-quick.yaml --out artifacts/sweeps --json out.json
     python -m toolkit sweep --named ablation --out artifacts/sweeps --dry-run     # the plan, nothing runs
 
-Re-running the same command skips the cells already in ``OUT/<name>.csv``. See :mod:`toolkit.experiments`.
+Each finished cell is written to ``OUT/<name>/<cell_id>.json`` the moment it finishes; re-running the same
+command skips the cells whose file exists. After the run, every finished cell is exported to ``OUT/<name>.csv``
+(a table for people; resuming never reads it). See :mod:`toolkit.sweeps`.
 """
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from toolkit.cli import subcommand
 
 
 @subcommand("sweep", help="run a sweep (grid of fine-tunes) into a CSV; re-running skips finished cells")
 def run(args) -> dict:
-    from toolkit.experiments import NAMED_SWEEPS, load_sweep_config, named_sweep, plan_sweep, run_sweep
+    # imported here, as in every subcommand: building the parser imports all of them, and --help should not
+    # pay for torch
+    from toolkit.sweeps import (
+        NAMED_SWEEPS, export_csv, load_sweep_config, named_sweep, plan_sweep, results_folder, run_sweep,
+    )
 
     if args.list:
         out = {name: named_sweep(name, quick=False).description for name in NAMED_SWEEPS}
@@ -32,6 +39,7 @@ def run(args) -> dict:
         sweep = named_sweep(args.named, quick=args.quick, preset=args.preset)
     plan = plan_sweep(sweep)
     result = dict(plan.summary(), description=sweep.description, out=str(args.out) if args.out else None,
+                  results=str(results_folder(sweep, args.out)) if args.out else None,
                   csv=str(args.out / f"{sweep.name}.csv") if args.out else None, quick=bool(args.quick))
     if args.dry_run:
         result["cells_planned"] = [dict(cell_id=c.cell_id, label=c.label) for c in plan.cells]
@@ -42,7 +50,7 @@ def run(args) -> dict:
             print(f"  skipped  {skip.label}: [{skip.rule}] {skip.reason}")
         return result
     if not args.out:
-        raise ValueError("give --out DIR (where the CSV goes)")
+        raise ValueError("give --out DIR (where the results and the CSV go)")
     events = {"done": 0, "cached": 0, "failed": 0}
     failures = []
 
@@ -56,20 +64,21 @@ def run(args) -> dict:
                    on_error="continue" if args.keep_going else "raise", parquet=args.parquet)
     result.update(wall_time_s=time.perf_counter() - started, ran=events["done"], cached=events["cached"],
                   failed=events["failed"], failures=failures, rows=df.to_dict(orient="records"))
-    shown = {k: result[k] for k in ("name", "csv", "cells", "skipped", "ran", "cached", "failed", "wall_time_s")}
+    export_csv(df, result["csv"])
+    shown = {k: result[k] for k in ("name", "results", "csv", "cells", "skipped", "ran", "cached", "failed",
+                                    "wall_time_s")}
     print(json.dumps(shown, indent=2, default=str, ensure_ascii=False))
     return result
 
 
 @run.configure
 def configure(parser) -> None:
-    from pathlib import Path
-
     parser.add_argument("--config", metavar="FILE", help="a sweep file (.yaml/.yml/.json), see configs/")
     parser.add_argument("--named", metavar="NAME",
                         help="a built-in sweep: privacy-utility, ablation, budget, lora-rank (see --list)")
     parser.add_argument("--preset", default="tiny", help="model preset for --named (default: tiny; llava576)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder for NAME.csv and NAME.plan.json")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output folder: NAME/CELL_ID.json (one per finished cell), NAME.plan.json, NAME.csv")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings (no warm start, 32 records, 2 steps): checks the plumbing in minutes")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (cells and skipped) and stop")

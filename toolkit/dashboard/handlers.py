@@ -7,7 +7,7 @@ limit is reached (``train``'s ``callback`` returns False). Results are dicts key
 (:mod:`toolkit.dashboard.ui`) maps them onto components.
 
 No training or pruning logic lives here: ``toolkit.train.train``, ``toolkit.tokens.make_pruner``,
-``toolkit.tokens.overlay``, ``toolkit.bench.run_bench`` and ``toolkit.experiments.run_sweep`` do the work.
+``toolkit.tokens.overlay``, ``toolkit.bench.run_bench`` and ``toolkit.sweeps.run_sweep`` do the work.
 """
 from __future__ import annotations
 
@@ -736,7 +736,7 @@ def load_sweep_csv(path) -> dict:
 
 def _sweep_job(emit, sweep_obj, out_dir: str, settings: AppSettings, job: Job):
     """Worker: train the sweep's cells one by one; stop after a cell (or mid-run) on cancel or time limit."""
-    from toolkit.experiments import run_sweep
+    from toolkit.sweeps import run_sweep
 
     if not warm_start_cached(settings):
         emit(("phase", "warm start"))
@@ -759,9 +759,9 @@ def _sweep_job(emit, sweep_obj, out_dir: str, settings: AppSettings, job: Job):
 
 def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
           session: str = "local") -> Iterator[dict]:
-    """Generator: a small privacy–utility sweep with ``toolkit.experiments.run_sweep`` (method x ε x seeds);
-    yields ``status``, ``figure``, ``table`` and ``download`` (the sweep CSV the toolkit wrote)."""
-    from toolkit.experiments import Sweep, plan_sweep
+    """Generator: a small privacy–utility sweep with ``toolkit.sweeps.run_sweep`` (method x ε x seeds);
+    yields ``status``, ``figure``, ``table`` and ``download`` (the sweep exported as a CSV)."""
+    from toolkit.sweeps import Sweep, export_csv, plan_sweep
 
     empty = dict(figure=None, table=None, download=None)
     try:
@@ -820,15 +820,15 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
             yield dict(empty, status=message_html(f"The sweep failed: {type(value).__name__}: {value}", "error"))
             return
         table = value
-        csv_path = Path(out_dir) / f"{sweep_obj.name}.csv"
         if table.empty:
             yield dict(empty, status=message_html(f"No run finished ({job.reason or 'stopped'}).", "warn"))
             return
         stopped = f" Stopped early ({job.reason})." if job.reason else ""
+        csv_path = export_csv(table, Path(out_dir) / f"{sweep_obj.name}.csv")
         yield dict(status=message_html(f"Sweep done: {len(table)} of {runs} runs in "
                                        f"{time.monotonic() - started:.0f} s.{stopped}", "ok"),
                    figure=figures.privacy_utility_figure(check_sweep_table(table)), table=_sweep_view(table),
-                   download=str(csv_path) if csv_path.is_file() else None)
+                   download=str(csv_path))
     finally:
         job.cancel("the page was closed")
         _unregister(job)
