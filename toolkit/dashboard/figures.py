@@ -3,7 +3,7 @@
 * :func:`training_curve_figure`: loss and ε spent per step, with the ε target as a dashed line (live view).
 * :func:`memory_figure`: peak memory per method from a ``toolkit.bench.run_bench`` table, ratios as labels.
 * :func:`privacy_utility_figure`: accuracy vs ε per method from a sweep table; uses
-  ``toolkit.plots.privacy_utility_figure`` when that module exists, else draws the same curve here.
+  ``toolkit.viz.privacy_utility_figure`` when that module exists, else draws the same curve here.
 """
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def memory_figure(table: pd.DataFrame):
 
 
 def privacy_utility_figure(table: pd.DataFrame):
-    """Accuracy vs ε per method (mean over seeds, error bars = std). Prefers ``toolkit.plots`` when present."""
+    """Accuracy vs ε per method (mean over seeds, error bars = std). Prefers ``toolkit.viz`` when present."""
     try:
-        from toolkit.plots import privacy_utility_figure as toolkit_figure
+        from toolkit.viz import privacy_utility_figure as toolkit_figure
     except ImportError:
         return fallback_privacy_utility_figure(table)
     fig = toolkit_figure(table)

@@ -7,7 +7,7 @@ limit is reached (``train``'s ``callback`` returns False). Results are dicts key
 (:mod:`toolkit.dashboard.ui`) maps them onto components.
 
 No training or pruning logic lives here: ``toolkit.train.train``, ``toolkit.tokens.make_pruner``,
-``toolkit.tokens.overlay``, ``toolkit.bench.run_bench`` and ``toolkit.experiments.run_sweep`` do the work.
+``toolkit.viz``, ``toolkit.bench.run_bench`` and ``toolkit.experiments.run_sweep`` do the work.
 """
 from __future__ import annotations
 
@@ -554,7 +554,7 @@ def tokens_view(settings: AppSettings, example, upload, strategy, budget_mode, t
     figures), ``counts`` (dict) and ``status`` (HTML); on a bad input the figures are None."""
     from toolkit.data import preprocess_images
     from toolkit.tokens import make_pruner
-    from toolkit.tokens.overlay import spatial_histogram_figure, token_overlay_figure
+    from toolkit.viz import spatial_histogram_figure, token_overlay_figure
 
     empty = dict(overlay=None, histogram=None, counts=None)
     try:
