@@ -3,7 +3,8 @@
 Fine-tune with any method (live loss and ε), look at the visual tokens a strategy keeps, measure memory side by
 side, and draw privacy–utility curves, all on the embedded default model (preset "tiny" with its cached
 public warm start, trained on first use). The app is a thin layer over the toolkit: see
-``toolkit/dashboard/`` (handlers and UI) and ``toolkit.train`` / ``toolkit.tokens`` / ``toolkit.bench``.
+``toolkit/dashboard/`` (one module per tab, the job runner, the page) and ``toolkit.train`` / ``toolkit.tokens`` /
+``toolkit.bench``.
 
 Flags: ``--host`` (default 127.0.0.1), ``--port`` (7860), ``--share`` (off), ``--max-steps`` (200),
 ``--time-limit`` seconds (600), ``--preset``, ``--warm-start-steps`` (0 skips the warm start, for tests),
@@ -23,17 +24,18 @@ os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), "du
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Imported after the lines above on purpose: gradio and transformers read those variables when imported.
+from toolkit.dashboard import build_app as _build_app  # noqa: E402
+from toolkit.dashboard.ui import launch  # noqa: E402
+from toolkit.models import PRESETS  # noqa: E402
+
 
 def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "tiny", **options):
     """The dashboard ``gr.Blocks`` (see :func:`toolkit.dashboard.ui.build_app`)."""
-    from toolkit.dashboard import build_app as _build
-
-    return _build(max_steps=max_steps, time_limit=time_limit, preset=preset, **options)
+    return _build_app(max_steps=max_steps, time_limit=time_limit, preset=preset, **options)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from toolkit.models import PRESETS
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -64,8 +66,6 @@ def main(argv=None) -> None:
     if args.no_bench_isolate:
         options["bench_isolate"] = False
     demo = build_app(max_steps=args.max_steps, time_limit=args.time_limit, preset=args.preset, **options)
-    from toolkit.dashboard.ui import launch
-
     launch(demo, host=args.host, port=args.port, share=args.share)
 
 

@@ -1,5 +1,6 @@
-"""The dashboard's handlers, called directly (no browser): validation, a fine-tune to the end, cancel, the time
-limit, the tokens view, the memory table and the privacy–utility view. Tiny settings: no warm start, few records."""
+"""The dashboard, called directly (no browser), one section per module: the job runner, the model and its warm
+start, each tab's handlers (validation, a fine-tune to the end, cancel, the time limit, the tokens view, the memory
+table, the privacy–utility view), and the page. Tiny settings: no warm start, few records."""
 from __future__ import annotations
 
 import html
@@ -7,56 +8,222 @@ import importlib.util
 import json
 import math
 import os
+import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+import gradio as gr
 import pandas as pd
 import pytest
+from PIL import Image
 
-from toolkit.dashboard import handlers as h
+from toolkit.dashboard import AppSettings, InputError, common, jobs, model
+from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
+from toolkit.dashboard.tabs import finetune, memory, sweep, tokens
+from toolkit.dashboard.ui import build_app, header_markdown
 
 TINY = dict(preset="tiny", warm_start_steps=0, train_limit=32, eval_limit=32, max_steps=50, time_limit=120.0,
             bench_isolate=False)
 
-GOOD = dict(method="dual-priv", epsilon=3.0, delta=1e-5, budget_mode=h.BUDGET_RATIO, token_prune_ratio=0.75,
+GOOD = dict(method="dual-priv", epsilon=3.0, delta=1e-5, budget_mode=BUDGET_RATIO, token_prune_ratio=0.75,
             keep_tokens=16, token_strategy="auto", grad_prune_ratio=0.2, steps=3, batch_size=8, lr="")
 
 
 @pytest.fixture
 def settings(tmp_path):
-    return h.AppSettings(output_dir=str(tmp_path / "runs"), **TINY)
+    return AppSettings(output_dir=str(tmp_path / "runs"), **TINY)
 
 
 @pytest.fixture
 def nothing_starts(monkeypatch):
-    """Fail the test if a handler starts a worker (training, measurement, sweep)."""
+    """Fail the test if a handler starts a worker (training, measurement, sweep) or claims a job."""
     def refuse(*args, **kwargs):
         raise AssertionError("a job was started for a bad input")
 
-    monkeypatch.setattr(h, "_in_thread", refuse)
+    monkeypatch.setattr(jobs, "start_worker", refuse)
+    monkeypatch.setattr(jobs, "claim", refuse)
 
 
 def _run(settings, session="test", **overrides):
     values = dict(GOOD, **overrides)
-    return h.finetune(settings, values["method"], values["epsilon"], values["delta"], values["budget_mode"],
-                      values["token_prune_ratio"], values["keep_tokens"], values["token_strategy"],
-                      values["grad_prune_ratio"], values["steps"], values["batch_size"], values["lr"],
-                      session=session)
+    return finetune.finetune(settings, values["method"], values["epsilon"], values["delta"], values["budget_mode"],
+                             values["token_prune_ratio"], values["keep_tokens"], values["token_strategy"],
+                             values["grad_prune_ratio"], values["steps"], values["batch_size"], values["lr"],
+                             session=session)
 
 
 def _only_update(generator) -> dict:
     with pytest.warns(UserWarning) as warned:  # gr.Warning outside a Gradio request
         updates = list(generator)
     assert len(updates) == 1, updates
-    assert warned, "a bad input must raise a visible warning"
+    _shown_once(warned, updates[0]["status"])
     return updates[0]
 
 
-# ----------------------------------------------------------------------------------------------- validation
+def _shown_once(warned, status: str) -> None:
+    """The reason is in the status line only; exactly one toast (a warning outside Gradio) points at it."""
+    toasts = [str(w.message) for w in warned if issubclass(w.category, UserWarning)]
+    assert toasts == [common.TOAST_TEXT], toasts
+    assert "dp-error" in status
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+
+def _drain_stream(generator):
+    """Every update of a jobs.stream generator, and its Outcome."""
+    updates = []
+    while True:
+        try:
+            updates.append(next(generator))
+        except StopIteration as stop:
+            return updates, stop.value
+
+
+def test_a_session_runs_one_job_at_a_time():
+    job = jobs.claim("one-at-a-time", "fine-tune")
+    with pytest.raises(InputError, match="a job of yours is already running"):
+        jobs.claim("one-at-a-time", "sweep")
+    assert jobs.running_job("one-at-a-time") is job
+    jobs.release(job)
+    assert jobs.running_job("one-at-a-time") is None
+    jobs.release(jobs.claim("one-at-a-time", "sweep"))  # the slot is free again
+
+
+def test_the_job_stream_renders_events_in_order_and_returns_the_outcome():
+    job = jobs.claim("stream", "test job")
+    seen = []
+
+    def work(job):
+        for i in range(3):
+            job.emit("tick", i)
+            time.sleep(0.3)
+        return "result"
+
+    updates, outcome = _drain_stream(jobs.stream(
+        job, work, lambda: dict(blank="", status=f"ticks {seen}"), blank=dict(blank=""), first_status="starting",
+        on_event=lambda kind, value: seen.append((kind, value)), poll_s=0.05, min_gap_s=0.0))
+    assert updates[0] == dict(blank="", status="starting")
+    assert seen == [("tick", 0), ("tick", 1), ("tick", 2)]
+    assert any(u["status"].startswith("ticks [('tick', 0)") for u in updates[1:])
+    assert outcome.value == "result" and outcome.error is None
+    assert jobs.running_job("stream") is None
+
+
+def test_a_failing_job_returns_its_error_and_frees_the_session():
+    job = jobs.claim("failing", "test job")
+
+    def work(job):
+        raise RuntimeError("broken")
+
+    _, outcome = _drain_stream(jobs.stream(job, work, dict, blank={}, first_status="", poll_s=0.05))
+    assert isinstance(outcome.error, RuntimeError) and str(outcome.error) == "broken"
+    assert "The run failed: RuntimeError: broken" in common.failure_html("The run", outcome.error)
+    assert jobs.running_job("failing") is None
+
+
+def test_closing_the_page_cancels_the_job_and_frees_the_session():
+    job = jobs.claim("closed", "test job")
+    stopped = threading.Event()
+
+    def work(job):
+        while not job.stopping:
+            time.sleep(0.02)
+        stopped.set()
+
+    generator = jobs.stream(job, work, lambda: dict(status="running"), blank={}, first_status="", poll_s=0.05,
+                            min_gap_s=0.0)
+    next(generator), next(generator)  # the worker is running
+    generator.close()                 # what Gradio does when the page goes away
+    assert stopped.wait(5) and job.reason == "the page was closed"
+    assert jobs.running_job("closed") is None
+
+
+def test_one_heavy_job_at_a_time_and_the_second_says_it_waits():
+    first, second = jobs.claim("heavy-1", "test job"), jobs.claim("heavy-2", "test job")
+    release_first, inside = threading.Event(), []
+
+    def hold(job):
+        with jobs.exclusive(job):
+            inside.append(job.session)
+            release_first.wait(10)
+
+    def quick(job):
+        with jobs.exclusive(job):
+            inside.append(job.session)
+
+    first_updates = jobs.stream(first, hold, dict, blank={}, first_status="", poll_s=0.05)
+    next(first_updates), next(first_updates)
+    deadline = time.monotonic() + 10
+    while not inside and time.monotonic() < deadline:
+        next(first_updates)
+    second_updates = jobs.stream(second, quick, lambda: dict(status="measuring"), blank={}, first_status="",
+                                 poll_s=0.05, min_gap_s=0.0)
+    statuses = []
+    while not any("Waiting for the previous job" in s for s in statuses) and len(statuses) < 200:
+        statuses.append(next(second_updates)["status"])
+    assert "Waiting for the previous job" in statuses[-1], statuses
+    assert inside == ["heavy-1"]
+    release_first.set()
+    _drain_stream(first_updates), _drain_stream(second_updates)
+    assert inside == ["heavy-1", "heavy-2"]
+
+
+def test_cancel_says_when_nothing_runs_and_when_a_job_cannot_stop():
+    assert "Nothing to cancel" in jobs.cancel("nobody")
+    job = jobs.claim("measuring", "memory measurement", cancellable=False)
+    try:
+        assert "cannot be cancelled" in jobs.cancel("measuring") and not job.stopping
+    finally:
+        jobs.release(job)
+
+
+# ----------------------------------------------------------------------------------------------- common
+
+def test_app_settings_refuse_nonsense():
+    with pytest.raises(ValueError, match="max_steps"):
+        AppSettings(max_steps=0)
+    with pytest.raises(ValueError, match="time_limit"):
+        AppSettings(time_limit=0)
+
+
+def test_json_safe_makes_strict_json():
+    text = json.dumps(common.json_safe(dict(a=math.inf, b=[float("nan"), 1.0])), allow_nan=False)
+    assert json.loads(text) == dict(a="inf", b=["nan", 1.0])
+
+
+def test_tables_show_rounded_numbers_not_sixteen_digits():
+    table = pd.DataFrame(dict(method=["dp-sgd"], accuracy=[0.1 + 0.2], epsilon=[math.inf], steps=[3],
+                              mixed=[1 / 3]))
+    shown = common.round_table(table)
+    assert shown["accuracy"].iloc[0] == 0.3 and shown["mixed"].iloc[0] == 0.3333
+    assert math.isinf(shown["epsilon"].iloc[0]) and shown["steps"].iloc[0] == 3 and shown["method"].iloc[0] == "dp-sgd"
+    assert table["accuracy"].iloc[0] != 0.3  # the input is left as it was
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+def test_preparing_the_warm_start_reports_each_step_then_caches_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    settings = AppSettings(output_dir=str(tmp_path / "runs"), **dict(TINY, warm_start_steps=2))
+    assert not model.warm_start_cached(settings) and "not trained yet" in header_markdown(settings)
+    notes = []
+    model.prepare(settings, notes.append)
+    assert "Preparing the public warm start" in notes[0]
+    assert any("step 0/2" in n for n in notes[1:-1]) and any("step 2/2" in n for n in notes[1:-1])
+    assert notes[-1] is None
+    assert model.warm_start_cached(settings) and "(cached)" in header_markdown(settings)
+    notes.clear()
+    model.prepare(settings, notes.append)  # cached: nothing to report
+    assert notes == []
+
+
+# ----------------------------------------------------------------------------------------------- fine-tune
 
 @pytest.mark.parametrize("overrides, words", [
-    (dict(epsilon=0), "ε must be > 0"),
-    (dict(epsilon=-1.5), "ε must be > 0"),
+    (dict(epsilon=0), "ε must be a finite number > 0, got 0"),
+    (dict(epsilon=-1.5), "ε must be a finite number > 0, got -1.5"),
     (dict(epsilon=None), "ε is empty"),
     (dict(delta=1.0), "δ must be in (0, 1)"),
     (dict(delta=0), "δ must be in (0, 1)"),
@@ -65,47 +232,50 @@ def _only_update(generator) -> dict:
     (dict(token_prune_ratio=-0.1), "token prune ratio must be in [0, 1)"),
     (dict(grad_prune_ratio=1.0), "gradient prune ratio must be in [0, 1)"),
     (dict(grad_prune_ratio=-0.2), "gradient prune ratio must be in [0, 1)"),
-    (dict(steps=0), "steps must be at least 1"),
-    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(steps=2.5), "steps must be an integer >= 1, got 2.5"),
     (dict(steps=51), "limited to 50"),
-    (dict(batch_size=0), "batch size must be between"),
+    (dict(batch_size=0), "batch size must be an integer in [1, 256]"),
     (dict(lr="fast"), "learning rate must be a number"),
-    (dict(lr="-1"), "learning rate must be > 0"),
-    (dict(budget_mode=h.BUDGET_KEEP, keep_tokens=0), "keep must be >= 1"),
-    (dict(budget_mode=h.BUDGET_KEEP, keep_tokens=65), "larger than the 64 patches"),
-    (dict(token_strategy="dual-priv", budget_mode=h.BUDGET_KEEP, keep_tokens=7, method="dp-sgd",
-          token_prune_ratio=None), None),  # valid: an explicit strategy on a baseline (checked below)
+    (dict(lr="-1"), "learning rate must be a finite number > 0"),
+    (dict(budget_mode=BUDGET_KEEP, keep_tokens=0), "keep must be >= 1"),
+    (dict(budget_mode=BUDGET_KEEP, keep_tokens=65), "larger than the 64 patches"),
     (dict(method="sgd"), "unknown method"),
 ])
 def test_bad_finetune_inputs_show_a_message_and_start_nothing(settings, nothing_starts, overrides, words):
-    if words is None:  # the valid row: builds a config without starting anything
-        config = h.build_train_config(settings, *[dict(GOOD, **overrides)[k] for k in GOOD])
-        assert config.token_strategy == "dual-priv" and config.keep_tokens == 7 and config.grad_prune_ratio == 0
-        return
     update = _only_update(_run(settings, **overrides))
     assert "Not started" in update["status"] and "dp-error" in update["status"]
     assert words in html.unescape(update["status"])
     assert update["result"] == "" and update["download"] is None
-    assert h.running_job("test") is None
+    assert jobs.running_job("test") is None
+
+
+def test_an_explicit_token_strategy_applies_to_a_baseline(settings):
+    values = dict(GOOD, token_strategy="dual-priv", budget_mode=BUDGET_KEEP, keep_tokens=7, method="dp-sgd",
+                  token_prune_ratio=None)
+    config = finetune.build_train_config(settings, *[values[k] for k in GOOD])
+    assert config.token_strategy == "dual-priv" and config.keep_tokens == 7 and config.grad_prune_ratio == 0
 
 
 def test_non_private_ignores_epsilon_and_baselines_keep_every_token(settings):
-    config = h.build_train_config(settings, "non-private", -1, 5, h.BUDGET_RATIO, 0.75, 16, "auto", 0.2, 3, 8, "")
+    config = finetune.build_train_config(settings, "non-private", -1, 5, BUDGET_RATIO, 0.75, 16, "auto", 0.2, 3, 8,
+                                         "")
     assert math.isinf(config.epsilon) and config.token_strategy == "none" and config.grad_prune_ratio == 0
-    config = h.build_train_config(settings, "dual-priv", 2, 1e-5, h.BUDGET_RATIO, 0.5, 16, "auto", 0.3, 3, 8, "0.01")
+    config = finetune.build_train_config(settings, "dual-priv", 2, 1e-5, BUDGET_RATIO, 0.5, 16, "auto", 0.3, 3, 8,
+                                         "0.01")
     assert (config.token_strategy, config.token_prune_ratio, config.grad_prune_ratio, config.lr) == \
         ("dual-priv", 0.5, 0.3, 0.01)
     assert config.warm_start_steps == 0 and config.train_limit == 32 and config.progress is False
 
 
-def test_app_settings_refuse_nonsense():
-    with pytest.raises(ValueError, match="max_steps"):
-        h.AppSettings(max_steps=0)
-    with pytest.raises(ValueError, match="time_limit"):
-        h.AppSettings(time_limit=0)
+def test_a_second_job_of_the_same_session_is_refused(settings):
+    job = jobs.claim("busy", "sweep")
+    try:
+        update = _only_update(_run(settings, session="busy"))
+        assert "Not started: a job of yours is already running" in update["status"]
+    finally:
+        jobs.release(job)
 
-
-# ----------------------------------------------------------------------------------------------- fine-tune
 
 def test_finetune_runs_to_completion_and_writes_its_settings(settings):
     updates = list(_run(settings, steps=3))
@@ -123,17 +293,17 @@ def test_finetune_runs_to_completion_and_writes_its_settings(settings):
     assert saved["config"]["token_prune_ratio"] == 0.75 and len(saved["history"]) == 3
     curve = final["curve"]
     assert [list(t.x) for t in curve.data][:2] == [[1, 2, 3], [1, 2, 3]]  # loss and ε spent per step
-    assert h.running_job("test") is None
+    assert jobs.running_job("test") is None
 
 
 def test_first_job_trains_the_warm_start_with_progress(tmp_path, monkeypatch):
     monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
-    settings = h.AppSettings(output_dir=str(tmp_path / "runs"), **dict(TINY, warm_start_steps=1))
-    assert not h.warm_start_cached(settings) and "not trained yet" in h.warm_start_note(settings)
+    settings = AppSettings(output_dir=str(tmp_path / "runs"), **dict(TINY, warm_start_steps=1))
+    assert not model.warm_start_cached(settings) and "not trained yet" in model.warm_start_note(settings)
     updates = list(_run(settings, steps=2, method="dp-sgd"))
     assert any("Preparing the public warm start" in u["status"] for u in updates)
     assert "Finished 2 steps" in updates[-1]["status"]
-    assert h.warm_start_cached(settings) and "(cached)" in h.warm_start_note(settings)
+    assert model.warm_start_cached(settings) and "(cached)" in model.warm_start_note(settings)
 
 
 def test_cancel_stops_the_run_cleanly(settings):
@@ -143,20 +313,20 @@ def test_cancel_stops_the_run_cleanly(settings):
     for update in generator:
         updates.append(update)
         if cancelled_at is None and "step " in update["status"]:
-            assert h.running_job("cancel-me") is not None
-            assert "Cancelling" in h.cancel("cancel-me")
+            assert jobs.running_job("cancel-me") is not None
+            assert "Cancelling" in jobs.cancel("cancel-me")
             cancelled_at = len(updates)
     assert cancelled_at is not None, "no step was streamed"
     final = updates[-1]
     assert "Stopped early (cancelled by the user)" in final["status"]
     assert final["settings"]["cancelled"] is True and final["settings"]["steps"] < 50
     assert "Stopped early" in final["result"]
-    assert h.running_job("cancel-me") is None
-    assert "Nothing to cancel" in h.cancel("cancel-me")
+    assert jobs.running_job("cancel-me") is None
+    assert "Nothing to cancel" in jobs.cancel("cancel-me")
 
 
 def test_time_limit_stops_the_run(tmp_path):
-    settings = h.AppSettings(output_dir=str(tmp_path), **dict(TINY, time_limit=1e-6))
+    settings = AppSettings(output_dir=str(tmp_path), **dict(TINY, time_limit=1e-6))
     final = list(_run(settings, steps=20, method="non-private"))[-1]
     assert "time limit" in final["status"]
     assert final["settings"]["cancelled"] is True and final["settings"]["steps"] == 1
@@ -165,8 +335,8 @@ def test_time_limit_stops_the_run(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- tokens
 
-def test_tokens_view_of_a_test_image(settings):
-    out = h.tokens_view(settings, 3, None, "dual-priv", h.BUDGET_RATIO, 0.75, 16)
+def test_tokens_view_counts_and_draws_the_tokens_of_a_test_image(settings):
+    out = tokens.tokens_view(settings, 3, None, "dual-priv", BUDGET_RATIO, 0.75, 16)
     counts = out["counts"]
     assert counts["tokens_out"] == 16 and counts["patches_in"] == 64
     assert counts["cls"] + counts["kept"] + counts["fused"] == 16
@@ -174,16 +344,14 @@ def test_tokens_view_of_a_test_image(settings):
     names = [trace.name or "" for trace in out["overlay"].data]
     assert any(n.startswith("kept") for n in names) and any(n.startswith("contextual") for n in names)
     assert out["histogram"] is not None
-    out = h.tokens_view(settings, 0, None, "random", h.BUDGET_KEEP, None, 10)
+    out = tokens.tokens_view(settings, 0, None, "random", BUDGET_KEEP, None, 10)
     assert out["counts"]["tokens_out"] == 10 and out["counts"]["dropped"] == 54
 
 
 def test_tokens_view_of_an_upload(settings, tmp_path):
-    from PIL import Image
-
     image = tmp_path / "photo.png"
     Image.new("RGB", (50, 40), (200, 30, 30)).save(image)
-    out = h.tokens_view(settings, 0, str(image), "dual-priv", h.BUDGET_RATIO, 0.5, 16)
+    out = tokens.tokens_view(settings, 0, str(image), "dual-priv", BUDGET_RATIO, 0.5, 16)
     assert out["counts"]["tokens_out"] == 32 and "photo.png" in out["counts"]["source"]
 
 
@@ -191,32 +359,36 @@ def test_tokens_view_of_an_upload(settings, tmp_path):
     (b"this is not an image", "is not an image"),
     (b"\x89PNG\r\n\x1a\n broken", "is not an image"),
 ])
-def test_tokens_view_refuses_a_non_image_upload(settings, tmp_path, content, words):
+def test_tokens_view_refuses_a_non_image_upload_once_in_plain_words(settings, tmp_path, content, words):
     bad = tmp_path / "notes.png"
     bad.write_bytes(content)
-    with pytest.warns(UserWarning):
-        out = h.tokens_view(settings, 0, str(bad), "dual-priv", h.BUDGET_RATIO, 0.75, 16)
+    with pytest.warns(UserWarning) as warned:
+        out = tokens.tokens_view(settings, 0, str(bad), "dual-priv", BUDGET_RATIO, 0.75, 16)
+    _shown_once(warned, out["status"])
     assert out["overlay"] is None and out["counts"] is None
     assert words in out["status"] and "dp-error" in out["status"]
+    message = re.sub("<[^>]+>", "", html.unescape(out["status"])).strip()
+    assert "'notes.png'" in message and "Error" not in message and str(tmp_path) not in message
+    assert message.endswith("image")  # ends saying what to upload, not with an exception class
 
 
 @pytest.mark.parametrize("args, words", [
-    ((0, None, "dual-priv", h.BUDGET_RATIO, 1.0, 16), "token prune ratio must be in [0, 1)"),
-    ((0, None, "dual-priv", h.BUDGET_KEEP, 0.75, 0), "keep must be >= 1"),
-    ((0, None, "nonsense", h.BUDGET_RATIO, 0.75, 16), "unknown token strategy"),
-    ((999, None, "dual-priv", h.BUDGET_RATIO, 0.75, 16), "example must be between 0 and 296"),
-    ((0, "/nonexistent/file.png", "dual-priv", h.BUDGET_RATIO, 0.75, 16), "missing"),
+    ((0, None, "dual-priv", BUDGET_RATIO, 1.0, 16), "token prune ratio must be in [0, 1)"),
+    ((0, None, "dual-priv", BUDGET_KEEP, 0.75, 0), "keep must be >= 1"),
+    ((0, None, "nonsense", BUDGET_RATIO, 0.75, 16), "unknown token strategy"),
+    ((999, None, "dual-priv", BUDGET_RATIO, 0.75, 16), "example must be an integer in [0, 296], got 999"),
+    ((0, "/nonexistent/file.png", "dual-priv", BUDGET_RATIO, 0.75, 16), "missing"),
 ])
 def test_tokens_view_bad_inputs(settings, args, words):
     with pytest.warns(UserWarning):
-        out = h.tokens_view(settings, *args)
+        out = tokens.tokens_view(settings, *args)
     assert out["overlay"] is None and words in html.unescape(out["status"])
 
 
 # ----------------------------------------------------------------------------------------------- memory
 
 def test_memory_table_has_ratio_columns(settings):
-    updates = list(h.memory(settings, ["dp-sgd", "dual-priv"], 2, 3, "dual-priv", h.BUDGET_RATIO, 0.75, 16, 0.2))
+    updates = list(memory.memory(settings, ["dp-sgd", "dual-priv"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2))
     final = updates[-1]
     table = final["table"]
     assert list(table["method"]) == ["dp-sgd", "dual-priv"]
@@ -226,15 +398,17 @@ def test_memory_table_has_ratio_columns(settings):
     assert list(table["visual_tokens"]) == [64, 16]
     assert "How memory was measured" in final["note"] and str(table["memory_method"].iloc[0]) in final["note"]
     assert len(final["figure"].data[0].x) == 2
+    assert jobs.running_job("local") is None
 
 
 @pytest.mark.parametrize("args, words", [
     (([], 2, 3), "at least one method"),
-    ((["dp-sgd"], 2, 2), "at least 3"),
+    ((["dp-sgd"], 2, 2), "measured steps must be an integer >= 3"),
     ((["dp-sgd"], 0, 3), "batch size"),
+    ((["sgd"], 2, 3), "unknown method(s) ['sgd']"),
 ])
 def test_memory_bad_inputs(settings, nothing_starts, args, words):
-    update = _only_update(h.memory(settings, *args, "dual-priv", h.BUDGET_RATIO, 0.75, 16, 0.2))
+    update = _only_update(memory.memory(settings, *args, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2))
     assert words in html.unescape(update["status"]) and update["table"] is None
 
 
@@ -245,22 +419,29 @@ def test_load_sweep_csv_draws_the_curve(tmp_path):
     pd.DataFrame(dict(method=["dp-sgd", "dp-sgd", "dual-priv", "dual-priv", "non-private"],
                       epsilon=[1.0, 3.0, 1.0, 3.0, "inf"], seed=[0] * 5,
                       accuracy=[0.5, 0.6, 0.55, 0.7, 0.9])).to_csv(path, index=False)
-    out = h.load_sweep_csv(str(path))
+    out = sweep.load_sweep_csv(str(path))
     assert "Loaded 5 runs of 3 method(s)" in out["status"]
     assert out["figure"] is not None and len(out["table"]) == 5
     assert list(out["table"]["epsilon"]) == [1.0, 3.0, 1.0, 3.0, "∞"]
+    assert out["figure"].layout.width is None  # fills the app's plot area
 
 
 def test_load_sweep_csv_refuses_a_wrong_file(tmp_path):
     path = tmp_path / "other.csv"
     pd.DataFrame(dict(a=[1], b=[2])).to_csv(path, index=False)
     with pytest.warns(UserWarning):
-        out = h.load_sweep_csv(str(path))
+        out = sweep.load_sweep_csv(str(path))
     assert "lacks column(s)" in out["status"] and out["figure"] is None
     binary = tmp_path / "image.csv"
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.warns(UserWarning):
-        assert h.load_sweep_csv(str(binary))["figure"] is None
+        out = sweep.load_sweep_csv(str(binary))
+    assert out["figure"] is None and "not a readable CSV" in out["status"]
+    negative = tmp_path / "negative.csv"
+    pd.DataFrame(dict(method=["dp-sgd"], epsilon=[-1.0], accuracy=[0.5])).to_csv(negative, index=False)
+    with pytest.warns(UserWarning):
+        out = sweep.load_sweep_csv(str(negative))
+    assert out["figure"] is None and "column 'epsilon'" in html.unescape(out["status"])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -268,30 +449,28 @@ def test_load_sweep_csv_refuses_a_wrong_file(tmp_path):
     ((["dp-sgd"], "one", 1, 2, 8), "not a number"),
     ((["dp-sgd"], "", 1, 2, 8), "at least one ε"),
     (([], "3", 1, 2, 8), "at least one method"),
+    ((["dp-sgd"], "3", 6, 2, 8), "seeds must be an integer in [1, 5]"),
     ((["dp-sgd", "dual-priv"], "1,2,3,4,5", 3, 2, 8), "the app allows"),
 ])
 def test_sweep_bad_inputs(settings, nothing_starts, args, words):
-    update = _only_update(h.sweep(settings, *args))
+    update = _only_update(sweep.sweep(settings, *args))
     assert words in html.unescape(update["status"])
 
 
 def test_small_sweep_runs(settings):
-    final = list(h.sweep(settings, ["dual-priv"], "2", 1, 2, 8))[-1]
+    final = list(sweep.sweep(settings, ["dual-priv"], "2", 1, 2, 8))[-1]
     assert "Sweep done: 1 of 1 runs" in final["status"], final["status"]
     table = final["table"]
     assert list(table["method"]) == ["dual-priv"] and list(table["epsilon"]) == [2.0]
     assert 0 < table["epsilon_spent"].iloc[0] <= 2.0
     assert Path(final["download"]).is_file()
     assert final["figure"] is not None
+    assert jobs.running_job("local") is None
 
 
-# ----------------------------------------------------------------------------------------------- the app
+# ----------------------------------------------------------------------------------------------- the page
 
 def test_build_app_wires_every_control_with_help(settings):
-    import gradio as gr
-
-    from toolkit.dashboard.ui import build_app
-
     demo = build_app(settings=settings)
     assert isinstance(demo, gr.Blocks)
     inputs = [b for b in demo.blocks.values()
@@ -307,6 +486,23 @@ def test_build_app_wires_every_control_with_help(settings):
     assert demo.dashboard_settings.max_steps == 50
 
 
+def test_empty_tables_are_headed_by_their_columns(settings):
+    demo = build_app(settings=settings)
+    tables = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
+    assert set(tables) == {"mem-table", "sw-table"}
+    assert tables["mem-table"].headers == memory.SHOWN_COLUMNS
+    assert tables["sw-table"].headers == sweep.SHOWN_COLUMNS
+    assert tables["sw-table"].postprocess(None).headers == sweep.SHOWN_COLUMNS  # a cleared table keeps them
+
+
+def test_the_header_is_refreshed_after_every_job_that_may_train_the_warm_start(settings):
+    demo = build_app(settings=settings)
+    header = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "header")
+    refreshes = {fn.trigger_after for fn in demo.fns.values() if header in fn.outputs and fn.trigger_after is not None}
+    by_api = {fn.api_name: fn._id for fn in demo.fns.values()}
+    assert {by_api["finetune"], by_api["tokens"], by_api["sweep"]} <= refreshes
+
+
 def _app_module():
     spec = importlib.util.spec_from_file_location("dualpriv_app", Path(__file__).resolve().parents[1] / "app.py")
     module = importlib.util.module_from_spec(spec)
@@ -320,11 +516,5 @@ def test_app_flags_default_to_local_and_bounded():
     assert (args.host, args.port, args.share, args.max_steps, args.time_limit) == ("127.0.0.1", 7860, False, 200, 600.0)
     with pytest.raises(SystemExit):
         app.parse_args(["--max-steps", "0"])
-    if "GRADIO_TEMP_DIR" not in os.environ or os.environ["GRADIO_TEMP_DIR"] == h.temp_root():
-        assert Path(h.temp_root()).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
-
-
-def test_json_safe_makes_strict_json():
-    text = json.dumps(h.json_safe(dict(a=math.inf, b=[float("nan"), 1.0])), allow_nan=False)
-    assert json.loads(text) == dict(a="inf", b=["nan", 1.0])
-
+    if "GRADIO_TEMP_DIR" not in os.environ or os.environ["GRADIO_TEMP_DIR"] == common.temp_root():
+        assert Path(common.temp_root()).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())

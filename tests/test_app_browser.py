@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.dashboard.common import TOAST_TEXT
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,9 +125,10 @@ def test_finetune_bad_input_and_tokens_in_chromium(page):
     # 2. a bad input: ε = 0 shows a message and starts nothing
     _set_number(page, "ft-epsilon", 0)
     page.locator("#ft-run").click()
-    expect(status).to_contain_text("Not started: ε must be > 0")
+    expect(status).to_contain_text("Not started: ε must be a finite number > 0")
     expect(result).not_to_contain_text("accuracy")  # the previous result is cleared: nothing ran
-    expect(page.get_by_text("Not started: ε must be > 0").first).to_be_visible()  # the toast or the status
+    expect(page.get_by_text("Not started: ε must be a finite number > 0").first).to_be_visible()
+    expect(page.get_by_text(TOAST_TEXT).first).to_be_visible()  # one toast points at the status line
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "app_bad_input.png"), full_page=False)
 

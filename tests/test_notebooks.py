@@ -49,7 +49,7 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, tmp_path_factory, monkeypat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("DUALPRIV_QUICK", "1")
-    # the session's quick-sweep folder, shared with tests/test_plots.py (a sweep cell is trained once a session)
+    # the session's quick-sweep folder, shared with tests/test_viz_figures.py (a sweep cell is trained once a session)
     monkeypatch.setenv("DUALPRIV_OUT", str(tmp_path_factory.getbasetemp() / "quick-sweeps"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

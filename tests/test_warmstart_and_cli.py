@@ -26,6 +26,16 @@ def test_warm_start_is_cached_and_reproducible(tmp_path, monkeypatch):
         assert (a == b).all(), f"warm start not reproducible from its seed: {name}"
 
 
+def test_warm_start_reports_each_training_step_to_its_callback(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
+    calls = []
+    ws.warm_start("tiny", seed=2, steps=2, batch_size=4, progress=False, callback=lambda *step: calls.append(step))
+    assert calls == [(0, 2), (1, 2), (2, 2)]
+    calls.clear()
+    ws.warm_start("tiny", seed=2, steps=2, batch_size=4, progress=False, callback=lambda *step: calls.append(step))
+    assert calls == []  # the cached copy is loaded: nothing trains, nothing to report
+
+
 def test_warm_start_trains_on_the_public_split_only():
     assert ws.warm_start.__doc__ and "public" in ws.__doc__
     with pytest.raises(ValueError, match="steps"):

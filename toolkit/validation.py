@@ -24,6 +24,28 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def parse_number(name: str, value, *, integer: bool = False) -> float | int:
+    """A number a person typed (a UI field, a CLI or text value): ``3``, ``"2.5"``, ``" 1e-5 "``, ``"inf"``.
+
+    Empty (None or blank text), bool, NaN and text that is not a number raise ``ValueError`` naming ``name``.
+    With ``integer``, a whole number comes back as an ``int`` (``2.0`` -> ``2``); anything else comes back as
+    parsed, for :func:`check_int` to refuse. Ranges are the ``check_*`` functions' job.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{name} is empty: enter a number")
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(number):
+        raise ValueError(f"{name} must be a number, got NaN")
+    if integer and math.isfinite(number) and number == int(number):
+        return int(number)
+    return number
+
+
 def check_number(name: str, value, *, minimum: float | None = None, strict: bool = True,
                  allow_inf: bool = False) -> float:
     """A real number (not bool, not NaN), finite unless ``allow_inf``, above ``minimum`` (``>=`` if not strict)."""
@@ -54,11 +76,13 @@ def check_int(name: str, value, *, minimum: int | None = None, maximum: int | No
     return value
 
 
-def check_fraction(name: str, value, *, include_one: bool = False) -> float:
-    """A number in [0, 1) (or [0, 1] with ``include_one``)."""
-    ok = _is_number(value) and 0.0 <= value and (value <= 1.0 if include_one else value < 1.0)
+def check_fraction(name: str, value, *, include_one: bool = False, include_zero: bool = True) -> float:
+    """A number in [0, 1) (or [0, 1] with ``include_one``; (0, 1) without ``include_zero``, e.g. δ)."""
+    ok = (_is_number(value) and (0.0 <= value if include_zero else 0.0 < value)
+          and (value <= 1.0 if include_one else value < 1.0))
     if not ok:
-        raise ValueError(f"{name} must be in [0, 1{']' if include_one else ')'}, got {value!r}")
+        interval = f"{'[' if include_zero else '('}0, 1{']' if include_one else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return float(value)
 
 

@@ -5,9 +5,11 @@ of infinity is one edit.
 
 Example::
 
-    >>> from toolkit.vocabulary import format_epsilon, parse_epsilon, is_private
+    >>> from toolkit.vocabulary import format_epsilon, parse_epsilon, parse_epsilons, is_private
     >>> format_epsilon(float("inf")), format_epsilon(3.0), parse_epsilon("inf"), is_private("dual-priv")
     ('∞', '3', inf, True)
+    >>> parse_epsilons("1, 3, inf")
+    [1.0, 3.0, inf]
 """
 from __future__ import annotations
 
@@ -57,6 +59,23 @@ def parse_epsilon(text) -> float:
     if math.isnan(value) or value <= 0:
         raise ValueError(f"epsilon must be a number > 0 or 'inf', got {text!r}")
     return value
+
+
+def parse_epsilons(text) -> list[float]:
+    """A list of ε from a user: ``"0.5, 1; 3, inf"`` -> ``[0.5, 1.0, 3.0, inf]`` (commas or semicolons), each entry
+    as :func:`parse_epsilon`. Raises ``ValueError`` naming the first bad entry, or saying the list is empty."""
+    values = []
+    for part in str(text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            values.append(parse_epsilon(part))
+        except ValueError:
+            raise ValueError(f"ε list: {part!r} is not a number > 0 (every ε must be > 0, or 'inf')") from None
+    if not values:
+        raise ValueError("give at least one ε, e.g. '1, 3, 8'")
+    return values
 
 
 def epsilon_to_json(value):

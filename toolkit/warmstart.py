@@ -20,6 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +47,18 @@ def warm_start_path(preset: str, seed: int, steps: int) -> Path:
 
 
 def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, batch_size: int = 64,
-               lr: float = 1e-3, progress: bool = True, refresh: bool = False):
+               lr: float = 1e-3, progress: bool = True, refresh: bool = False,
+               callback: Callable[[int, int], None] | None = None):
     """Return the warm-started bundle for ``preset``, training and caching it on first use.
 
     Args:
         preset: a model preset (``toolkit.models.PRESETS``).
         seed: seeds the initialisation, the digit placement and the batch order.
         steps: optimizer steps on the public split (default ``DEFAULT_STEPS[preset]``, a few CPU minutes).
+        progress: a tqdm bar while training.
         refresh: retrain even if a cached copy exists.
+        callback: ``callback(done, total)`` while training: once with ``(0, steps)`` before the first step, then
+            after every optimizer step (never called when the cached copy is loaded). For progress displays.
     """
     steps = steps if steps is not None else DEFAULT_STEPS.get(preset, 600)
     if steps < 0:
@@ -62,7 +67,7 @@ def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, ba
     if (path / "toolkit_bundle.json").is_file() and not refresh:
         return load_model(path)
     bundle = build_model(preset, seed=seed)
-    _train_public(bundle, seed, steps, batch_size, lr, progress)
+    _train_public(bundle, seed, steps, batch_size, lr, progress, callback)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_model(bundle, tmp)
     if path.exists():  # another process won the race: keep theirs
@@ -74,7 +79,8 @@ def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, ba
     return load_model(path)
 
 
-def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, progress: bool) -> None:
+def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, progress: bool,
+                  callback: Callable[[int, int], None] | None = None) -> None:
     from tqdm.auto import tqdm
 
     data = make_vqa("digit", "public", image_size=bundle.image_size, seed=seed)
@@ -98,7 +104,9 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     bar = tqdm(range(steps), desc=f"warm start {bundle.preset} (public split)", disable=not progress)
-    for _ in bar:
+    if callback is not None:
+        callback(0, steps)
+    for step in bar:
         idx = torch.randint(len(data), (batch_size,), generator=generator)
         batch = collator([data[i] for i in idx.tolist()])
         # Augmentation: every draw re-places the digit at a fresh random offset. Without it the model
@@ -117,6 +125,8 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if callback is not None:
+            callback(step + 1, steps)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()

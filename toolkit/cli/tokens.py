@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from toolkit.cli import subcommand
+from toolkit.data import make_vqa, preprocess_images
+from toolkit.models import PRESETS, build_model, load_model
+from toolkit.tokens import STRATEGIES, make_pruner
+from toolkit.viz import ImageExportError, save_figure, spatial_histogram_figure, token_overlay_figure
+from toolkit.viz.export import SUFFIXES as FIGURE_SUFFIXES
 
 
 def _load_bundle(args):
-    from toolkit.models import build_model, load_model
-
     if args.model_dir:
         return load_model(args.model_dir)
     return build_model(args.preset or "tiny", seed=args.model_seed)
@@ -21,10 +26,6 @@ def _load_bundle(args):
 
 def _load_image(args, bundle):
     """(pixel_values [1, 3, H, W], a description of where the image came from)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from toolkit.data import make_vqa, preprocess_images
-
     if args.image:
         path = Path(args.image).expanduser()
         if not path.is_file():
@@ -48,11 +49,8 @@ def _load_image(args, bundle):
 
 @subcommand("tokens", help="prune one image's visual tokens with a strategy; JSON and an optional overlay picture")
 def run(args) -> dict:
-    from toolkit.tokens import make_pruner
-    from toolkit.tokens.overlay import ImageExportError, save_figure, spatial_histogram_figure, token_overlay_figure
-
     for flag, path in (("--out", args.out), ("--hist-out", args.hist_out)):
-        if path and Path(path).suffix.lower() not in (".html", ".png", ".svg", ".pdf"):
+        if path and Path(path).suffix.lower() not in FIGURE_SUFFIXES:
             raise ValueError(f"{flag} {path!r}: the picture must end in .html, .png, .svg or .pdf")
     options = {}
     if args.n_contextual is not None:
@@ -83,9 +81,6 @@ def run(args) -> dict:
 
 @run.configure
 def configure(parser) -> None:
-    from toolkit.models import PRESETS
-    from toolkit.tokens import STRATEGIES
-
     parser.add_argument("--strategy", required=True, choices=sorted(STRATEGIES), help="token pruning strategy")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="visual tokens fed to the LLM (n_out)")

@@ -1,15 +1,14 @@
-"""The Gradio dashboard (``python app.py``): a thin layer over the public toolkit API.
+"""The Gradio dashboard (``python app.py``): a thin layer over the public toolkit API, organised by tab.
 
-:func:`build_app` makes the ``gr.Blocks``; the handlers in :mod:`toolkit.dashboard.handlers` are plain
-functions (validation, streaming, cancellation) that the UI wires to its components and the tests call directly.
+* :mod:`.ui`: :func:`build_app` (the page: a header and one call per tab) and :func:`~toolkit.dashboard.ui.launch`.
+* :mod:`.tabs`: one module per tab (fine-tune, visual tokens, memory, privacy–utility), each with its handlers
+  (plain functions: validation, streaming; the tests call them directly) and the function building its block.
+* :mod:`.jobs`: the one runner of long actions: a job per session in a worker thread, events through a queue,
+  the single polling loop that yields UI updates, cancel, one heavy job at a time.
+* :mod:`.common` (:class:`AppSettings`, :class:`InputError`, status lines, UI value parsing), :mod:`.budget` (the
+  visual-token budget controls), :mod:`.model` (the app's model and its public warm start).
 """
-from toolkit.dashboard.handlers import AppSettings, InputError
+from toolkit.dashboard.common import AppSettings, InputError
+from toolkit.dashboard.ui import build_app
 
 __all__ = ["build_app", "AppSettings", "InputError"]
-
-
-def build_app(*args, **kwargs):
-    """See :func:`toolkit.dashboard.ui.build_app` (imported lazily: gradio is only needed for the UI)."""
-    from toolkit.dashboard.ui import build_app as _build
-
-    return _build(*args, **kwargs)

@@ -1,9 +1,10 @@
-"""Figures (toolkit.plots) from small real sweeps, and the analytic FLOPs (toolkit.flops) vs FlopCounterMode."""
+"""The figures of toolkit.viz drawn from small real sweeps and bench-like tables: what each shows, and that it reads
+without the code (title, labels), writes to HTML, and refuses a table it cannot draw."""
 from __future__ import annotations
 
+import doctest
 import math
 import os
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -11,11 +12,15 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+import toolkit.cli.tokens
+import toolkit.viz
+import toolkit.viz.export
 from toolkit.sweeps import named_sweep, run_sweep
-from toolkit.flops import estimate_step_flops, preset_dims, text_length, trainable_params
-from toolkit.plots import (
+from toolkit.flops import estimate_step_flops, text_length
+from toolkit.viz import (
     ablation_contributions, ablation_figure, flops_memory_figure, lora_rank_figure, memory_time_figure,
-    privacy_utility_figure, save_figure, scaling_figure, tokens_accuracy_figure,
+    peak_memory_figure, privacy_utility_figure, save_figure, scaling_figure, tokens_accuracy_figure,
+    training_curve_figure,
 )
 
 
@@ -41,10 +46,12 @@ def _check(fig, tmp_path, name):
     assert path.stat().st_size > 10_000
 
 
-def test_save_figure_is_the_overlay_one():
-    from toolkit.tokens import overlay
+def test_the_package_example_runs():
+    assert doctest.testmod(toolkit.viz).failed == 0
 
-    assert save_figure is overlay.save_figure
+
+def test_one_save_figure_for_every_figure():
+    assert save_figure is toolkit.viz.export.save_figure is toolkit.cli.tokens.save_figure
 
 
 def test_privacy_utility_figure(sweeps, tmp_path):
@@ -52,7 +59,7 @@ def test_privacy_utility_figure(sweeps, tmp_path):
     assert len(df) == 7 and set(df["method"]) == {"non-private", "dp-sgd", "dual-priv", "dp-zo"}
     fig = privacy_utility_figure(df)
     _check(fig, tmp_path, "pu")
-    assert [t.name for t in fig.data] == ["non-private", "DP-SGD", "Dual-Priv", "DP-ZO"]
+    assert [t.name for t in fig.data] == ["Non-private", "DP-SGD", "Dual-Priv", "DP-ZO"]
     assert list(fig.layout.xaxis.ticktext) == ["1", "∞"] and fig.layout.xaxis.type == "log"
     dp = fig.data[1]
     expected = df[df["method"] == "dp-sgd"].sort_values("epsilon")["accuracy"].to_numpy() * 100
@@ -78,7 +85,7 @@ def test_memory_time_figure(sweeps, tmp_path):
     fig = memory_time_figure(df)
     _check(fig, tmp_path, "mem")
     memory, time_ = fig.data
-    assert list(memory.x) == ["non-private", "DP-SGD", "Dual-Priv", "DP-ZO"]
+    assert list(memory.x) == ["Non-private", "DP-SGD", "Dual-Priv", "DP-ZO"]
     assert "1.00× DP-SGD" in memory.text[1]
     med = df.groupby("method")["peak_memory_mb"].median()
     assert f"{med['dual-priv'] / med['dp-sgd']:.2f}× DP-SGD" in memory.text[2]
@@ -132,97 +139,34 @@ def test_flops_memory_figure(sweeps, tmp_path):
     assert forward.y[2] == pytest.approx(est["forward"] / 1e9)
 
 
+def test_peak_memory_figure_labels_each_bar_with_its_ratios():
+    table = pd.DataFrame(dict(method=["dp-sgd", "dual-priv", "dp-zo"], peak_memory_mb=[400.0, 80.0, 40.0],
+                              memory_vs_dp_sgd=[1.0, 0.2, 0.1], memory_vs_dp_zo=[10.0, 2.0, 1.0], device="cpu"))
+    fig = peak_memory_figure(table)
+    bars = fig.data[0]
+    assert list(bars.x) == ["DP-SGD", "Dual-Priv", "DP-ZO"] and list(bars.y) == [400.0, 80.0, 40.0]
+    assert bars.text[1] == "80.0 MB<br>0.20× DP-SGD<br>2.00× DP-ZO"
+    assert "(cpu;" in fig.layout.title.text and fig.layout.width is None  # fills the app's plot area
+
+
+def test_training_curve_shows_loss_and_epsilon_against_the_target():
+    rows = [dict(step=i, steps=4, loss=1.0 / i, epsilon_spent=0.5 * i) for i in (1, 2, 3)]
+    fig = training_curve_figure(pd.DataFrame(rows), epsilon_target=2.0)  # a TrainResult.history works too
+    loss, spent = fig.data
+    assert list(loss.x) == list(spent.x) == [1, 2, 3] and list(spent.y) == [0.5, 1.0, 1.5]
+    assert fig.layout.shapes[0].y0 == 2.0 and "target ε = 2" in fig.layout.annotations[-1].text
+    assert list(fig.layout.xaxis.range) == [0, 4.5]                   # the planned steps, not the steps so far
+    no_loss = training_curve_figure([{k: v for k, v in r.items() if k != "loss"} for r in rows], 2.0)
+    assert [t.name for t in no_loss.data] == ["ε spent"]
+    assert "not reported" in no_loss.layout.annotations[0].text
+    non_private = training_curve_figure([dict(step=1, steps=2, loss=0.7, epsilon_spent=math.inf)])
+    assert [t.name for t in non_private.data] == ["loss"] and "non-private: ∞" in non_private.layout.annotations[1].text
+
+
 def test_figures_refuse_bad_input():
     with pytest.raises(ValueError, match="lacks column"):
         privacy_utility_figure(pd.DataFrame({"method": ["dp-sgd"]}))
     with pytest.raises(ValueError, match="no rows"):
         memory_time_figure(pd.DataFrame(columns=["method", "peak_memory_mb", "step_time_s"]))
-
-
-# ------------------------------------------------------------------------------------------------- FLOPs
-# Tolerance: the estimate counts every matmul the step runs, so it must match FlopCounterMode within 1%
-# (measured: exact for forward + backward; +0.2% for DP-SGD, whose per-example norms are not matmuls).
-
-TOLERANCE = 0.01
-
-
-def _tiny_step(trainable="lora+head", n_visual=16, batch=4):
-    from toolkit.data import Collator, make_vqa
-    from toolkit.forward import LlavaLM
-    from toolkit.models import apply_trainable, build_model
-
-    bundle = build_model("tiny")
-    apply_trainable(bundle, trainable, 8)
-    bundle.model.set_attn_implementation("eager")  # the CPU SDPA kernel is not in FlopCounterMode's registry
-    collator = Collator(bundle.tokenizer, n_visual, bundle.image_token_id, bundle.prompt_template)
-    batch_ = collator(make_vqa("parity", "private", 32, limit=batch).records)
-    lm = LlavaLM(bundle).bind_collator(collator).train()
-    feats = torch.randn(batch, n_visual, bundle.config.vision_config.hidden_size)
-    assert batch_["input_ids"].shape[1] == n_visual + text_length("parity")
-    return lm, feats, batch_
-
-
-@pytest.mark.parametrize("trainable", ["lora+head", "projector"])
-def test_flops_match_flop_counter_non_private(trainable):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from toolkit.forward import per_example_loss
-
-    lm, feats, batch = _tiny_step(trainable)
-    with FlopCounterMode(display=False) as counter:
-        loss = per_example_loss(lm(feats, batch["input_ids"], batch["attention_mask"]), batch["labels"]).mean()
-        forward = counter.get_total_flops()
-        loss.backward()
-    est = estimate_step_flops("non-private", 16, text_length("parity"), 4, trainable=trainable)
-    assert est["forward"] == pytest.approx(forward, rel=TOLERANCE)
-    assert est["total"] == pytest.approx(counter.get_total_flops(), rel=TOLERANCE)
-
-
-def test_flops_match_flop_counter_dp_sgd_and_dp_zo():
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from toolkit.forward import per_example_loss
-
-    lm, feats, batch = _tiny_step()
-    params = [p for p in lm.parameters() if p.requires_grad]
-    module = GradSampleModule(lm)
-    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
-                            expected_batch_size=4)
-    with warnings.catch_warnings(), FlopCounterMode(display=False) as counter:
-        warnings.simplefilter("ignore")
-        losses = per_example_loss(module(feats, batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        losses.mean().backward()
-        optimizer.step()
-    est = estimate_step_flops("dp-sgd", 16, text_length("parity"), 4)
-    assert est["total"] == pytest.approx(counter.get_total_flops(), rel=TOLERANCE)
-    assert est["dp_overhead"] > 0
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        for _ in range(2):                                    # DP-ZO: L(θ + μz) and L(θ - μz)
-            per_example_loss(lm(feats, batch["input_ids"], batch["attention_mask"]), batch["labels"])
-    est = estimate_step_flops("dp-zo", 16, text_length("parity"), 4)
-    assert est["total"] == pytest.approx(counter.get_total_flops(), rel=TOLERANCE)
-    assert est["backward"] == 0
-
-
-def test_trainable_params_formula_matches_the_model():
-    from toolkit.models import TRAINABLE_MODES, apply_trainable, build_model
-
-    for mode in TRAINABLE_MODES:
-        assert trainable_params(preset_dims("tiny"), mode, 8) == apply_trainable(build_model("tiny"), mode, 8), mode
-
-
-def test_flops_grow_as_documented():
-    a = estimate_step_flops("dual-priv", 16, 14, 8)
-    b = estimate_step_flops("dp-sgd", 64, 14, 8)
-    assert a["total"] < b["total"]                              # fewer visual tokens, fewer FLOPs
-    np_ = estimate_step_flops("non-private", 64, 14, 8)
-    assert b["total"] - np_["total"] == b["dp_overhead"] == b["weight_grad"] + 4 * 8 * b["trainable_params"]
-    zo = estimate_step_flops("dp-zo", 64, 14, 8)
-    assert zo["total"] == 2 * np_["forward"] + 8 * zo["trainable_params"]
-    with pytest.raises(ValueError):
-        estimate_step_flops("adam", 16, 14, 8)
-    assert math.isclose(estimate_step_flops("non-private", 16, 14, 16)["total"], 2 * a["total"] - 2 * a["dp_overhead"],
-                        rel_tol=1e-12)
+    with pytest.raises(TypeError, match="needs a pandas DataFrame"):
+        peak_memory_figure([dict(method="dp-sgd", peak_memory_mb=1.0)])

@@ -1,30 +1,28 @@
-"""Pictures of a pruning decision: pure functions from one example's :class:`PruneOutput` to plotly figures.
+"""Pictures of one pruning decision (mechanism 1): pure functions from one example's
+:class:`toolkit.tokens.PruneOutput` to plotly figures.
 
 * :func:`token_overlay_figure`: on the exact preprocessed image (normalisation undone), the attention heatmap,
   the patches kept as themselves (outlined), each contextual cluster in its own colour (its centre marked),
   and the dropped patches dimmed; the title counts "576 -> 64".
 * :func:`spatial_histogram_figure`: how many kept patches fall in each grid row and column, against the flat
   line a spatially unbiased rule would give (exposes e.g. a bias toward the bottom rows).
-* :func:`save_figure`: ``.html`` always works (plotly.js embedded, opens offline); ``.png``/``.svg``/``.pdf``
-  need kaleido and a Chrome/Chromium browser, else :class:`ImageExportError` says why.
+* :func:`denormalize`: the image exactly as the tower saw it, from its normalised pixel values.
+
+How accuracy varies with the token budget over a sweep is :func:`toolkit.viz.ablation.tokens_accuracy_figure`.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
+import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
+
+from toolkit.viz.style import with_alpha
 
 KEPT_COLOUR = "#00e5ff"
 DROPPED_FILL = "rgba(0, 0, 0, 0.7)"
 CLUSTER_PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
                    "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3")
-CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-
-
-class ImageExportError(RuntimeError):
-    """A static image (PNG/SVG/PDF) could not be written; the message says why and what to do."""
 
 
 def denormalize(pixel_values: torch.Tensor, image_mean, image_std) -> np.ndarray:
@@ -83,7 +81,7 @@ def _counts_line(output) -> str:
 
 
 def token_overlay_figure(output, image, image_mean=None, image_std=None, show_scores: bool = True,
-                         title: str | None = None):
+                         title: str | None = None) -> go.Figure:
     """Overlay one example's pruning decision on its preprocessed image.
 
     Args:
@@ -94,8 +92,6 @@ def token_overlay_figure(output, image, image_mean=None, image_std=None, show_sc
     Returns:
         ``plotly.graph_objects.Figure``.
     """
-    import plotly.graph_objects as go
-
     _single(output)
     rgb = _as_rgb(image, image_mean, image_std)
     height, width = rgb.shape[:2]
@@ -127,7 +123,7 @@ def token_overlay_figure(output, image, image_mean=None, image_std=None, show_sc
         colour = CLUSTER_PALETTE[cluster % len(CLUSTER_PALETTE)]
         xs, ys = _rectangles(members, cols, patch_h, patch_w)
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines", fill="toself", fillcolor=_with_alpha(colour, 0.4), line=dict(width=0),
+            x=xs, y=ys, mode="lines", fill="toself", fillcolor=with_alpha(colour, 0.4), line=dict(width=0),
             legendgroup="clusters", showlegend=cluster == 0, name=f"contextual clusters ({n_fused})",
             hovertemplate=f"cluster {cluster}: {len(members)} patches<extra></extra>",
         ))
@@ -156,17 +152,9 @@ def token_overlay_figure(output, image, image_mean=None, image_std=None, show_sc
     return fig
 
 
-def _with_alpha(hex_colour: str, alpha: float) -> str:
-    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r}, {g}, {b}, {alpha})"
-
-
-def spatial_histogram_figure(output, title: str | None = None):
+def spatial_histogram_figure(output, title: str | None = None) -> go.Figure:
     """Kept patches per grid row and per column for one example, with the count a spatially uniform rule
     would give (n_kept / rows, n_kept / cols) as a dashed line: bars far from it expose a spatial bias."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     _single(output)
     rows, cols = output.grid
     kept = torch.as_tensor(output.kept_indices[0]).cpu()
@@ -185,44 +173,3 @@ def spatial_histogram_figure(output, title: str | None = None):
     fig.update_xaxes(title_text="grid row (top = 0)", row=1, col=1)
     fig.update_xaxes(title_text="grid column (left = 0)", row=1, col=2)
     return fig
-
-
-def _prepare_browser() -> None:
-    """kaleido 1.x drives a Chrome; point it at a system Chromium when the user has not chosen one."""
-    if os.environ.get("BROWSER_PATH"):
-        return
-    for candidate in CHROMIUM_CANDIDATES:
-        if Path(candidate).is_file():
-            os.environ["BROWSER_PATH"] = candidate
-            return
-
-
-def save_figure(fig, path) -> Path:
-    """Write ``fig`` as ``.html`` (always works, offline) or ``.png``/``.svg``/``.pdf`` (needs kaleido + Chrome)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".html", ".png", ".svg", ".pdf"):
-        what = suffix or "a file without extension"
-        raise ValueError(f"cannot write a figure as {what!r}: use .html, .png, .svg or .pdf")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".html":
-        fig.write_html(path, include_plotlyjs=True)  # embedded plotly.js: opens without a network
-        return path
-    try:
-        import kaleido  # noqa: F401
-    except ImportError as err:
-        raise ImageExportError(f"{suffix} export needs the 'kaleido' package ({err}); write .html instead") from err
-    _prepare_browser()
-    browser = os.environ.get("BROWSER_PATH")
-    if browser and not Path(browser).is_file():
-        raise ImageExportError(f"BROWSER_PATH={browser!r} does not exist: kaleido needs a Chrome/Chromium to "
-                               f"write {suffix}; install chromium or write .html instead")
-    try:
-        fig.write_image(path)
-    except Exception as err:  # kaleido/choreographer raise many types when no browser can start
-        raise ImageExportError(
-            f"{suffix} export failed: kaleido could not render with a Chrome/Chromium browser "
-            f"(BROWSER_PATH={browser!r}; {type(err).__name__}: {err}). Install chromium and set BROWSER_PATH, "
-            "or write .html instead"
-        ) from err
-    return path

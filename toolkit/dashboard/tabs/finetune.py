@@ -1,0 +1,231 @@
+"""The Fine-tune tab: one run of any method with a live loss and ε curve, cancel, the app's time limit, and the
+run's settings and result as a JSON download.
+
+The run itself is ``toolkit.train.train``; this module turns the UI's values into a validated ``TrainConfig``
+(:func:`build_train_config`) and follows the run through :mod:`toolkit.dashboard.jobs` (:func:`finetune`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+import pandas as pd
+
+from toolkit.dashboard import jobs, model
+from toolkit.dashboard.budget import AUTO_STRATEGY, budget_controls, token_budget
+from toolkit.dashboard.common import (
+    APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError,
+    failure_html, format_value, json_safe, message_html, progress_html, routed, ui_batch_size, ui_choice,
+    ui_fraction, ui_number, ui_steps, warn,
+)
+from toolkit.tokens import STRATEGIES
+from toolkit.train import TrainConfig, train
+from toolkit.viz import training_curve_figure
+from toolkit.vocabulary import METHOD_LABELS, METHODS, format_epsilon, is_private
+
+HELP = dict(
+    method=("Non-private: no noise (ε = ∞). DP-SGD: per-example clipping + Gaussian noise, every visual token. "
+            "Dual-Priv: DP-SGD + visual token pruning + update pruning. DP-ZO: zeroth-order, two forward passes, "
+            "memory near inference, lower utility."),
+    epsilon=(f"Privacy budget ε of the whole run (> 0): smaller = stronger privacy, more noise. Privacy unit: "
+             f"{APP_PRIVACY_UNIT}. Ignored by non-private."),
+    delta="δ in (0, 1): the chance the ε bound may fail; keep it well below 1 / number of records (700).",
+    token_strategy=("How visual tokens are chosen. auto: dual-priv for Dual-Priv, every token for the other "
+                    "methods. dual-priv: the patches [CLS] attends to most + contextual tokens fused from the rest; "
+                    "random / uniform / pool / divprune / mean-attention: baselines; none: every token."),
+    fusion_noise=("Add Gaussian noise to the fused contextual tokens, σ matched to the DP noise. A heuristic OUTSIDE "
+                  "the DP guarantee: ε does not change with it (the guarantee comes from DP-SGD's gradient noise)."),
+    steps="Optimizer steps; this app allows at most {max_steps}, and stops a run after {time_limit:g} s.",
+    lr="Learning rate; leave empty for the method's default (5e-3 DP-SGD/Dual-Priv, 1e-3 non-private, 2e-3 DP-ZO).",
+)
+
+
+def build_train_config(settings: AppSettings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
+                       token_strategy, grad_prune_ratio, steps, batch_size, lr,
+                       fusion_noise: bool = False) -> TrainConfig:
+    """The validated, resolved ``TrainConfig`` of a fine-tune from the UI's values, or :class:`InputError`.
+
+    Token pruning and update pruning apply to Dual-Priv; the baselines keep every visual token and every
+    gradient coordinate unless a token strategy is chosen explicitly (an ablation). Non-private ignores ε and δ.
+    """
+    ui_choice("method", method, METHODS)
+    private = is_private(method)
+    eps = ui_number("ε", epsilon, minimum=0, hint="smaller ε = stronger privacy") if private else math.inf
+    dlt = (ui_fraction("δ", delta, include_zero=False, hint="e.g. 1e-5, below 1 / number of records")
+           if private else 1e-5)
+    n_steps = ui_steps(settings, steps)
+    batch = ui_batch_size(settings, batch_size)
+    rate = None if lr is None or str(lr).strip() == "" else ui_number("learning rate", lr, minimum=0)
+    grad_ratio = ui_fraction("gradient prune ratio", grad_prune_ratio, hint=GRAD_RATIO_MEANING)
+    strategy = token_strategy or AUTO_STRATEGY
+    if strategy == AUTO_STRATEGY:
+        strategy = "dual-priv" if method == "dual-priv" else "none"
+    budget = token_budget(settings, strategy, budget_mode, token_prune_ratio, keep_tokens)
+    config = TrainConfig(
+        method=method, preset=settings.preset, warm_start_steps=settings.warm_start_steps, task=settings.task,
+        train_limit=settings.train_limit, eval_limit=settings.eval_limit, epsilon=eps, delta=dlt, steps=n_steps,
+        expected_batch_size=batch, lr=rate, token_strategy=strategy, keep_tokens=budget["keep"],
+        token_prune_ratio=budget["token_prune_ratio"], grad_prune_ratio=grad_ratio if method == "dual-priv" else 0.0,
+        fusion_noise_std="matched" if (fusion_noise and private and strategy != "none") else None, progress=False,
+    )
+    try:
+        return config.resolved()
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def result_markdown(summary: dict, reason: str | None) -> str:
+    """The result table of a finished (or stopped) run, from ``TrainResult.summary()``."""
+    private = is_private(summary["method"])
+    lines = [f"### Result: {METHOD_LABELS[summary['method']]}"]
+    if summary.get("cancelled"):
+        lines.append(f"**Stopped early ({reason or 'cancelled'})** after {summary['steps']} of "
+                     f"{summary['config']['steps']} steps; the model was still evaluated.")
+    accuracy = summary["accuracy"]
+    rows = [
+        ("accuracy (held-out test split)", "n/a" if math.isnan(accuracy) else f"{100 * accuracy:.1f}%"),
+        ("ε spent / target", f"{format_value(summary['epsilon_spent'], 4)} / {format_epsilon(summary['epsilon'])} "
+                             f"(δ = {summary['delta']:g})" if private else "∞ (non-private: no guarantee)"),
+        ("privacy unit", APP_PRIVACY_UNIT if private else "–"),
+        ("noise multiplier σ", format_value(summary["noise_multiplier"])),
+        ("peak memory", f"{format_value(summary['peak_memory_mb'], 4)} MB ({summary['memory_method']})"),
+        ("step time (median)", f"{format_value(summary['step_time_s'])} s"),
+        ("visual tokens fed to the LLM", f"{summary['visual_tokens']} of {summary['visual_tokens_in']} "
+                                         f"({summary['token_strategy']})"),
+        ("gradient prune ratio", format_value(summary["grad_prune_ratio"])),
+        ("steps", str(summary["steps"])),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+    ]
+    if summary.get("fusion_noise_std"):
+        rows.append(("fusion noise σ (heuristic, outside the DP guarantee)", format_value(summary["fusion_noise_std"])))
+    lines += ["", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) -> str:
+    """Write the run's summary, config and history as strict JSON under the app's results folder; its path."""
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=settings.results_dir()))
+    path = folder / f"dualpriv-{summary['method']}-settings.json"
+    record = dict(summary, history=history.to_dict(orient="records"), privacy_unit=APP_PRIVACY_UNIT)
+    path.write_text(json.dumps(json_safe(record), indent=2, default=str))
+    return str(path)
+
+
+def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
+             token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise: bool = False,
+             session: str = "local") -> Iterator[dict]:
+    """Generator: validate, then fine-tune in a worker thread, yielding dicts with keys ``status`` (HTML:
+    message + progress bar), ``curve`` (plotly figure of loss and ε spent), ``result`` (Markdown),
+    ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None)."""
+    blank = dict(curve=None, result="", settings=None, download=None)
+    try:
+        config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
+                                    token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise)
+        job = jobs.claim(session, "fine-tune")
+    except InputError as err:
+        yield dict(blank, status=warn(f"Not started: {err}"))
+        return
+    private = is_private(config.method)
+    target = config.epsilon if private else None
+    label = METHOD_LABELS[config.method] + (f", ε = {format_epsilon(config.epsilon)}" if private else "")
+    rows: list[dict] = []
+
+    def work(job: jobs.Job):
+        model.prepare(settings, job.note)  # the public warm start, trained on first use
+        with jobs.exclusive(job):
+            on_row = lambda row: job.emit("row", dict(row))  # noqa: E731
+            return train(config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
+
+    def render() -> dict:
+        if not rows:
+            return dict(blank, status=message_html(f"{label}: loading the model and encoding the data "
+                                                   f"({job.elapsed():.0f} s)…"))
+        last = rows[-1]
+        parts = [f"{label}: step {last['step']}/{last['steps']}"]
+        if last.get("loss") is not None:
+            parts.append(f"loss {last['loss']:.4f}")
+        parts.append(f"ε spent {format_value(last['epsilon_spent'])} of {format_epsilon(target)}" if private
+                     else "non-private")
+        if job.stopping:
+            parts.append("stopping…")
+        return dict(blank, status=progress_html(last["step"], last["steps"], " · ".join(parts)),
+                    curve=training_curve_figure(rows, target))
+
+    outcome = yield from jobs.stream(
+        job, work, render, blank=blank, on_event=lambda kind, row: rows.append(row),
+        first_status=message_html(f"Starting {label}: loading the model and encoding the data…"))
+    if outcome.error is not None:
+        # A ValueError is about the settings (e.g. too few records for the batch): worth a toast too.
+        yield dict(blank, status=failure_html("The run", outcome.error, toast=isinstance(outcome.error, ValueError)),
+                   curve=training_curve_figure(rows, target) if rows else None)
+        return
+    result = outcome.value
+    summary = result.summary()
+    path = write_settings(settings, summary, result.history)
+    done = (f"Stopped early ({job.reason}) after {result.steps} steps" if result.cancelled
+            else f"Finished {result.steps} steps")
+    accuracy = "n/a" if math.isnan(result.accuracy) else f"{100 * result.accuracy:.1f}%"
+    status = progress_html(result.steps, config.steps, f"{done} in {result.wall_time_s:.1f} s · accuracy {accuracy}")
+    yield dict(status=status, curve=training_curve_figure(result.history if len(result.history) else rows, target),
+               result=result_markdown(summary, job.reason), settings=json_safe(summary), download=path)
+
+
+def build(settings: AppSettings) -> list:
+    """The Fine-tune tab (inside the app's ``gr.Blocks``); returns its events that may train the warm start."""
+    s = settings
+    with gr.Tab("Fine-tune", id="finetune"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                method = gr.Radio(METHOD_CHOICES, value="dual-priv", label="Method", info=HELP["method"],
+                                  elem_id="ft-method")
+                with gr.Row():
+                    epsilon = gr.Number(3.0, label="ε (epsilon)", info=HELP["epsilon"], elem_id="ft-epsilon")
+                    delta = gr.Number(1e-5, label="δ (delta)", info=HELP["delta"], elem_id="ft-delta")
+                token_strategy = gr.Dropdown([AUTO_STRATEGY] + sorted(STRATEGIES), value=AUTO_STRATEGY,
+                                             label="Token strategy", info=HELP["token_strategy"],
+                                             elem_id="ft-strategy")
+                budget_mode, token_ratio, keep_tokens = budget_controls(("ft-budget-mode", "ft-token-ratio",
+                                                                         "ft-keep"))
+                with gr.Row():
+                    grad_ratio = gr.Number(0.2, label="Gradient-update prune ratio",
+                                           info=SHARED_HELP["grad_prune_ratio"], elem_id="ft-grad-ratio")
+                    fusion_noise = gr.Checkbox(False, label="Matched fusion noise (heuristic)",
+                                               info=HELP["fusion_noise"], elem_id="ft-fusion")
+                with gr.Row():
+                    steps = gr.Number(min(20, s.max_steps), precision=0, label="Steps",
+                                      info=HELP["steps"].format(max_steps=s.max_steps, time_limit=s.time_limit),
+                                      elem_id="ft-steps")
+                    batch_size = gr.Number(32, precision=0, label="Batch size", info=SHARED_HELP["batch_size"],
+                                           elem_id="ft-batch")
+                    lr = gr.Textbox("", label="Learning rate", placeholder="method default", info=HELP["lr"],
+                                    elem_id="ft-lr")
+                with gr.Row():
+                    run_button = gr.Button("Run", variant="primary", elem_id="ft-run")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
+            with gr.Column(scale=3):
+                status = gr.HTML(message_html("Choose the settings and press Run."), elem_id="ft-status")
+                curve = gr.Plot(label="Loss and ε spent per step", elem_id="ft-curve")
+                result = gr.Markdown(elem_id="ft-result")
+                with gr.Accordion("Run settings (JSON)", open=False):
+                    settings_json = gr.JSON(label="Settings and result", elem_id="ft-settings")
+                download = gr.File(label="Download the run settings (JSON)", interactive=False, height=90,
+                                   elem_id="ft-download")
+    outputs = dict(status=status, curve=curve, result=result, settings=settings_json, download=download)
+
+    def run(method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v, batch_v, lr_v,
+            fusion_v, request: gr.Request):
+        for update in finetune(s, method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v,
+                               batch_v, lr_v, fusion_v, session=jobs.session_id(request)):
+            yield routed(update, outputs)
+
+    run_event = run_button.click(
+        run, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy, grad_ratio, steps,
+              batch_size, lr, fusion_noise], list(outputs.values()), concurrency_id=jobs.HEAVY_QUEUE,
+        concurrency_limit=1, show_progress="minimal", api_name="finetune")
+    cancel_button.click(jobs.cancel_from_page, None, status, concurrency_limit=None, show_progress="hidden",
+                        api_name="cancel")
+    return [run_event]
