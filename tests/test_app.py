@@ -51,7 +51,7 @@ def _run(settings, session="test", **overrides):
     return finetune.finetune(settings, values["method"], values["epsilon"], values["delta"], values["budget_mode"],
                              values["token_prune_ratio"], values["keep_tokens"], values["token_strategy"],
                              values["grad_prune_ratio"], values["steps"], values["batch_size"], values["lr"],
-                             session=session)
+                             release_stats=values.get("release_stats", False), session=session)
 
 
 def _only_update(generator) -> dict:
@@ -292,8 +292,18 @@ def test_finetune_runs_to_completion_and_writes_its_settings(settings):
     saved = json.loads(path.read_text())  # strict JSON: inf written as a string
     assert saved["config"]["token_prune_ratio"] == 0.75 and len(saved["history"]) == 3
     curve = final["curve"]
-    assert [list(t.x) for t in curve.data][:2] == [[1, 2, 3], [1, 2, 3]]  # loss and ε spent per step
+    assert [t.name for t in curve.data][:1] == ["ε spent"]  # the private loss is not released by default
+    assert "not released" in curve.layout.annotations[0].text
+    assert "loss" not in saved["history"][0] and saved["released_training_stats"] == []
     assert jobs.running_job("test") is None
+
+
+def test_released_training_loss_is_drawn_and_marked_outside_the_guarantee(settings):
+    final = list(_run(settings, steps=3, release_stats=True))[-1]
+    curve = final["curve"]
+    assert [list(t.x) for t in curve.data][:2] == [[1, 2, 3], [1, 2, 3]]  # loss and ε spent per step
+    assert "outside the DP guarantee" in curve.layout.annotations[0].text
+    assert final["settings"]["released_training_stats"] == ["loss", "batch_size"]
 
 
 def test_first_job_trains_the_warm_start_with_progress(tmp_path, monkeypatch):

@@ -158,7 +158,8 @@ def test_training_curve_shows_loss_and_epsilon_against_the_target():
     assert list(fig.layout.xaxis.range) == [0, 4.5]                   # the planned steps, not the steps so far
     no_loss = training_curve_figure([{k: v for k, v in r.items() if k != "loss"} for r in rows], 2.0)
     assert [t.name for t in no_loss.data] == ["ε spent"]
-    assert "not reported" in no_loss.layout.annotations[0].text
+    assert "not released: outside the DP guarantee" in no_loss.layout.annotations[0].text
+    assert "released: outside the DP guarantee" in fig.layout.annotations[0].text  # a private run's loss
     non_private = training_curve_figure([dict(step=1, steps=2, loss=0.7, epsilon_spent=math.inf)])
     assert [t.name for t in non_private.data] == ["loss"] and "non-private: ∞" in non_private.layout.annotations[1].text
 

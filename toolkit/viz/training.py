@@ -29,7 +29,11 @@ def training_curve_figure(rows, epsilon_target: float | None = None, title: str 
     eps = [r.get("epsilon_spent") for r in rows]
     has_loss = any(loss is not None for loss in losses)
     private = any(e is not None and math.isfinite(e) for e in eps)
-    left = "training loss" if has_loss or not rows else "training loss (not reported by this run)"
+    if private:  # a private run's loss is a function of the private batches that ε does not cover
+        left = ("training loss (released: outside the DP guarantee)" if has_loss
+                else "training loss (not released: outside the DP guarantee)")
+    else:
+        left = "training loss" if has_loss or not rows else "training loss (not reported by this run)"
     right = "ε spent" if private else "ε (non-private: ∞)"
     fig = make_subplots(rows=1, cols=2, subplot_titles=(left, right))
     if has_loss:

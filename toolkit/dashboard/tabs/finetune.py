@@ -37,6 +37,10 @@ HELP = dict(
     token_strategy=("How visual tokens are chosen. auto: dual-priv for Dual-Priv, every token for the other "
                     "methods. dual-priv: the patches [CLS] attends to most + contextual tokens fused from the rest; "
                     "random / uniform / pool / divprune / mean-attention: baselines; none: every token."),
+    release_stats=("The per-step loss of a private run depends on the private batch and is NOT covered by ε "
+                   "(its sensitivity is unbounded). Off by default: only ε is shown while training."),
+    secure_mode=("Opacus' noise that resists floating-point attacks on the Gaussian sampler; about 4x the noise "
+                 "draws."),
     fusion_noise=("Add Gaussian noise to the fused contextual tokens, σ matched to the DP noise. A heuristic OUTSIDE "
                   "the DP guarantee: ε does not change with it (the guarantee comes from DP-SGD's gradient noise)."),
     steps="Optimizer steps; this app allows at most {max_steps}, and stops a run after {time_limit:g} s.",
@@ -46,7 +50,8 @@ HELP = dict(
 
 def build_train_config(settings: AppSettings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
                        token_strategy, grad_prune_ratio, steps, batch_size, lr,
-                       fusion_noise: bool = False) -> TrainConfig:
+                       fusion_noise: bool = False, release_stats: bool = False,
+                       secure_mode: bool = False) -> TrainConfig:
     """The validated, resolved ``TrainConfig`` of a fine-tune from the UI's values, or :class:`InputError`.
 
     Token pruning and update pruning apply to Dual-Priv; the baselines keep every visual token and every
@@ -71,6 +76,7 @@ def build_train_config(settings: AppSettings, method, epsilon, delta, budget_mod
         expected_batch_size=batch, lr=rate, token_strategy=strategy, keep_tokens=budget["keep"],
         token_prune_ratio=budget["token_prune_ratio"], grad_prune_ratio=grad_ratio if method == "dual-priv" else 0.0,
         fusion_noise_std="matched" if (fusion_noise and private and strategy != "none") else None, progress=False,
+        release_training_stats=bool(release_stats), secure_mode=bool(secure_mode),
     )
     try:
         return config.resolved()
@@ -117,14 +123,15 @@ def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) 
 
 def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
              token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise: bool = False,
-             session: str = "local") -> Iterator[dict]:
+             release_stats: bool = False, secure_mode: bool = False, session: str = "local") -> Iterator[dict]:
     """Generator: validate, then fine-tune in a worker thread, yielding dicts with keys ``status`` (HTML:
     message + progress bar), ``curve`` (plotly figure of loss and ε spent), ``result`` (Markdown),
     ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None)."""
     blank = dict(curve=None, result="", settings=None, download=None)
     try:
         config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
-                                    token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise)
+                                    token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise,
+                                    release_stats, secure_mode)
         job = jobs.claim(session, "fine-tune")
     except InputError as err:
         yield dict(blank, status=warn(f"Not started: {err}"))
@@ -196,6 +203,11 @@ def build(settings: AppSettings) -> list:
                     fusion_noise = gr.Checkbox(False, label="Matched fusion noise (heuristic)",
                                                info=HELP["fusion_noise"], elem_id="ft-fusion")
                 with gr.Row():
+                    release_stats = gr.Checkbox(False, label="Show the training loss (outside the DP guarantee)",
+                                                info=HELP["release_stats"], elem_id="ft-release-stats")
+                    secure_mode = gr.Checkbox(False, label="Secure noise (slower)", info=HELP["secure_mode"],
+                                              elem_id="ft-secure")
+                with gr.Row():
                     steps = gr.Number(min(20, s.max_steps), precision=0, label="Steps",
                                       info=HELP["steps"].format(max_steps=s.max_steps, time_limit=s.time_limit),
                                       elem_id="ft-steps")
@@ -217,14 +229,15 @@ def build(settings: AppSettings) -> list:
     outputs = dict(status=status, curve=curve, result=result, settings=settings_json, download=download)
 
     def run(method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v, batch_v, lr_v,
-            fusion_v, request: gr.Request):
+            fusion_v, release_v, secure_v, request: gr.Request):
         for update in finetune(s, method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v,
-                               batch_v, lr_v, fusion_v, session=jobs.session_id(request)):
+                               batch_v, lr_v, fusion_v, release_v, secure_v, session=jobs.session_id(request)):
             yield routed(update, outputs)
 
     run_event = run_button.click(
         run, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy, grad_ratio, steps,
-              batch_size, lr, fusion_noise], list(outputs.values()), concurrency_id=jobs.HEAVY_QUEUE,
+              batch_size, lr, fusion_noise, release_stats, secure_mode], list(outputs.values()),
+        concurrency_id=jobs.HEAVY_QUEUE,
         concurrency_limit=1, show_progress="minimal", api_name="finetune")
     cancel_button.click(jobs.cancel_from_page, None, status, concurrency_limit=None, show_progress="hidden",
                         api_name="cancel")
