@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit.dashboard import AppSettings, InputError, common, jobs, model
+from toolkit.dashboard import AppSettings, InputError, common, jobs, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
 from toolkit.dashboard.tabs import finetune, memory, sweep, tokens
 from toolkit.dashboard.ui import build_app, header_markdown
@@ -51,7 +51,8 @@ def _run(settings, session="test", **overrides):
     return finetune.finetune(settings, values["method"], values["epsilon"], values["delta"], values["budget_mode"],
                              values["token_prune_ratio"], values["keep_tokens"], values["token_strategy"],
                              values["grad_prune_ratio"], values["steps"], values["batch_size"], values["lr"],
-                             release_stats=values.get("release_stats", False), session=session)
+                             release_stats=values.get("release_stats", False),
+                             compare=values.get("compare", False), session=session)
 
 
 def _only_update(generator) -> dict:
@@ -298,6 +299,35 @@ def test_finetune_runs_to_completion_and_writes_its_settings(settings):
     assert jobs.running_job("test") is None
 
 
+def test_a_result_within_noise_of_chance_is_flagged_in_plain_words():
+    assert reference.chance_level("parity") == 0.5 and reference.chance_level("digit") == 0.1
+    assert reference.eval_size("parity") == 297 and reference.eval_size("parity", eval_limit=32) == 32
+    assert reference.binomial_se(0.5, 297) == pytest.approx(0.029, abs=1e-3)
+    kind, text = reference.verdict(0.512, 0.5, 297)   # the old default's non-private result
+    assert kind == "warn" and "Within noise of chance" in text and "± 5.8 points" in text and "297" in text
+    kind, text = reference.verdict(0.75, 0.5, 297)
+    assert kind == "ok" and "8.6 standard errors above chance 50%" in text
+    assert reference.verdict(float("nan"), 0.5, 297)[0] == "warn"
+
+
+def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    updates = list(_run(settings, steps=3, compare=True))
+    assert any("Measuring the non-private reference" in u["status"] for u in updates)
+    first = updates[-1]["verdict"]
+    assert "Non-private reference, same 3 steps and batch size 8" in first and "measured live just now" in first
+    assert "standard errors" in first or "Within noise of chance" in first
+    second = list(_run(settings, steps=3, compare=True, method="dp-sgd"))
+    assert not any("Measuring the non-private reference" in u["status"] for u in second)
+    assert "cached for these settings" in second[-1]["verdict"]
+    stored = json.loads((tmp_path / "cache" / "dashboard" / "references.json").read_text())
+    assert len(stored) == 1 and next(iter(stored.values()))["steps"] == 3
+    other = list(_run(settings, steps=4, compare=True, method="non-private"))[-1]["verdict"]
+    assert "this run is that reference" in other  # a non-private run with new settings is its own reference
+    off = list(_run(settings, steps=3))[-1]["verdict"]
+    assert "Non-private reference: off" in off
+
+
 def test_released_training_loss_is_drawn_and_marked_outside_the_guarantee(settings):
     final = list(_run(settings, steps=3, release_stats=True))[-1]
     curve = final["curve"]
@@ -475,10 +505,19 @@ def test_small_sweep_runs(settings):
     assert 0 < table["epsilon_spent"].iloc[0] <= 2.0
     assert Path(final["download"]).is_file()
     assert final["figure"] is not None
+    assert "Chance is 50%; with 32 test images a guesser lands within ± 17.7 points" in html.unescape(final["status"])
+    assert any(shape.type == "rect" for shape in final["figure"].layout.shapes)  # the noise band is drawn
     assert jobs.running_job("local") is None
 
 
 # ----------------------------------------------------------------------------------------------- the page
+
+def test_defaults_are_a_run_that_learns(settings):
+    demo = build_app(settings=AppSettings(**dict(TINY, max_steps=200)))
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["ft-steps"].value == finetune.DEFAULT_STEPS == 100 and by_id["sw-steps"].value == 100
+    assert by_id["ft-batch"].value == finetune.DEFAULT_BATCH_SIZE and by_id["ft-compare"].value is True
+
 
 def test_build_app_wires_every_control_with_help(settings):
     demo = build_app(settings=settings)

@@ -14,7 +14,7 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
-from toolkit.dashboard import jobs, model
+from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.common import (
     HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, failure_html, message_html, progress_html,
     round_table, routed, ui_batch_size, ui_integer, ui_steps, warn,
@@ -24,6 +24,7 @@ from toolkit.viz import privacy_utility_figure
 from toolkit.vocabulary import METHODS, format_epsilon, parse_epsilon, parse_epsilons
 
 REQUIRED_COLUMNS = ("method", "epsilon", "accuracy")
+DEFAULT_STEPS = 100  # the old 20 left every point within noise of chance: a curve of noise
 SHOWN_COLUMNS = ["method", "epsilon", "seed", "accuracy", "epsilon_spent", "steps_done", "visual_tokens",
                  "grad_prune_ratio", "peak_memory_mb", "wall_time_s"]  # the CSV download has all of them
 MAX_SEEDS = 5
@@ -32,7 +33,7 @@ HELP = dict(
     methods="Methods of the sweep; non-private runs once per seed (ε = ∞).",
     epsilons="Comma-separated ε values, each > 0 (e.g. 1, 3, 8).",
     seeds=f"Seeds per (method, ε): the curve shows their mean and spread (1 to {MAX_SEEDS}).",
-    steps="Steps of every run of the sweep.",
+    steps="Steps of every run of the sweep (100: each run learns visibly; far fewer ends near chance).",
     csv="A CSV with columns method, epsilon, seed, accuracy (as written by a toolkit sweep).",
 )
 
@@ -151,10 +152,21 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
         yield dict(blank, status=message_html(f"No run finished ({job.reason or 'stopped'}).", "warn"))
         return
     stopped = f" Stopped early ({job.reason})." if job.reason else ""
-    yield dict(status=message_html(f"Sweep done: {len(table)} of {runs} runs in {job.elapsed():.0f} s.{stopped}",
-                                   "ok"),
-               figure=privacy_utility_figure(check_sweep_table(table), width=None), table=sweep_view(table),
-               download=str(csv_path) if csv_path is not None else None)
+    n_eval = reference.eval_size(settings.task, eval_limit=settings.eval_limit)
+    yield dict(status=message_html(f"Sweep done: {len(table)} of {runs} runs in {job.elapsed():.0f} s.{stopped} "
+                                   f"{noise_note(table, settings.task, n_eval)}", "ok"),
+               figure=privacy_utility_figure(check_sweep_table(table), width=None, n_eval=n_eval),
+               table=sweep_view(table), download=str(csv_path) if csv_path is not None else None)
+
+
+def noise_note(table: pd.DataFrame, task: str, n_eval: int) -> str:
+    """One sentence: the chance level, its noise band on ``n_eval`` test records, and how many points lie in it."""
+    chance = reference.chance_level(task)
+    band = reference.NOISE_SE * reference.binomial_se(chance, n_eval)
+    inside = int((abs(pd.to_numeric(table["accuracy"], errors="coerce") - chance) < band).sum())
+    return (f"Chance is {100 * chance:.0f}%; with {n_eval} test images a guesser lands within ± {100 * band:.1f} "
+            f"points of it (the grey band), so {inside} of {len(table)} point(s) inside the band are "
+            "indistinguishable from guessing.")
 
 
 def build(settings: AppSettings) -> list:
@@ -169,8 +181,8 @@ def build(settings: AppSettings) -> list:
                 epsilons = gr.Textbox("1, 3, 8", label="ε values", info=HELP["epsilons"], elem_id="sw-eps")
                 with gr.Row():
                     seeds = gr.Number(1, precision=0, label="Seeds", info=HELP["seeds"], elem_id="sw-seeds")
-                    steps = gr.Number(min(20, s.max_steps), precision=0, label="Steps per run", info=HELP["steps"],
-                                      elem_id="sw-steps")
+                    steps = gr.Number(min(DEFAULT_STEPS, s.max_steps), precision=0, label="Steps per run",
+                                      info=HELP["steps"], elem_id="sw-steps")
                     batch = gr.Number(32, precision=0, label="Batch size", info=SHARED_HELP["batch_size"],
                                       elem_id="sw-batch")
                 with gr.Row():
