@@ -21,7 +21,7 @@ from PIL import Image
 
 from toolkit.dashboard import AppSettings, InputError, common, jobs, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
-from toolkit.dashboard.tabs import finetune, memory, sweep, tokens
+from toolkit.dashboard.tabs import finetune, memory, runs, sweep, tokens
 from toolkit.dashboard.ui import build_app, header_markdown
 
 TINY = dict(preset="tiny", warm_start_steps=0, train_limit=32, eval_limit=32, max_steps=50, time_limit=120.0,
@@ -141,39 +141,94 @@ def test_closing_the_page_cancels_the_job_and_frees_the_session():
     assert jobs.running_job("closed") is None
 
 
-def test_one_heavy_job_at_a_time_and_the_second_says_it_waits():
-    first, second = jobs.claim("heavy-1", "test job"), jobs.claim("heavy-2", "test job")
-    release_first, inside = threading.Event(), []
+def _hold_the_line(session: str):
+    """A running job that holds the line until the returned event is set; returns (event, its update stream)."""
+    job = jobs.claim(session, "test job", units=1)
+    go, inside = threading.Event(), threading.Event()
 
     def hold(job):
-        with jobs.exclusive(job):
-            inside.append(job.session)
-            release_first.wait(10)
+        inside.set()
+        go.wait(30)
 
-    def quick(job):
-        with jobs.exclusive(job):
-            inside.append(job.session)
+    updates = jobs.stream(job, hold, lambda: dict(status="holding"), blank={}, first_status="", poll_s=0.05)
+    while not inside.is_set():
+        next(updates)
+    return go, updates
 
-    first_updates = jobs.stream(first, hold, dict, blank={}, first_status="", poll_s=0.05)
-    next(first_updates), next(first_updates)
-    deadline = time.monotonic() + 10
-    while not inside and time.monotonic() < deadline:
-        next(first_updates)
-    second_updates = jobs.stream(second, quick, lambda: dict(status="measuring"), blank={}, first_status="",
-                                 poll_s=0.05, min_gap_s=0.0)
-    statuses = []
-    while not any("Waiting for the previous job" in s for s in statuses) and len(statuses) < 200:
-        statuses.append(next(second_updates)["status"])
-    assert "Waiting for the previous job" in statuses[-1], statuses
-    assert inside == ["heavy-1"]
-    release_first.set()
-    _drain_stream(first_updates), _drain_stream(second_updates)
-    assert inside == ["heavy-1", "heavy-2"]
+
+def test_one_heavy_job_at_a_time_in_order_and_a_queued_one_sees_its_place(monkeypatch):
+    jobs.forget_durations()
+    go, first = _hold_the_line("line-1")
+    ran = []
+    second = jobs.stream(jobs.claim("line-2", "test job", units=4), lambda job: ran.append("line-2"),
+                         dict, blank={}, first_status="", poll_s=0.05, min_gap_s=0.0)
+    third = jobs.stream(jobs.claim("line-3", "test job", units=4), lambda job: ran.append("line-3"),
+                        dict, blank={}, first_status="", poll_s=0.05, min_gap_s=0.0)
+    status2, status3 = next(second)["status"], next(third)["status"]
+    assert "Queued: your test job is 2nd in line" in status2 and "a test job (another user" in status2
+    assert "3rd in line" in html.unescape(status3)
+    # nothing of this kind has finished yet: the wait is unknown, never a guess
+    assert "Wait unknown: no test job has finished on this server yet" in status2
+    monkeypatch.setattr(jobs, "_PACES", {"test job": __import__("collections").deque([2.0])})  # 2 s per unit
+    status3 = next(third)["status"]
+    assert re.search(r"Estimated wait ≈ \d+ s", status3) and "from the last 1 test job on this server" in status3
+    assert ran == []
+    go.set()
+    _drain_stream(first), _drain_stream(second), _drain_stream(third)
+    assert ran == ["line-2", "line-3"]  # first in, first out
+    assert jobs.LINE.snapshot() == (None, [])
+
+
+def test_a_running_job_reports_its_own_pace_to_those_waiting():
+    go, first = _hold_the_line("pace-1")
+    running = jobs.running_job("pace-1")
+    running.progress(5, 10)
+    waiting = jobs.stream(jobs.claim("pace-2", "test job", units=1), lambda job: None, dict, blank={},
+                          first_status="", poll_s=0.05)
+    status = html.unescape(next(waiting)["status"])
+    assert "5/10 done" in status and "from the running test job's own pace" in status
+    jobs.cancel("pace-2")
+    assert _drain_stream(waiting)[1].started is False
+    go.set()
+    _drain_stream(first)
+
+
+def test_cancel_takes_a_queued_fine_tune_out_of_the_line_before_it_ever_trains(settings, monkeypatch):
+    calls = []
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: calls.append(a))  # must never be reached
+    go, first = _hold_the_line("someone-else")
+    queued = _run(settings, session="queued-user", steps=20)
+    status = next(queued)["status"]
+    assert "Queued: your fine-tune is 2nd in line" in status
+    answer = jobs.cancel("queued-user")
+    assert "Cancelled before it started (cancelled while queued)" in answer and "no ε was spent" in answer
+    final = list(queued)[-1]
+    assert "Cancelled before it started" in final["status"] and "no ε was spent" in final["status"]
+    assert final["result"] == "" and final["settings"] is None
+    assert jobs.running_job("queued-user") is None
+    assert jobs.LINE.snapshot()[1] == []  # it left the line
+    go.set()
+    _drain_stream(first)
+    time.sleep(0.3)
+    assert calls == []  # it never started, even after the line freed
+
+
+def test_a_queued_job_whose_page_closes_leaves_the_line():
+    go, first = _hold_the_line("closing-1")
+    waiting = jobs.stream(jobs.claim("closing-2", "test job"), lambda job: None, dict, blank={}, first_status="",
+                          poll_s=0.05)
+    next(waiting)
+    assert len(jobs.LINE.snapshot()[1]) == 1
+    waiting.close()
+    assert jobs.LINE.snapshot()[1] == [] and jobs.running_job("closing-2") is None
+    go.set()
+    _drain_stream(first)
 
 
 def test_cancel_says_when_nothing_runs_and_when_a_job_cannot_stop():
     assert "Nothing to cancel" in jobs.cancel("nobody")
     job = jobs.claim("measuring", "memory measurement", cancellable=False)
+    job.started = time.monotonic()  # running: a measurement cannot stop midway
     try:
         assert "cannot be cancelled" in jobs.cancel("measuring") and not job.stopping
     finally:
@@ -373,6 +428,42 @@ def test_time_limit_stops_the_run(tmp_path):
     assert final["settings"]["epsilon"] == "inf" and "non-private: no guarantee" in final["result"]
 
 
+# ----------------------------------------------------------------------------------------------- runs
+
+def test_every_run_is_kept_compared_pinned_and_exported_as_a_csv_the_sweep_tab_reads(settings):
+    private = list(_run(settings, steps=3))[-1]["summary"]
+    public = list(_run(settings, steps=3, method="non-private"))[-1]["summary"]
+    session = [runs.run_from_summary(private, 1)]
+    session.append(runs.run_from_summary(public, runs.next_number(session)))
+    assert [r["run"] for r in session] == [1, 2] and math.isinf(session[1]["epsilon"])
+    view = runs.runs_view(session)
+    assert list(view.columns) == list(runs.SHOWN.values())
+    assert list(view["ε"]) == ["3", "∞"] and list(view["visual tokens"]) == ["16/64 (dual-priv)", "64/64 (none)"]
+    assert view["accuracy %"].iloc[0] == round(100 * private["accuracy"], 1)
+    session = runs.set_pins(session, [2])
+    assert [r["pinned"] for r in session] == [False, True] and runs.runs_view(session)["pin"].tolist() == ["", "★"]
+    shown = runs.refresh(settings, session)
+    assert "2 run(s) this session, 1 pinned" in shown["status"]
+    figure = shown["figure"]
+    assert {t.name for t in figure.data} == {"Dual-Priv", "Non-private"}
+    assert any(list(t.text) == ["#2"] for t in figure.data)  # the pinned run is numbered in the plot
+    path = runs.export_runs(settings, session)
+    table = pd.read_csv(path)
+    assert list(table.columns) == runs.COLUMNS and table["epsilon"].tolist()[1] == math.inf
+    loaded = sweep.load_sweep_csv(path)  # the privacy–utility tab reads the export back
+    assert "Loaded 2 runs of 2 method(s)" in loaded["status"] and loaded["figure"] is not None
+    assert runs.clear_unpinned(session) == [session[1]]
+    assert runs.refresh(settings, [])["figure"] is None
+
+
+def test_a_sweep_adds_its_cells_to_the_runs():
+    cells = pd.DataFrame(dict(method=["dp-sgd", "non-private"], epsilon=[2.0, "inf"], accuracy=[0.6, 0.7],
+                              epsilon_spent=[1.9, math.inf], steps_done=[5, 5], wall_time_s=[3.0, 2.0], seed=[0, 0]))
+    rows = runs.runs_from_sweep(cells, 4)
+    assert [r["run"] for r in rows] == [4, 5] and [r["source"] for r in rows] == ["sweep", "sweep"]
+    assert math.isinf(rows[1]["epsilon"]) and "· sweep" in runs.runs_view(rows)["method"].iloc[0]
+
+
 # ----------------------------------------------------------------------------------------------- tokens
 
 def test_tokens_view_counts_and_draws_the_tokens_of_a_test_image(settings):
@@ -538,7 +629,7 @@ def test_build_app_wires_every_control_with_help(settings):
 def test_empty_tables_are_headed_by_their_columns(settings):
     demo = build_app(settings=settings)
     tables = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
-    assert set(tables) == {"mem-table", "sw-table"}
+    assert set(tables) == {"mem-table", "sw-table", "runs-table"}
     assert tables["mem-table"].headers == memory.SHOWN_COLUMNS
     assert tables["sw-table"].headers == sweep.SHOWN_COLUMNS
     assert tables["sw-table"].postprocess(None).headers == sweep.SHOWN_COLUMNS  # a cleared table keeps them

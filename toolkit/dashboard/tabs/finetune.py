@@ -27,6 +27,7 @@ from toolkit.dashboard.common import (
     failure_html, format_value, json_safe, message_html, progress_html, routed, ui_batch_size, ui_choice,
     ui_fraction, ui_number, ui_steps, warn,
 )
+from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.tokens import STRATEGIES
 from toolkit.train import TrainConfig, train
 from toolkit.viz import training_curve_figure
@@ -170,6 +171,7 @@ def measure_reference(job: jobs.Job, settings: AppSettings, config: TrainConfig,
     job.note(message_html(f"{text}…"))
 
     def on_row(row: dict) -> None:
+        job.progress(row["steps"] + row["step"], job.units)
         job.note(progress_html(row["step"], row["steps"], f"{text}: step {row['step']}/{row['steps']}"))
 
     ref = train(ref_config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
@@ -186,13 +188,15 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     """Generator: validate, then fine-tune in a worker thread, yielding dicts with keys ``status`` (HTML:
     message + progress bar), ``curve`` (plotly figure of loss and ε spent), ``verdict`` (HTML: the accuracy read
     against chance and, with ``compare``, the non-private reference of these settings), ``result`` (Markdown),
-    ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None)."""
+    ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None); the last update of a
+    finished run also has ``summary`` (``TrainResult.summary()``, for the session's runs table)."""
     blank = dict(curve=None, verdict="", result="", settings=None, download=None)
     try:
         config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
                                     token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise,
                                     release_stats, secure_mode)
-        job = jobs.claim(session, "fine-tune")
+        job = jobs.claim(session, "fine-tune", units=config.steps * (2 if compare else 1),
+                         pace_key=f"fine-tune step of {settings.preset}")
     except InputError as err:
         yield dict(blank, status=warn(f"Not started: {err}"))
         return
@@ -202,12 +206,15 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     rows: list[dict] = []
 
     def work(job: jobs.Job):
-        model.prepare(settings, job.note)  # the public warm start, trained on first use
-        with jobs.exclusive(job):
-            on_row = lambda row: job.emit("row", dict(row))  # noqa: E731
-            result = train(config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
-            ref = measure_reference(job, settings, config, result) if compare else (None, "off (not requested)")
-            return result, ref
+        job.exclude(model.prepare(settings, job.note))  # the warm start, on first use: its own progress line
+
+        def on_row(row: dict) -> None:
+            job.emit("row", dict(row))
+            job.progress(row["step"], job.units)
+
+        result = train(config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
+        ref = measure_reference(job, settings, config, result) if compare else (None, "off (not requested)")
+        return result, ref
 
     def render() -> dict:
         if not rows:
@@ -227,6 +234,9 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     outcome = yield from jobs.stream(
         job, work, render, blank=blank, on_event=lambda kind, row: rows.append(row),
         first_status=message_html(f"Starting {label}: loading the model and encoding the data…"))
+    if not outcome.started:
+        yield dict(blank, status=jobs.never_started_html(job))
+        return
     if outcome.error is not None:
         # A ValueError is about the settings (e.g. too few records for the batch): worth a toast too.
         yield dict(blank, status=failure_html("The run", outcome.error, toast=isinstance(outcome.error, ValueError)),
@@ -241,11 +251,13 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     status = progress_html(result.steps, config.steps, f"{done} in {result.wall_time_s:.1f} s · accuracy {accuracy}")
     yield dict(status=status, curve=training_curve_figure(result.history if len(result.history) else rows, target),
                verdict=comparison_html(config, summary, ref_entry, ref_note),
-               result=result_markdown(summary, job.reason), settings=json_safe(summary), download=path)
+               result=result_markdown(summary, job.reason), settings=json_safe(summary), download=path,
+               summary=summary)
 
 
-def build(settings: AppSettings) -> list:
-    """The Fine-tune tab (inside the app's ``gr.Blocks``); returns its events that may train the warm start."""
+def build(settings: AppSettings, runs_state: gr.State) -> list:
+    """The Fine-tune tab (inside the app's ``gr.Blocks``); a finished run is added to ``runs_state`` (the
+    session's runs). Returns its events that may train the warm start."""
     s = settings
     with gr.Tab("Fine-tune", id="finetune"):
         with gr.Row():
@@ -296,17 +308,21 @@ def build(settings: AppSettings) -> list:
                    download=download)
 
     def run(method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v, batch_v, lr_v,
-            fusion_v, release_v, secure_v, compare_v, request: gr.Request):
+            fusion_v, release_v, secure_v, compare_v, runs_v, request: gr.Request):
         for update in finetune(s, method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v,
                                batch_v, lr_v, fusion_v, release_v, secure_v, compare=compare_v,
                                session=jobs.session_id(request)):
-            yield routed(update, outputs)
+            summary = update.pop("summary", None)
+            shown = routed(update, outputs)
+            if summary is not None:
+                runs_v = list(runs_v or [])
+                shown[runs_state] = runs_v + [session_runs.run_from_summary(summary, session_runs.next_number(runs_v))]
+            yield shown
 
-    run_event = run_button.click(
-        run, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy, grad_ratio, steps,
-              batch_size, lr, fusion_noise, release_stats, secure_mode, compare], list(outputs.values()),
-        concurrency_id=jobs.HEAVY_QUEUE,
-        concurrency_limit=1, show_progress="minimal", api_name="finetune")
+    run_event = jobs.wire_run_button(
+        run_button, run, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy, grad_ratio,
+                          steps, batch_size, lr, fusion_noise, release_stats, secure_mode, compare, runs_state],
+        list(outputs.values()) + [runs_state], api_name="finetune")
     cancel_button.click(jobs.cancel_from_page, None, status, concurrency_limit=None, show_progress="hidden",
                         api_name="cancel")
     return [run_event]

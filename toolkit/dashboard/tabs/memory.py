@@ -61,7 +61,9 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
         strategy = token_strategy if token_strategy not in (None, AUTO_STRATEGY) else "dual-priv"
         budget = token_budget(settings, strategy, budget_mode, token_prune_ratio, keep_tokens)
         grad_ratio = ui_fraction("gradient prune ratio", grad_prune_ratio, hint=GRAD_RATIO_MEANING)
-        job = jobs.claim(session, "memory measurement", cancellable=False)  # run_bench has no way to stop midway
+        # run_bench has no way to stop midway: cancellable only while queued
+        job = jobs.claim(session, "memory measurement", cancellable=False, units=len(chosen),
+                         pace_key=f"memory measurement of {settings.preset}")
     except InputError as err:
         yield dict(blank, status=warn(f"Not started: {err}"))
         return
@@ -72,8 +74,11 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
     current: list = []  # the (method, index, total) being measured
 
     def work(job: jobs.Job):
-        with jobs.exclusive(job):  # an in-process measurement must not share the process with a training
-            return run_bench(progress=lambda method, i, n: job.emit("method", (method, i, n)), **kwargs)
+        def progress(method: str, i: int, n: int) -> None:
+            job.emit("method", (method, i, n))
+            job.progress(i, n)
+
+        return run_bench(progress=progress, **kwargs)
 
     def render() -> dict:
         if not current:
@@ -84,6 +89,9 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
 
     outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=lambda kind, value: current.append(value),
                                      first_status=message_html(f"Measuring {', '.join(chosen)} ({where})…"))
+    if not outcome.started:
+        yield dict(blank, status=jobs.never_started_html(job))
+        return
     if outcome.error is not None:
         yield dict(blank, status=failure_html("The measurement", outcome.error))
         return
@@ -110,7 +118,9 @@ def build(settings: AppSettings) -> list:
                 mode, ratio, keep = budget_controls(("mem-budget-mode", "mem-ratio", "mem-keep"))
                 grad_ratio = gr.Number(0.2, label="Gradient-update prune ratio",
                                        info=SHARED_HELP["grad_prune_ratio"], elem_id="mem-grad-ratio")
-                measure_button = gr.Button("Measure", variant="primary", elem_id="mem-run")
+                with gr.Row():
+                    measure_button = gr.Button("Measure", variant="primary", elem_id="mem-run")
+                    cancel_button = gr.Button("Cancel while queued", variant="stop", elem_id="mem-cancel")
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Press Measure: each method runs a few steps on the same batch."),
                                  elem_id="mem-status")
@@ -125,7 +135,8 @@ def build(settings: AppSettings) -> list:
                              session=jobs.session_id(request)):
             yield routed(update, outputs)
 
-    measure_button.click(measure, [methods, batch, steps, strategy, mode, ratio, keep, grad_ratio],
-                         list(outputs.values()), concurrency_id=jobs.HEAVY_QUEUE, concurrency_limit=1,
-                         show_progress="minimal", api_name="memory")
+    jobs.wire_run_button(measure_button, measure, [methods, batch, steps, strategy, mode, ratio, keep, grad_ratio],
+                         list(outputs.values()), api_name="memory")
+    cancel_button.click(jobs.cancel_from_page, None, status, concurrency_limit=None, show_progress="hidden",
+                        api_name=False)
     return []

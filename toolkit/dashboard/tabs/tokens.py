@@ -78,6 +78,10 @@ def tokens_view(settings: AppSettings, example, upload, strategy, budget_mode, t
             source = f"test example {index} (digit {record.answer})"
     except InputError as err:
         return dict(blank, status=warn(f"Nothing shown: {err}"))
+    training = model.warm_start_progress(settings)
+    if training is not None:  # the launch's warm start is training: say so rather than block the page on it
+        return dict(blank, status=message_html(f"The public warm start is being trained ({training}); this view "
+                                               "runs its vision tower, so it shows tokens once that is done.", "info"))
     bundle = model.get_bundle(settings)
     pruner = make_pruner(strategy, bundle, **budget)
     pixels = preprocess_images([image], bundle.image_size, bundle.image_mean, bundle.image_std)
