@@ -2,12 +2,23 @@
 
 One step of :class:`UpdatePruningDPOptimizer`::
 
-    g_i   = per-example gradient                      (Opacus GradSampleModule)
-    ḡ_i   = g_i · min(1, C / ‖g_i‖)                   (clip, Opacus)
-    s     = Σ_i ḡ_i                                   (sum, Opacus)
-    g̃     = (s + N(0, σ²C² I)) / B_expected           (noise drawn in ≥ fp32, then scale)
+    g_i   = per-example gradient                      (Opacus GradSampleModule, in the parameter dtype)
+    ḡ_i   = g_i · min(1, C / (‖g_i‖ + 1e-6))          (clip: norms, factors and products in ≥ fp32)
+    s     = Σ_i ḡ_i                                   (sum in ≥ fp32, kept across physical chunks)
+    g̃     = (s + N(0, σ²C² I)) / B_expected           (noise drawn and added in ≥ fp32, scaled, rounded once)
     m     = noisy_gradient_mask(g̃, p)                 (keep all but the fraction p of smallest |g̃_j|)
     θ     ← inner_optimizer.step(g̃ ⊙ m)
+
+Precision: with bf16 parameters Opacus' own ``clip_and_accumulate`` computes the norms, casts the clipping
+factors to bf16 and sums in bf16, so a clipped example could weigh up to ~0.5 % more than C (measured: 1.0052·C)
+and ε was under-reported. Here everything from the per-example norm to the noisy mean is computed in
+``promote_types(param dtype, float32)`` and only the final noisy mean ``g̃`` is rounded to the parameter dtype
+(post-processing: it costs no privacy). ``s`` therefore lives in fp32 for bf16 parameters.
+
+Physical chunks (Opacus' ``BatchMemoryManager`` mechanism): a Poisson logical batch may be processed in several
+backward passes; each pass's per-example gradients are clipped and added to ``s`` (``signal_skip_step`` makes
+``step`` stop after the clipping), and the last pass adds the noise ONCE and takes ONE optimizer and accountant
+step. :meth:`toolkit.privacy.DPEngine.step` drives it.
 
 ``m`` is computed from ``g̃`` alone, so it is post-processing of the Gaussian mechanism's output and
 costs no privacy. The clean sum ``s`` (``p.summed_grad`` in Opacus) is discarded right after the
@@ -129,15 +140,30 @@ class _UpdatePruningMixin:
         self._masks: list[torch.Tensor] | None = None
 
     def add_noise(self) -> None:
-        """``p.grad = s + N(0, σ²C²)`` with the noise drawn and added in at least fp32 (bf16 params too)."""
+        """``p.grad = round_to_param_dtype((s + N(0, σ²C²)) / (B_expected · accumulated))``.
+
+        The noise is drawn in ``promote_types(param dtype, float32)`` (never in bf16: a bf16 draw is a
+        coarser, different mechanism), added to the ≥ fp32 clipped sum, divided by the expected batch size
+        in that precision, and rounded to the parameter dtype once. The division is done here rather than in
+        Opacus' ``scale_grad`` (a no-op below), which would divide the already-rounded bf16 value.
+        """
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        divisor = self._mean_divisor()
         for p in self.params:
             opacus_check_unprocessed(p.summed_grad)
-            summed = p.summed_grad.to(torch.promote_types(p.summed_grad.dtype, torch.float32))
+            summed = p.summed_grad.to(_exact_dtype(p))
             noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
-                                    generator=self.generator, secure_mode=self.secure_mode)
-            p.grad = (summed + noise).to(p.dtype).view_as(p)
+                                 generator=self.generator, secure_mode=self.secure_mode)
+            p.grad = ((summed + noise) / divisor).to(p.dtype).view_as(p)
             opacus_mark_processed(p.summed_grad)
+
+    def _mean_divisor(self) -> float:
+        if self.loss_reduction == "mean":
+            return float(self.expected_batch_size * self.accumulated_iterations)
+        return 1.0
+
+    def scale_grad(self) -> None:
+        """Nothing: :meth:`add_noise` already divided by ``B_expected`` before rounding (see there)."""
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[bool]:
         """Opacus' clip -> sum -> noise -> scale (-> accountant hook), then the noisy-gradient mask."""
@@ -200,6 +226,30 @@ class _UpdatePruningMixin:
                     state[k][pruned] = v
 
 
+def _exact_dtype(p: torch.Tensor) -> torch.dtype:
+    """The precision of every privacy-relevant quantity for parameter ``p``: at least fp32 (fp64 stays fp64)."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def per_example_clip_factors(grad_samples: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+    """``c_i = min(1, C / (‖g_i‖ + 1e-6))`` with ``‖g_i‖`` the norm over every parameter, all in ≥ fp32.
+
+    ``grad_samples``: one ``[B, *param.shape]`` tensor per parameter (any float dtype). Each parameter's
+    per-example norms are reduced in ≥ fp32 (``vector_norm(dtype=...)``), so bf16 gradients are not summed
+    in bf16. Returns ``[B]`` in ``promote_types(float32, every grad dtype)``.
+    """
+    dtype = torch.float32
+    for g in grad_samples:
+        dtype = torch.promote_types(dtype, g.dtype)
+    if len(grad_samples[0]) == 0:
+        return torch.zeros((0,), device=grad_samples[0].device, dtype=dtype)
+    device = grad_samples[0].device
+    per_param = [torch.linalg.vector_norm(g.reshape(len(g), -1), ord=2, dim=1, dtype=dtype).to(device)
+                 for g in grad_samples]
+    norms = torch.linalg.vector_norm(torch.stack(per_param, dim=1), ord=2, dim=1)
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
     """Opacus ``DPOptimizer`` (per-sample gradients: hooks / functorch) + update pruning of the noisy gradient.
 
@@ -221,10 +271,29 @@ class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
 
+    def clip_and_accumulate(self) -> None:
+        """``p.summed_grad += Σ_i c_i g_i`` in ≥ fp32 (Opacus' version rounds ``c_i`` and the sum to the
+        parameter dtype). Called once per physical chunk; the sum carries over until the noise is added."""
+        grad_samples = self.grad_samples
+        factors = per_example_clip_factors(grad_samples, self.max_grad_norm)
+        for p, grad_sample in zip(self.params, grad_samples):
+            opacus_check_unprocessed(p.grad_sample)
+            dtype = _exact_dtype(p)
+            grad = torch.einsum("i,i...", factors.to(device=grad_sample.device, dtype=dtype),
+                                grad_sample.to(dtype))
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            opacus_mark_processed(p.grad_sample)
+
 
 class UpdatePruningDPOptimizerFastGradientClipping(_UpdatePruningMixin, DPOptimizerFastGradientClipping):
     """The same for Opacus ghost clipping (``DPOptimizerFastGradientClipping``): ``p.grad`` arrives clipped
-    and summed from the second backward pass; noise, scaling and the mask then follow as above."""
+    and summed from the second backward pass; noise, scaling and the mask then follow as above.
+
+    The clipped sum comes from autograd in the parameter dtype, so ghost clipping is exact only with ≥ fp32
+    parameters (:class:`toolkit.privacy.DPEngine` refuses it with bf16 ones)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
@@ -232,3 +301,12 @@ class UpdatePruningDPOptimizerFastGradientClipping(_UpdatePruningMixin, DPOptimi
         self._init_pruning(grad_prune_ratio, prune_scope, pruned_state)
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
+
+    def accumulate(self) -> None:
+        """``p.summed_grad += p.grad`` (one physical chunk's clipped sum) in ≥ fp32."""
+        for p in self.params:
+            grad = p.grad.detach().to(_exact_dtype(p))
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad.clone()
