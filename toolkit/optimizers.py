@@ -4,7 +4,10 @@ Every training step in the toolkit goes through an object with this interface (:
 
 * ``module``: the module to forward through (Opacus' wrapper for DP-SGD, the plain module otherwise);
 * ``step(per_example_losses_fn) -> float``: ``per_example_losses_fn()`` runs the forward and returns ``[B]``
-  per-example losses; the optimizer computes the update its own way and returns the batch's mean loss;
+  per-example losses; the optimizer computes the update its own way and returns the batch's mean loss.
+  ``step([fn_1, ..., fn_m])`` takes one logical batch as m physical chunks (each ``fn_k`` forwards its own
+  records): the update is the one of the whole batch, with one optimizer step (and, for the private methods,
+  one noise draw and one accountant step), while only one chunk's activations are alive at a time;
 * ``empty_step()``: the step of an empty Poisson batch (private methods still add noise and account it);
 * ``epsilon(delta)``, ``accountant`` (``None`` when nothing is accounted);
 * ``state_dict()`` / ``load_state_dict(state)`` for checkpoints.
@@ -27,7 +30,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,13 +40,23 @@ from toolkit.privacy import make_private
 from toolkit.zo import DPZeroOrder
 
 LossesFn = Callable[[], torch.Tensor]
+Chunks = Union[LossesFn, Sequence[LossesFn]]   # one logical batch: a function, or one function per physical chunk
+
+
+def as_chunks(per_example_losses_fn: Chunks) -> list[LossesFn]:
+    """The list of chunk functions of a logical batch (a single function is one chunk)."""
+    chunks = list(per_example_losses_fn) if isinstance(per_example_losses_fn, (list, tuple)) \
+        else [per_example_losses_fn]
+    if not chunks or not all(callable(fn) for fn in chunks):
+        raise ValueError("step takes a function returning per-example losses, or a non-empty list of them")
+    return chunks
 
 
 class TrainingOptimizer(Protocol):
     module: nn.Module
     accountant: object | None
 
-    def step(self, per_example_losses_fn: LossesFn) -> float: ...
+    def step(self, per_example_losses_fn: Chunks) -> float: ...
 
     def empty_step(self) -> None: ...
 
@@ -62,12 +75,28 @@ class NonPrivateOptimizer:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
         self.module, self.optimizer = module, optimizer
 
-    def step(self, per_example_losses_fn: LossesFn) -> float:
-        losses = per_example_losses_fn()
+    def step(self, per_example_losses_fn: Chunks) -> float:
+        """Gradient of the batch mean ``(1/B) Σ_i L_i``; with chunks, each chunk backpropagates
+        ``Σ_{i in chunk} L_i / B`` (B = the whole batch) into the accumulated ``.grad``, then one step."""
+        chunks = as_chunks(per_example_losses_fn)
         self.optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        if len(chunks) == 1:
+            losses = chunks[0]()
+            losses.mean().backward()
+            total, count = float(losses.detach().double().sum()), losses.shape[0]
+        else:
+            total, count, sums = 0.0, 0, []
+            for fn in chunks:  # B is only known after every chunk: scale by 1/B at the end
+                losses = fn()
+                losses.sum().backward()
+                total, count = total + float(losses.detach().double().sum()), count + losses.shape[0]
+            with torch.no_grad():
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.div_(count)
         self.optimizer.step()
-        return float(losses.mean().detach())
+        return total / count
 
     def empty_step(self) -> None:
         """Nothing to do: an empty batch carries no gradient and nothing is accounted."""

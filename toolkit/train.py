@@ -27,6 +27,7 @@ sensitivity), so they are kept out of the history, the progress bar and the call
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -45,10 +46,11 @@ from toolkit.config import OPTIMIZERS, TrainConfig, planned_steps, resolve_devic
 from toolkit.data import Collator, VQADataset, make_vqa
 from toolkit.evaluation import evaluate
 from toolkit.features import encode_records, make_pruner_for
-from toolkit.forward import LlavaLM, per_example_loss
+from toolkit.forward import LlavaLM, answer_losses
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
-from toolkit.models import apply_trainable, build_model, load_model
+from toolkit.models import apply_trainable, build_model, enable_activation_checkpointing, load_model
 from toolkit.optimizers import make_optimizer
+from toolkit.precision import resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
 from toolkit.tokens import matched_fusion_sigma
@@ -202,6 +204,11 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     bundle.model.to(device)
     torch.manual_seed(c.seed)
     trainable_params = apply_trainable(bundle, c.trainable, c.lora_rank)
+    # scale (issue 11): one dtype for frozen and trainable parts (after LoRA injection, so adapters get it too);
+    # DP clipping and noise stay in >= fp32 whatever it is (toolkit.privacy.update_pruning)
+    bundle.model.to(resolve_dtype(c.dtype, device))
+    if c.activation_checkpointing:
+        enable_activation_checkpointing(bundle)
     if train_set is None:
         train_set = make_vqa(c.task, c.train_split, bundle.image_size, limit=c.train_limit)
     if eval_set is None:
@@ -258,15 +265,23 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
 # ------------------------------------------------------------------------------------------------ steps
 
 def batch_losses(run: Run, idx: torch.Tensor) -> torch.Tensor:
-    """Per-example losses ``[B]`` of the records ``idx``, forwarded through the optimizer's module."""
+    """Per-example losses ``[B]`` of the records ``idx``, forwarded through the optimizer's module (the LM head
+    runs at the answer positions only: :func:`toolkit.forward.answer_losses`)."""
     batch = {k: v.to(run.device) for k, v in run.collator([run.train_set[i] for i in idx.tolist()]).items()}
     features = run.train_features[idx.to(run.train_features.device)].to(run.device)
     noise = None
     if run.fusion_sigma > 0 and run.pruner.n_contextual > 0:  # heuristic, outside the DP guarantee
         noise = run.pruner.fusion_noise(len(idx), generator=run.fusion_generator, sigma=run.fusion_sigma)
         noise = noise.to(run.device)
-    logits = run.optimizer.module(features, batch["input_ids"], batch["attention_mask"], fusion_noise=noise)
-    return per_example_loss(logits, batch["labels"])
+    return answer_losses(run.optimizer.module, features, batch, fusion_noise=noise)
+
+
+def physical_chunks(idx: torch.Tensor, max_physical_batch_size: int | None) -> list[torch.Tensor]:
+    """The logical batch ``idx`` in consecutive chunks of at most ``max_physical_batch_size`` records (one chunk
+    when None). Chunking changes memory only: the update is the logical batch's (:mod:`toolkit.optimizers`)."""
+    if max_physical_batch_size is None or len(idx) <= max_physical_batch_size:
+        return [idx]
+    return list(idx.split(max_physical_batch_size))
 
 
 def one_step(run: Run, idx: torch.Tensor) -> float:
@@ -275,7 +290,10 @@ def one_step(run: Run, idx: torch.Tensor) -> float:
     if len(idx) == 0:
         run.optimizer.empty_step()
         return float("nan")
-    return run.optimizer.step(lambda: batch_losses(run, idx))
+    chunks = physical_chunks(idx, run.config.max_physical_batch_size)
+    if len(chunks) == 1:
+        return run.optimizer.step(lambda: batch_losses(run, idx))
+    return run.optimizer.step([functools.partial(batch_losses, run, chunk) for chunk in chunks])
 
 
 def epsilon_now(run: Run) -> float:
