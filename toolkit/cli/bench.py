@@ -14,9 +14,12 @@ def run(args) -> list[dict]:
                       token_prune_ratio=None if args.keep_tokens else args.token_prune_ratio,
                       grad_prune_ratio=args.grad_prune_ratio, trainable=args.trainable,
                       grad_sample_mode=args.grad_sample_mode, tower_in_step=not args.cached_features,
-                      isolate=not args.in_process)
+                      isolate=not args.in_process, device=args.device, dtype=args.dtype, lm_layers=args.lm_layers,
+                      vision_layers=args.vision_layers, activation_checkpointing=args.activation_checkpointing)
     print(format_table(table))
-    print(f"\nmemory: {table.memory_method.iloc[0]} on {table.device.iloc[0]}; "
+    first = table.iloc[0]
+    print(f"\nmemory: {first['memory_method']} on {first['device']}; {first['dtype']}; preset {first['preset']} with "
+          f"{first['lm_layers']} LM / {first['vision_layers']} vision layers; batch {first['batch_size']}; "
           f"tower {'inside' if not args.cached_features else 'outside'} the step")
     return table.to_dict(orient="records")
 
@@ -35,3 +38,10 @@ def configure(parser) -> None:
     parser.add_argument("--grad-sample-mode", default="hooks")
     parser.add_argument("--cached-features", action="store_true", help="run the vision tower outside the step")
     parser.add_argument("--in-process", action="store_true", help="no fresh subprocess per method")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    parser.add_argument("--lm-layers", type=int, default=None, help="override the preset's LM depth (same widths)")
+    parser.add_argument("--vision-layers", type=int, default=None,
+                        help="override the preset's vision depth (>= 2, same widths)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute LM layer activations in backward (not for dp-zo, which has no backward)")
