@@ -90,7 +90,8 @@ class DPEngine:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
                  grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
-                 grad_sample_mode: str = "hooks", noise_seed: int | None = None, secure_mode: bool = False):
+                 grad_sample_mode: str = "hooks", noise_seed: int | None = None, secure_mode: bool = False,
+                 distributed: bool = False):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, AbstractGradSampleModule):
@@ -135,7 +136,7 @@ class DPEngine:
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size, grad_prune_ratio=grad_prune_ratio,
             prune_scope=prune_scope, pruned_state=pruned_state, loss_reduction="mean",
-            generator=self.generator, secure_mode=secure_mode)
+            generator=self.generator, secure_mode=secure_mode, distributed=distributed)
         self.accountant = make_accountant(accountant)
         # Accounting happens inside the optimizer, right after the noise is added: a noised step is
         # never unaccounted, whoever calls optimizer.step().
@@ -343,7 +344,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
                  grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
                  grad_sample_mode: str = "hooks", noise_seed: int | None = None,
-                 secure_mode: bool = False) -> DPEngine:
+                 secure_mode: bool = False, distributed: bool = False) -> DPEngine:
     """Wrap ``module`` and ``optimizer`` for DP training (see :class:`DPEngine` and the module docstring).
 
     Args:
@@ -361,8 +362,12 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
             can regenerate the noise and subtract it, so a model trained with a known (e.g. config-derived)
             seed has no privacy guarantee. None (default): seeded from OS entropy.
         secure_mode: Opacus' floating-point-attack-resistant noise (slower).
+        distributed: this process is one rank of a data-parallel run (:mod:`toolkit.distributed`): it clips its
+            share of the Poisson batch; rank 0 alone adds the noise; one all-reduce combines the noisy sum before
+            mechanism 2's mask, so every rank takes the same step. Every rank's accountant records the step.
     """
     return DPEngine(module, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                     expected_batch_size=expected_batch_size, sample_rate=sample_rate, accountant=accountant,
                     grad_prune_ratio=grad_prune_ratio, prune_scope=prune_scope, pruned_state=pruned_state,
-                    grad_sample_mode=grad_sample_mode, noise_seed=noise_seed, secure_mode=secure_mode)
+                    grad_sample_mode=grad_sample_mode, noise_seed=noise_seed, secure_mode=secure_mode,
+                    distributed=distributed)

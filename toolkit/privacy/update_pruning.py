@@ -51,6 +51,7 @@ import torch
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise
+from toolkit.distributed import all_reduce_sum
 
 PRUNE_SCOPES = ("global", "per-tensor")
 PRUNED_STATES = ("advance", "freeze")
@@ -130,7 +131,11 @@ def noisy_gradient_mask(noisy_grads: list[torch.Tensor], grad_prune_ratio: float
 class _UpdatePruningMixin:
     """Shared by the per-sample-gradient and the ghost-clipping optimizers (see the module docstring)."""
 
-    def _init_pruning(self, grad_prune_ratio: float, prune_scope: str, pruned_state: str) -> None:
+    def _init_pruning(self, grad_prune_ratio: float, prune_scope: str, pruned_state: str,
+                      distributed: bool = False) -> None:
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
+        self.distributed = bool(distributed)
         self.grad_prune_ratio = _check_ratio(grad_prune_ratio)
         self.prune_scope = _check_scope(prune_scope)
         if pruned_state not in PRUNED_STATES:
@@ -146,16 +151,29 @@ class _UpdatePruningMixin:
         coarser, different mechanism), added to the ≥ fp32 clipped sum, divided by the expected batch size
         in that precision, and rounded to the parameter dtype once. The division is done here rather than in
         Opacus' ``scale_grad`` (a no-op below), which would divide the already-rounded bf16 value.
+
+        Distributed (``distributed=True``, see :mod:`toolkit.distributed`): ``s`` is this rank's clipped sum;
+        only rank 0 adds the noise, then ONE all-reduce (SUM, ≥ fp32) gives every rank ``Σ_ranks s + noise``
+        before the division, the rounding and the mask, so every rank computes the same mask and update.
         """
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         divisor = self._mean_divisor()
+        add_noise_here = not self.distributed or torch.distributed.get_rank() == 0
+        noisy = []
         for p in self.params:
             opacus_check_unprocessed(p.summed_grad)
             summed = p.summed_grad.to(_exact_dtype(p))
-            noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
-                                 generator=self.generator, secure_mode=self.secure_mode)
-            p.grad = ((summed + noise) / divisor).to(p.dtype).view_as(p)
+            if add_noise_here:
+                summed = summed + opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
+                                               generator=self.generator, secure_mode=self.secure_mode)
             opacus_mark_processed(p.summed_grad)
+            if self.distributed:
+                noisy.append(summed)  # reduced below, all tensors in one call
+            else:
+                p.grad = (summed / divisor).to(p.dtype).view_as(p)
+        if self.distributed:
+            for p, total in zip(self.params, all_reduce_sum(noisy)):
+                p.grad = (total / divisor).to(p.dtype).view_as(p)
 
     def _mean_divisor(self) -> float:
         if self.loss_reduction == "mean":
@@ -261,13 +279,14 @@ class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
         grad_prune_ratio: fraction of smallest-|noisy grad| coordinates zeroed each step, in [0, 1).
         prune_scope: ``"global"`` or ``"per-tensor"`` (see :func:`noisy_gradient_mask`).
         pruned_state: ``"advance"`` or ``"freeze"`` (see the module docstring).
+        distributed: data-parallel ranks: noise on rank 0 only, one all-reduce before the mask (:meth:`add_noise`).
         Other keyword arguments go to Opacus' ``DPOptimizer`` (``generator``, ``secure_mode``, ...).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
-                 pruned_state: str = "advance", loss_reduction: str = "mean", **kwargs):
-        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state)
+                 pruned_state: str = "advance", loss_reduction: str = "mean", distributed: bool = False, **kwargs):
+        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state, distributed)
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
 
@@ -297,8 +316,8 @@ class UpdatePruningDPOptimizerFastGradientClipping(_UpdatePruningMixin, DPOptimi
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
-                 pruned_state: str = "advance", loss_reduction: str = "mean", **kwargs):
-        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state)
+                 pruned_state: str = "advance", loss_reduction: str = "mean", distributed: bool = False, **kwargs):
+        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state, distributed)
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
 
