@@ -325,3 +325,5 @@ def test_llava_7b_shape_preset_has_llava_1_5_7b_shapes_on_the_meta_device():
     assert shallow.model.config.text_config.hidden_size == 4096
     with pytest.raises(ValueError, match="vision_layers"):
         build_model("tiny", vision_layers=1, device="meta")
+    with pytest.raises(ValueError, match="name a device explicitly"):  # never 28 GB by accident on a CPU
+        build_model("llava-7b-shape")

@@ -56,6 +56,8 @@ PRESETS: dict[str, dict] = {
         vision_intermediate=4096, lm_hidden=4096, lm_layers=32, lm_heads=32, lm_intermediate=11008,
         vocab_size=32000, max_positions=4096, rms_norm_eps=1e-5,
         image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
+        bench=dict(trainable="lora", keep_tokens=64),  # the paper's setting: LoRA on the LM, 576 -> 64 tokens
+        shape_only=True,  # memory/speed only: never trained, never built at full depth by default (see build_model)
         description="LLaVA-1.5-7B shapes, random weights: CLIP ViT-L/14 at 336 px (576 patches + [CLS], 24x1024), "
                     "Llama 32x4096 (32 heads, MLP 11008, vocab 32000); memory/speed only",
     ),
@@ -168,6 +170,11 @@ def build_model(preset: str = "tiny", seed: int = 0, *, dtype: torch.dtype | Non
             raise ValueError(f"vision_layers must be an integer >= 2 (features come from the second-to-last "
                              f"layer), got {vision_layers!r}")
         spec["vision_layers"] = vision_layers
+    if spec.get("shape_only") and device is None and lm_layers is None and vision_layers is None:
+        raise ValueError(
+            f"preset {preset!r} is for memory/speed measurements at real scale (~7.06e9 parameters: 14 GB in bf16, "
+            "28 GB in fp32): name a device explicitly (device='cuda', or 'meta' for shapes only) or build a "
+            "shallower copy with lm_layers=/vision_layers=")
     tokenizer = build_tokenizer()
     text_config = LlamaConfig(
         vocab_size=spec.get("vocab_size", len(tokenizer)), hidden_size=spec["lm_hidden"],
