@@ -327,3 +327,23 @@ def test_llava_7b_shape_preset_has_llava_1_5_7b_shapes_on_the_meta_device():
         build_model("tiny", vision_layers=1, device="meta")
     with pytest.raises(ValueError, match="name a device explicitly"):  # never 28 GB by accident on a CPU
         build_model("llava-7b-shape")
+
+
+def test_blockwise_fp32_clipping_equals_the_float64_reference(monkeypatch):
+    """Low-precision per-example gradients are promoted to fp32 block by block (bounded memory): with tiny blocks
+    (many of them) the factors and the clipped sum still equal the float64 computation."""
+    import toolkit.privacy.update_pruning as up
+
+    monkeypatch.setattr(up, "_BLOCK_ELEMENTS", 64)
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 37, 11).to(torch.bfloat16), torch.randn(5, 300).to(torch.bfloat16) * 3]
+    norms = torch.stack([torch.cat([g[i].double().reshape(-1) for g in grads]).norm() for i in range(5)])
+    C = float(norms.median())
+    factors = up.per_example_clip_factors(grads, C)
+    assert factors.dtype == torch.float32
+    torch.testing.assert_close(factors.double(), torch.clamp(C / (norms + 1e-6), max=1.0), rtol=1e-6, atol=0)
+    for g in grads:
+        got = up.clipped_sum(g, factors, torch.float32)
+        expected = torch.einsum("i,i...", factors.double(), g.double())
+        scale = torch.einsum("i,i...", factors.double(), g.double().abs())
+        assert got.shape == g.shape[1:] and bool(((got.double() - expected).abs() <= 1e-6 * scale + 1e-15).all())

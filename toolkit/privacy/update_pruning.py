@@ -249,23 +249,45 @@ def _exact_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
+# Low-precision per-example gradients are promoted to fp32 a block of columns at a time, so the fp32 transient is
+# bounded (B x block <= 2**24 elements = 64 MiB) instead of a full [B, P] fp32 copy of every parameter's gradients.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _column_blocks(flat: torch.Tensor):
+    width = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[0]))
+    for start in range(0, flat.shape[1], width):
+        yield slice(start, start + width)
+
+
 def per_example_clip_factors(grad_samples: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
     """``c_i = min(1, C / (‖g_i‖ + 1e-6))`` with ``‖g_i‖`` the norm over every parameter, all in ≥ fp32.
 
-    ``grad_samples``: one ``[B, *param.shape]`` tensor per parameter (any float dtype). Each parameter's
-    per-example norms are reduced in ≥ fp32 (``vector_norm(dtype=...)``), so bf16 gradients are not summed
-    in bf16. Returns ``[B]`` in ``promote_types(float32, every grad dtype)``.
+    ``grad_samples``: one ``[B, *param.shape]`` tensor per parameter (any float dtype). The squares are summed in
+    ≥ fp32 (block by block, never in bf16). Returns ``[B]`` in ``promote_types(float32, every grad dtype)``.
     """
     dtype = torch.float32
     for g in grad_samples:
         dtype = torch.promote_types(dtype, g.dtype)
-    if len(grad_samples[0]) == 0:
-        return torch.zeros((0,), device=grad_samples[0].device, dtype=dtype)
     device = grad_samples[0].device
-    per_param = [torch.linalg.vector_norm(g.reshape(len(g), -1), ord=2, dim=1, dtype=dtype).to(device)
-                 for g in grad_samples]
-    norms = torch.linalg.vector_norm(torch.stack(per_param, dim=1), ord=2, dim=1)
-    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    if len(grad_samples[0]) == 0:
+        return torch.zeros((0,), device=device, dtype=dtype)
+    squares = torch.zeros(len(grad_samples[0]), device=device, dtype=dtype)
+    for g in grad_samples:
+        flat = g.reshape(len(g), -1)
+        for cols in _column_blocks(flat):
+            squares += flat[:, cols].to(dtype).pow(2).sum(dim=1).to(device)
+    return (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+
+
+def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_i c_i g_i`` in ``dtype`` (≥ fp32), shaped like one example's gradient; blockwise (see above)."""
+    flat = grad_sample.reshape(len(grad_sample), -1)
+    factors = factors.to(device=flat.device, dtype=dtype)
+    out = torch.empty(flat.shape[1], device=flat.device, dtype=dtype)
+    for cols in _column_blocks(flat):
+        out[cols] = factors @ flat[:, cols].to(dtype)
+    return out.view(grad_sample.shape[1:])
 
 
 class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
@@ -297,9 +319,7 @@ class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
         factors = per_example_clip_factors(grad_samples, self.max_grad_norm)
         for p, grad_sample in zip(self.params, grad_samples):
             opacus_check_unprocessed(p.grad_sample)
-            dtype = _exact_dtype(p)
-            grad = torch.einsum("i,i...", factors.to(device=grad_sample.device, dtype=dtype),
-                                grad_sample.to(dtype))
+            grad = clipped_sum(grad_sample, factors, _exact_dtype(p))
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:
