@@ -70,6 +70,8 @@ def init_from_env(device_type: str) -> DistributedContext:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if not dist.is_initialized():
+        if device_type == "cuda":  # NCCL needs each process bound to its own GPU before the group forms
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return context()
 
