@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.models import check_activation_checkpointing
+from toolkit.precision import DTYPES
 from toolkit.validation import check_choice, check_fraction, check_int, check_number
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS
 
@@ -85,6 +87,13 @@ class TrainConfig:
     checkpoint_path: str | None = None      # save model + accountant state here at the end
     resume_from: str | None = None          # continue a checkpointed run (ε keeps counting)
     resume_new_budget: bool = False         # resuming: spend up to this config's ε in total (σ recalibrated)
+    # --- scale (issue 11): precision, physical batches, activation memory -------------------------------------
+    dtype: str = "auto"                     # model dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32",
+                                            # "bfloat16"; DP clipping/noise always run in >= fp32 (toolkit.precision)
+    max_physical_batch_size: int | None = None  # process each logical (Poisson) batch in chunks of at most this
+                                            # many records: one noise draw, one step, one accountant step per batch
+    activation_checkpointing: bool = False  # recompute the LM's layer activations in backward (less memory);
+                                            # not with grad_sample_mode="functorch" (see toolkit.models)
 
     @property
     def private(self) -> bool:
@@ -144,6 +153,7 @@ def check_config(c: TrainConfig) -> None:
         raise ValueError(f"fusion_noise_std must be a number, 'matched' or None, got {c.fusion_noise_std!r}")
     if isinstance(c.fusion_noise_std, (int, float)):
         check_number("fusion_noise_std", c.fusion_noise_std, minimum=0, strict=False)
+    check_scale_fields(c)
     if c.resume_new_budget and not c.resume_from:
         raise ValueError("resume_new_budget applies to a resumed run: give resume_from too")
     if c.device != "auto":
@@ -153,6 +163,15 @@ def check_config(c: TrainConfig) -> None:
             raise ValueError(f"device {c.device!r} is not a torch device ({err})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {c.device!r} asked for, but torch sees no CUDA device")
+
+
+def check_scale_fields(c: TrainConfig) -> None:
+    """The issue-11 block: dtype, physical batch size, activation checkpointing."""
+    check_choice("dtype", c.dtype, DTYPES)
+    if c.max_physical_batch_size is not None:
+        check_int("max_physical_batch_size", c.max_physical_batch_size, minimum=1)
+    if c.activation_checkpointing:
+        check_activation_checkpointing(c.grad_sample_mode if c.method in ("dp-sgd", "dual-priv") else None)
 
 
 def resolve_device(c: TrainConfig) -> torch.device:

@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -46,6 +47,19 @@ PRESETS: dict[str, dict] = {
         tower="siglip", image_size=32, patch_size=4, vision_hidden=64, vision_layers=3, vision_heads=4,
         lm_hidden=128, lm_layers=2, lm_heads=4, lm_intermediate=256,
         description="SigLIP 3x64 on a 32x32 canvas (64 patches, no [CLS]), Llama 2x128",
+    ),
+    # LLaVA-1.5-7B's real shapes with random weights, for memory and speed ONLY (never trained, ~7.06e9
+    # parameters: ~14 GB in bf16). Build it on a GPU, or on the "meta" device for shape checks; on a CPU use
+    # build_model(..., lm_layers=2, vision_layers=2) (the 7B widths, fewer layers) as benchmarks/paper_shape.py does.
+    "llava-7b-shape": dict(
+        tower="clip", image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+        vision_intermediate=4096, lm_hidden=4096, lm_layers=32, lm_heads=32, lm_intermediate=11008,
+        vocab_size=32000, max_positions=4096, rms_norm_eps=1e-5,
+        image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
+        bench=dict(trainable="lora", keep_tokens=64),  # the paper's setting: LoRA on the LM, 576 -> 64 tokens
+        shape_only=True,  # memory/speed only: never trained, never built at full depth by default (see build_model)
+        description="LLaVA-1.5-7B shapes, random weights: CLIP ViT-L/14 at 336 px (576 patches + [CLS], 24x1024), "
+                    "Llama 32x4096 (32 heads, MLP 11008, vocab 32000); memory/speed only",
     ),
 }
 
@@ -121,7 +135,7 @@ def _vision_config(spec: dict):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     common = dict(
-        hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_hidden"] * 2,
+        hidden_size=spec["vision_hidden"], intermediate_size=spec.get("vision_intermediate", spec["vision_hidden"] * 2),
         num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
         image_size=spec["image_size"], patch_size=spec["patch_size"], num_channels=3,
     )
@@ -132,18 +146,41 @@ def _vision_config(spec: dict):
     raise ValueError(f"unknown vision tower kind {spec['tower']!r}")
 
 
-def build_model(preset: str = "tiny", seed: int = 0) -> LlavaBundle:
-    """Build a randomly initialised LLaVA from a named preset (see ``PRESETS``), reproducible from ``seed``."""
+def build_model(preset: str = "tiny", seed: int = 0, *, dtype: torch.dtype | None = None,
+                lm_layers: int | None = None, vision_layers: int | None = None,
+                device: str | torch.device | None = None) -> LlavaBundle:
+    """Build a randomly initialised LLaVA from a named preset (see ``PRESETS``), reproducible from ``seed``.
+
+    ``dtype``: the parameters' dtype (default float32); the model is created directly in it, so a bf16 build
+    never holds an fp32 copy. ``lm_layers`` / ``vision_layers`` override the preset's depths (same widths): a
+    shallower real-width model for per-layer memory measurements (``vision_layers`` >= 2, since LLaVA takes
+    features from the second-to-last layer). ``device="meta"`` builds shapes only (no memory, no values).
+    """
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    spec = PRESETS[preset]
+    spec = dict(PRESETS[preset])
+    if lm_layers is not None:
+        if isinstance(lm_layers, bool) or not isinstance(lm_layers, int) or lm_layers < 1:
+            raise ValueError(f"lm_layers must be an integer >= 1, got {lm_layers!r}")
+        spec["lm_layers"] = lm_layers
+    if vision_layers is not None:
+        if isinstance(vision_layers, bool) or not isinstance(vision_layers, int) or vision_layers < 2:
+            raise ValueError(f"vision_layers must be an integer >= 2 (features come from the second-to-last "
+                             f"layer), got {vision_layers!r}")
+        spec["vision_layers"] = vision_layers
+    if spec.get("shape_only") and device is None and lm_layers is None and vision_layers is None:
+        raise ValueError(
+            f"preset {preset!r} is for memory/speed measurements at real scale (~7.06e9 parameters: 14 GB in bf16, "
+            "28 GB in fp32): name a device explicitly (device='cuda', or 'meta' for shapes only) or build a "
+            "shallower copy with lm_layers=/vision_layers=")
     tokenizer = build_tokenizer()
     text_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec["lm_hidden"], intermediate_size=spec["lm_intermediate"],
-        num_hidden_layers=spec["lm_layers"], num_attention_heads=spec["lm_heads"],
-        num_key_value_heads=spec["lm_heads"], max_position_embeddings=2048,
+        vocab_size=spec.get("vocab_size", len(tokenizer)), hidden_size=spec["lm_hidden"],
+        intermediate_size=spec["lm_intermediate"], num_hidden_layers=spec["lm_layers"],
+        num_attention_heads=spec["lm_heads"], num_key_value_heads=spec["lm_heads"],
+        max_position_embeddings=spec.get("max_positions", 2048), rms_norm_eps=spec.get("rms_norm_eps", 1e-6),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
@@ -159,10 +196,17 @@ def build_model(preset: str = "tiny", seed: int = 0) -> LlavaBundle:
     # SDPA everywhere: the [CLS] attention row is recomputed from q/k when needed (toolkit.tokens).
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)  # create in the target dtype: no fp32 copy of a bf16 model
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    extra = {k: tuple(spec[k]) for k in ("image_mean", "image_std") if k in spec}
     return LlavaBundle(
         model=model, tokenizer=tokenizer, preset=preset, image_size=spec["image_size"],
-        patch_size=spec["patch_size"], has_cls=has_cls, info=dict(spec, preset=preset, seed=seed),
+        patch_size=spec["patch_size"], has_cls=has_cls, info=dict(spec, preset=preset, seed=seed), **extra,
     )
 
 
@@ -294,3 +338,34 @@ def apply_trainable(bundle: LlavaBundle, mode: str = "lora", lora_rank: int = 8,
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------ activation memory
+
+CHECKPOINTING_MODES = ("hooks", "ghost", None)  # grad_sample_mode values (None: no per-example gradients)
+
+
+def check_activation_checkpointing(grad_sample_mode: str | None) -> None:
+    """Refuse activation checkpointing where per-example gradients would break.
+
+    Measured (tests/test_scale.py): with re-entrant checkpointing Opacus' hooks see each layer's forward once
+    (the first forward runs without grad and captures nothing; the recomputation in backward captures and is
+    consumed by the backward hook), so ``hooks`` and ``ghost`` per-example gradients/norms equal micro-batch
+    ones. ``functorch`` mode fails inside ``torch.func`` (``requires_grad_`` under a transform), and
+    non-re-entrant checkpointing leaves a second capture behind (no per-example gradient): neither is offered.
+    """
+    if grad_sample_mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation_checkpointing does not work with grad_sample_mode={grad_sample_mode!r} "
+                         "(torch.func cannot run the recomputation); use grad_sample_mode='hooks' or 'ghost'")
+
+
+def enable_activation_checkpointing(bundle: LlavaBundle) -> None:
+    """Recompute each language-model layer's activations during backward instead of keeping them.
+
+    Re-entrant checkpointing (the only kind Opacus' hooks handle, see :func:`check_activation_checkpointing`);
+    the input embeddings are made to require grad so the recomputed layers backpropagate into LoRA weights even
+    when nothing before the LM trains.
+    """
+    lm = bundle.model.model.language_model
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    lm.enable_input_require_grads()

@@ -27,6 +27,7 @@ sensitivity), so they are kept out of the history, the progress bar and the call
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -43,12 +44,15 @@ from toolkit.checkpoint import (PrivacyPlan, check_plan_within_target, load_chec
                                 resume_privacy, save_checkpoint)
 from toolkit.config import OPTIMIZERS, TrainConfig, planned_steps, resolve_device
 from toolkit.data import Collator, VQADataset, make_vqa
+from toolkit.distributed import (DistributedContext, broadcast_trainable, check_replicas_identical, context,
+                                 init_from_env, local_device, share, shared_secret_seed)
 from toolkit.evaluation import evaluate
 from toolkit.features import encode_records, make_pruner_for
-from toolkit.forward import LlavaLM, per_example_loss
+from toolkit.forward import LlavaLM, answer_losses
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
-from toolkit.models import apply_trainable, build_model, load_model
+from toolkit.models import apply_trainable, build_model, enable_activation_checkpointing, load_model
 from toolkit.optimizers import make_optimizer
+from toolkit.precision import resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
 from toolkit.tokens import matched_fusion_sigma
@@ -149,6 +153,7 @@ class Run:
     fusion_sigma: float
     fusion_generator: torch.Generator
     started: float
+    dist: DistributedContext = field(default_factory=context)   # data-parallel rank (toolkit.distributed)
 
 
 def load_bundle(config: TrainConfig):
@@ -180,10 +185,16 @@ def privacy_plan(c: TrainConfig, sample_rate: float, steps: int) -> PrivacyPlan 
     return PrivacyPlan(c.method, float(c.epsilon), float(c.delta), sigma, sample_rate, steps, c.accountant)
 
 
-def make_sampler(c: TrainConfig, n_records: int, n_held: int, sample_rate: float):
+def make_sampler(c: TrainConfig, n_records: int, n_held: int, sample_rate: float,
+                 dist: DistributedContext | None = None):
     # Which records join a step is part of the secret randomness: Poisson batches use a secret generator.
+    # Data-parallel ranks all draw the same global batch (a secret seed shared from rank 0) and keep their share.
     if c.sampling == "poisson":
-        return PoissonSampler(n_records, sample_rate, generator=secret_generator(c.noise_seed, stream=1))
+        if dist is not None and dist.enabled:
+            generator = torch.Generator().manual_seed(shared_secret_seed(c.noise_seed, 1, dist))
+        else:
+            generator = secret_generator(c.noise_seed, stream=1)
+        return PoissonSampler(n_records, sample_rate, generator=generator)
     return FixedBatchSampler(n_held, min(c.expected_batch_size, n_held), seed=c.seed)
 
 
@@ -198,10 +209,17 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
 
     # 1. model, what trains, and the data (one record per source image)
     bundle = load_bundle(c)
-    device = resolve_device(c)
+    dist = init_from_env(resolve_device(c).type)  # torchrun: join the process group (toolkit.distributed)
+    device = local_device(resolve_device(c), dist)
     bundle.model.to(device)
     torch.manual_seed(c.seed)
     trainable_params = apply_trainable(bundle, c.trainable, c.lora_rank, lora_variant=c.lora_variant)
+    # scale (issue 11): one dtype for frozen and trainable parts (after LoRA injection, so adapters get it too);
+    # DP clipping and noise stay in >= fp32 whatever it is (toolkit.privacy.update_pruning)
+    bundle.model.to(resolve_dtype(c.dtype, device))
+    if c.activation_checkpointing:
+        enable_activation_checkpointing(bundle)
+    broadcast_trainable(bundle.model, dist)  # every rank starts from rank 0's weights
     if train_set is None:
         train_set = make_vqa(c.task, c.train_split, bundle.image_size, limit=c.train_limit)
     if eval_set is None:
@@ -234,7 +252,7 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
 
     public = public_gradients(c, bundle, lm, collator, pruner) if c.update_mask == "public" else None
     optimizer = make_optimizer(c, lm, noise_multiplier, sample_rate, public_gradients=public)
-    sampler = make_sampler(c, n_records, len(train_set), sample_rate)
+    sampler = make_sampler(c, n_records, len(train_set), sample_rate, dist)
     if checkpoint is not None:
         restore_trainable(lm, checkpoint)
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -253,7 +271,7 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
         fusion_sigma = float(c.fusion_noise_std)
     return Run(c, bundle, device, lm, optimizer, sampler, train_set, eval_set, train_features, eval_features,
                collator, eval_collator, pruner, n_records, trainable_params, sample_rate, steps, start_step, plan,
-               curve, fusion_sigma, secret_generator(c.noise_seed, stream=2), started)
+               curve, fusion_sigma, secret_generator(c.noise_seed, stream=2), started, dist)
 
 
 def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pruner,
@@ -265,7 +283,7 @@ def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pr
     batch = {k: v.to(features.device) for k, v in collator(public.records).items()}
     params = [p for p in lm.parameters() if p.requires_grad]
     lm.zero_grad(set_to_none=True)
-    per_example_loss(lm(features, batch["input_ids"], batch["attention_mask"]), batch["labels"]).mean().backward()
+    answer_losses(lm, features, batch).mean().backward()
     grads = [p.grad.detach().clone() for p in params]
     lm.zero_grad(set_to_none=True)
     return grads
@@ -274,15 +292,23 @@ def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pr
 # ------------------------------------------------------------------------------------------------ steps
 
 def batch_losses(run: Run, idx: torch.Tensor) -> torch.Tensor:
-    """Per-example losses ``[B]`` of the records ``idx``, forwarded through the optimizer's module."""
+    """Per-example losses ``[B]`` of the records ``idx``, forwarded through the optimizer's module (the LM head
+    runs at the answer positions only: :func:`toolkit.forward.answer_losses`)."""
     batch = {k: v.to(run.device) for k, v in run.collator([run.train_set[i] for i in idx.tolist()]).items()}
     features = run.train_features[idx.to(run.train_features.device)].to(run.device)
     noise = None
     if run.fusion_sigma > 0 and run.pruner.n_contextual > 0:  # heuristic, outside the DP guarantee
         noise = run.pruner.fusion_noise(len(idx), generator=run.fusion_generator, sigma=run.fusion_sigma)
         noise = noise.to(run.device)
-    logits = run.optimizer.module(features, batch["input_ids"], batch["attention_mask"], fusion_noise=noise)
-    return per_example_loss(logits, batch["labels"])
+    return answer_losses(run.optimizer.module, features, batch, fusion_noise=noise)
+
+
+def physical_chunks(idx: torch.Tensor, max_physical_batch_size: int | None) -> list[torch.Tensor]:
+    """The logical batch ``idx`` in consecutive chunks of at most ``max_physical_batch_size`` records (one chunk
+    when None). Chunking changes memory only: the update is the logical batch's (:mod:`toolkit.optimizers`)."""
+    if max_physical_batch_size is None or len(idx) <= max_physical_batch_size:
+        return [idx]
+    return list(idx.split(max_physical_batch_size))
 
 
 def one_step(run: Run, idx: torch.Tensor) -> float:
@@ -291,7 +317,14 @@ def one_step(run: Run, idx: torch.Tensor) -> float:
     if len(idx) == 0:
         run.optimizer.empty_step()
         return float("nan")
-    return run.optimizer.step(lambda: batch_losses(run, idx))
+    idx = share(idx, run.dist)  # data-parallel: this rank's share of the global batch
+    if len(idx) == 0:
+        run.optimizer.empty_step()  # another rank holds the whole batch: this one contributes a zero sum
+        return float("nan")
+    chunks = physical_chunks(idx, run.config.max_physical_batch_size)
+    if len(chunks) == 1:
+        return run.optimizer.step(lambda: batch_losses(run, idx))
+    return run.optimizer.step([functools.partial(batch_losses, run, chunk) for chunk in chunks])
 
 
 def epsilon_now(run: Run) -> float:
@@ -345,10 +378,11 @@ def run_steps(run: Run, callback: Callable[[dict], bool | None] | None):
 def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> TrainResult:
     """Evaluate, checkpoint if asked, and report."""
     c = run.config
+    check_replicas_identical(run.lm, run.dist)
     accuracy = evaluate(run.lm, run.eval_features, run.eval_set.records, run.eval_collator,
                         run.eval_set.candidates, c.eval_batch_size)
     steps_done = run.start_step + len(rows)
-    if c.checkpoint_path:
+    if c.checkpoint_path and run.dist.is_main:
         save_checkpoint(c.checkpoint_path, config=c.to_dict(), step=steps_done, module=run.lm,
                         optimizer=run.optimizer, sampler=run.sampler, plan=run.plan)
     timer.times = [t for t in timer.times if not math.isnan(t)]
@@ -362,7 +396,7 @@ def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> Tra
         trainable_params=run.trainable_params, visual_tokens=run.pruner.n_out,
         visual_tokens_in=run.bundle.n_patches, wall_time_s=time.perf_counter() - run.started, cancelled=cancelled,
         released_stats=released, bundle=run.bundle,
-        extra=dict(fusion_noise_std=run.fusion_sigma, n_records=run.n_records),
+        extra=dict(fusion_noise_std=run.fusion_sigma, n_records=run.n_records, world_size=run.dist.world_size),
     )
 
 

@@ -8,6 +8,7 @@ import typing
 
 from toolkit.cli import subcommand
 from toolkit.config import TrainConfig
+from toolkit.distributed import context, shutdown
 from toolkit.train import train
 from toolkit.vocabulary import INFINITY_WORDS
 
@@ -56,14 +57,23 @@ def config_from_args(args, config_cls):
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
 
-@subcommand("train", help="fine-tune with non-private, dp-sgd, dual-priv or dp-zo and evaluate")
+@subcommand("train", help="fine-tune with non-private, dp-sgd, dual-priv or dp-zo and evaluate "
+                         "(data-parallel under torchrun --nproc-per-node N)")
 def run(args) -> dict:
     result = train(config_from_args(args, TrainConfig))
     summary = result.summary()
     summary["history"] = result.history.to_dict(orient="records")
+    ctx = context()
+    if not ctx.is_main:  # data-parallel: rank 0 alone reports ε and writes the JSON
+        args.json = None
+        shutdown(ctx)
+        return summary
     shown = {k: summary[k] for k in ("method", "epsilon", "epsilon_spent", "noise_multiplier", "sample_rate",
                                       "steps", "accuracy", "peak_memory_mb", "step_time_s", "visual_tokens")}
+    if ctx.enabled:
+        shown["world_size"] = ctx.world_size
     print(json.dumps(shown, indent=2, default=str))
+    shutdown(ctx)
     return summary
 
 
