@@ -192,7 +192,7 @@ def test_scores_unrelated_to_membership_give_no_bound():
     for _ in range(50):
         r, v = count_correct(guess_membership(rng.normal(size=256), 32), included)
         hits += epsilon_lower_bound(256, r, v, 1e-5) > 0
-    assert hits <= 8   # ≈ 5 % expected (P[bound > 0] ≤ 0.05 under ε = 0); 8 of 50 has probability < 0.05
+    assert hits <= 8   # each trial is ε = 0 randomised response: P[bound > 0] ≤ 0.05, so P[more than 8 of 50] < 0.001
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -13,7 +13,8 @@ records, and turns that into an ε that the run provably exceeds (at 95 % confid
 4. Guess ``T_i = +1`` ("in") for the ``k`` highest scores, ``T_i = −1`` ("out") for the ``k`` lowest, and abstain
    on the rest: ``r = 2k`` guesses, ``v`` of them correct (``T_i = S_i``).
 5. The bound: if the training algorithm is (ε, δ)-DP with respect to adding/removing one record, then
-   (Steinke, Nasr & Jagielski 2023, Theorem 5.2, with their p-value algorithm)::
+   (Steinke, Nasr & Jagielski 2023, arXiv:2305.08846: their main theorem for approximate DP, and the p-value
+   procedure of their appendix that this module follows)::
 
        P[v correct or more] ≤ f(ε, v) = β + 2·m·δ·α,    q = e^ε / (1 + e^ε),  B ~ Binomial(r, q)
        β = P[B ≥ v],    α = max_{i = 1..v}  P[v − i ≤ B < v] / i
@@ -44,11 +45,14 @@ What the audit proves, and what it does not:
 * ``ε_lb ≤ ε reported`` **does not prove the implementation is private**. One run with a few hundred canaries is
   a weak attack: the audit can never show more than :attr:`AuditResult.epsilon_ceiling` (all ``r`` guesses
   right; ≈ 2.3 for m = 128, k = 16), so at ε = 3 or 8 it cannot catch anything by construction, and even below
-  its ceiling a leak smaller than the attack's power goes unseen. It is a smoke test for gross bugs (noise
-  missing, a record used unclipped, batches not Poisson), not a proof.
+  its ceiling a leak smaller than the attack's power goes unseen; and a DP-ZO run barely moves any one canary's
+  loss, so this attack cannot catch a broken DP-ZO engine at all on the tiny preset. It is a smoke test for gross
+  bugs such as DP-SGD noise that was silently dropped (tested), not a proof.
 * The bound is valid only for ``k`` fixed before looking at the scores (choosing k afterwards is p-hacking).
 
-Example (about 20 s on a CPU; a dp-sgd run at ε = ∞ leaks, so the audit finds ε_lb clearly above 0)::
+Example (about 20 s on a CPU, so not run as a doctest; ``tests/test_audit_runs.py`` runs the same audit). A dp-sgd
+run at ε = ∞ leaks, so the audit finds ε_lb clearly above 0 (``noise_seed`` makes the run reproducible, and
+therefore NOT private: for tests and demonstrations only)::
 
     >>> import math
     >>> from toolkit.audit import AUDIT_DEFAULTS, run_audit
