@@ -219,20 +219,27 @@ def test_bad_input_is_refused(call, match):
 
 def _rows():
     base = dict(guesses=32, canaries=128, confidence=0.95, epsilon_ceiling=2.32)
-    return [dict(base, method="non-private", epsilon_reported=math.inf, epsilon_lower_bound=1.5, correct=30),
-            dict(base, method="dp-sgd", epsilon_reported=1.0, epsilon_lower_bound=0.0, correct=17),
-            dict(base, method="dp-sgd", epsilon_reported=0.99, epsilon_lower_bound=1.8, correct=31,
+    return [dict(base, method="non-private", epsilon_target=math.inf, epsilon_reported=math.inf,
+                 epsilon_lower_bound=1.5, correct=30),
+            dict(base, method="dp-sgd", epsilon_target=1.0, epsilon_reported=0.99, epsilon_lower_bound=0.0,
+                 correct=17),
+            dict(base, method="dp-sgd", epsilon_target=1.0, epsilon_reported=0.99, epsilon_lower_bound=1.8, correct=31,
                  label="noise removed"),
-            dict(base, method="dp-zo", epsilon_reported="inf", epsilon_lower_bound=0.0, correct=15)]
+            dict(base, method="dp-zo", epsilon_target="inf", epsilon_reported="inf", epsilon_lower_bound=0.0,
+                 correct=15)]
 
 
 def test_audit_figure_shows_each_method_the_diagonal_and_infinity():
     fig = audit_figure(_rows())
-    names = [t.name for t in fig.data]
-    assert names[0].startswith("reported ε")
-    assert {"Non-private", "DP-SGD", "DP-SGD (noise removed)", "DP-ZO"} <= set(names)
-    assert list(fig.layout.xaxis.ticktext)[-1] == "∞"
+    traces = {t.name: t for t in fig.data}
+    assert fig.data[0].name.startswith("ε (above it: a bug)")
+    assert {"Non-private", "DP-SGD", "DP-SGD (noise removed)", "DP-ZO"} <= set(traces)
+    assert list(fig.layout.xaxis.ticktext) == ["1", "∞"]
     assert "ceiling" in fig.layout.annotations[0].text
+    # the run whose bound exceeds its reported ε is marked as a violation; the others are not
+    assert list(traces["DP-SGD (noise removed)"].marker.line.width) == [3]
+    assert "VIOLATION" in traces["DP-SGD (noise removed)"].text[0]
+    assert list(traces["DP-SGD"].marker.line.width) == [1] and "VIOLATION" not in traces["DP-SGD"].text[0]
 
 
 def test_audit_table_needs_the_columns():

@@ -453,58 +453,70 @@ def audit_table(results) -> pd.DataFrame:
     if "label" not in table.columns:
         table["label"] = ""
     table["label"] = table["label"].fillna("")
-    for col in ("epsilon_reported", "epsilon_lower_bound", "epsilon_ceiling"):
+    if "epsilon_target" not in table.columns:
+        table["epsilon_target"] = table["epsilon_reported"]
+    for col in ("epsilon_target", "epsilon_reported", "epsilon_lower_bound", "epsilon_ceiling"):
+        # the CLI's JSON spells ε = ∞ "inf" (strict JSON has no infinity)
         table[col] = pd.to_numeric(table[col].replace({"inf": math.inf}), errors="coerce")
+    table["epsilon_target"] = table["epsilon_target"].fillna(table["epsilon_reported"])
     return table
 
 
 def audit_figure(results):
-    """Reported ε (x, log scale, ∞ at the right end) vs the audit's empirical lower bound (y), per method.
+    """The audit next to the accountant: target ε (x, log scale, ∞ at the right end) vs the empirical lower bound
+    (y), one marker per run and method (methods side by side at each ε).
 
-    The grey diagonal is y = x: a point above it proves the run leaks more than it reports (a bug). The dotted
-    line is the audit's ceiling (every guess right): the audit cannot show more, so points far right of it say
-    nothing. Runs with a ``label`` (e.g. "noise removed") are drawn with open markers.
+    Grey dashed: y = ε. A run is a *violation* when its bound exceeds the ε its accountant *reported* (≤ the
+    target); violations get a thick black outline and say so on hover. Dotted: the audit's ceiling (every guess
+    right); nothing above it can ever be shown, so a target ε above the ceiling is out of the audit's reach.
+    Runs with a ``label`` (e.g. "noise removed") are drawn as crosses.
     """
     import plotly.graph_objects as go
 
     table = audit_table(results)
-    finite = sorted(e for e in table["epsilon_reported"].unique() if math.isfinite(e))
+    table["target"] = table["epsilon_target"]
+    table["violation"] = table["epsilon_lower_bound"] > table["epsilon_reported"]
+    finite = sorted(e for e in table["target"].unique() if math.isfinite(e))
     inf_x = finite[-1] * 3 if finite else 1.0
-    table["x"] = table["epsilon_reported"].where(np.isfinite(table["epsilon_reported"]), inf_x)
-    fig = go.Figure()
-    if finite:
-        line = np.geomspace(min(finite) / 1.5, max(finite) * 1.5, 50)
-        fig.add_trace(go.Scatter(x=line, y=line, mode="lines", name="reported ε (above: a bug)",
-                                 line=dict(color="#999999", dash="dash"), hoverinfo="skip"))
     ceiling = float(table["epsilon_ceiling"].max())
-    fig.add_hline(y=ceiling, line_dash="dot", line_color="#555555",
-                  annotation_text=f"audit ceiling {ceiling:.2f} (all guesses right)",
-                  annotation_position="top left")
+    top = 1.3 * max(ceiling, float(table["epsilon_lower_bound"].max()), 1.0)
     methods = [m for m in ("non-private", "dp-sgd", "dual-priv", "dp-zo") if m in set(table["method"])]
     methods += sorted(set(table["method"]) - set(methods))
-    for method in methods:
+    fig = go.Figure()
+    if finite:
+        line = np.geomspace(min(finite) / 1.6, max(finite) * 1.6, 60)
+        fig.add_trace(go.Scatter(x=line, y=line, mode="lines", name="ε (above it: a bug)",
+                                 line=dict(color="#999999", dash="dash"), hoverinfo="skip"))
+    fig.add_hline(y=ceiling, line_dash="dot", line_color="#555555",
+                  annotation_text=f"audit ceiling {ceiling:.2f} (every guess right)", annotation_position="top left")
+    for position, method in enumerate(methods):
+        shift = 1.0 + 0.07 * (position - (len(methods) - 1) / 2)   # side by side on the log axis
         for label, group in table[table["method"] == method].groupby("label", sort=True):
             name = method_label(method) + (f" ({label})" if label else "")
-            text = [f"{int(c)}/{int(g)} right" for c, g in zip(group["correct"], group["guesses"])]
-            eps_text = [format_epsilon(e, 2) for e in group["epsilon_reported"]]
+            x = group["target"].where(np.isfinite(group["target"]), inf_x) * shift
+            hover = [f"target ε {format_epsilon(t)}, reported {format_epsilon(r, 3)}<br>{int(c)}/{int(g)} guesses "
+                     f"right{'<br><b>VIOLATION: leaks more than reported</b>' if bad else ''}"
+                     for t, r, c, g, bad in zip(group["target"], group["epsilon_reported"], group["correct"],
+                                                group["guesses"], group["violation"])]
             fig.add_trace(go.Scatter(
-                x=group["x"], y=group["epsilon_lower_bound"], mode="markers", name=name,
-                marker=dict(size=11, color=METHOD_COLOURS.get(method, "#444444"),
-                            symbol="x-open" if label else "circle", line=dict(width=2)),
-                customdata=np.stack([np.array(eps_text, dtype=object), np.array(text, dtype=object)], axis=1),
-                hovertemplate=(f"{name}<br>reported ε = %{{customdata[0]}}<br>lower bound %{{y:.2f}}"
-                               "<br>%{customdata[1]}<extra></extra>")))
-    ticks = finite + [inf_x] if (table["x"] == inf_x).any() or not finite else finite
-    fig.update_xaxes(type="log", tickvals=ticks,
-                     ticktext=[f"{e:g}" for e in finite] + (["∞"] if len(ticks) > len(finite) else []),
-                     title="ε reported by the accountant (log scale)")
-    fig.update_yaxes(title="empirical ε lower bound (95 %)", rangemode="tozero")
-    confidence = table["confidence"].iloc[0] if "confidence" in table else 0.95
-    sub = (f"one-run audit (Steinke, Nasr & Jagielski 2023), {int(table['guesses'].max())} guesses on "
-           f"{int(table['canaries'].max()) if 'canaries' in table else '?'} canaries, {confidence:.0%} confidence; "
-           "below the diagonal proves nothing; one record = one source image")
-    fig.update_layout(title=dict(text=f"Privacy audit: reported ε vs what one run shows<br><sup>{sub}</sup>",
+                x=x, y=group["epsilon_lower_bound"], mode="markers", name=name, text=hover,
+                marker=dict(size=12, color=METHOD_COLOURS.get(method, "#444444"),
+                            symbol="x" if label else "circle",
+                            line=dict(width=[3 if bad else 1 for bad in group["violation"]],
+                                      color=["#000000" if bad else "#ffffff" for bad in group["violation"]])),
+                hovertemplate=f"{name}<br>lower bound %{{y:.2f}}<br>%{{text}}<extra></extra>"))
+    has_inf = bool((~np.isfinite(table["target"])).any())
+    ticks = finite + ([inf_x] if has_inf else [])
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[format_epsilon(e) for e in finite] + (["∞"] if has_inf else []),
+                     title="target ε of the run (log scale); the accountant reports at most this")
+    fig.update_yaxes(title="empirical ε lower bound", range=[0, top])
+    confidence = float(table["confidence"].iloc[0]) if "confidence" in table else 0.95
+    canaries = int(table["canaries"].max()) if "canaries" in table else None
+    sub = (f"one run each (Steinke, Nasr & Jagielski 2023): {int(table['guesses'].max())} guesses on "
+           f"{canaries if canaries else '?'} canaries, {confidence:.0%} confidence; one record = one source image"
+           "<br>above the dashed line: a proven bug; below it: consistent with the reported ε, not a proof")
+    fig.update_layout(title=dict(text=f"Privacy audit: the reported ε vs what one run shows<br><sup>{sub}</sup>",
                                  x=0.01, xanchor="left"),
-                      template="plotly_white", width=760, height=470, legend=dict(title="method"),
-                      margin=dict(t=90))
+                      template="plotly_white", width=820, height=500, legend=dict(title="method"),
+                      margin=dict(t=110))
     return fig
