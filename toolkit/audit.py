@@ -46,8 +46,8 @@ What the audit proves, and what it does not:
   a weak attack: the audit can never show more than :attr:`AuditResult.epsilon_ceiling` (all ``r`` guesses
   right; ≈ 2.3 for m = 128, k = 16), so at ε = 3 or 8 it cannot catch anything by construction, and even below
   its ceiling a leak smaller than the attack's power goes unseen; and a DP-ZO run barely moves any one canary's
-  loss, so this attack cannot catch a broken DP-ZO engine at all on the tiny preset. It is a smoke test for gross
-  bugs such as DP-SGD noise that was silently dropped (tested), not a proof.
+  loss, so on the tiny preset this attack did not catch a broken DP-ZO engine in any of 5 seeded runs. It is a
+  smoke test for gross bugs such as DP-SGD noise that was silently dropped (tested), not a proof.
 * The bound is valid only for ``k`` fixed before looking at the scores (choosing k afterwards is p-hacking).
 
 Example (about 20 s on a CPU, so not run as a doctest; ``tests/test_audit_runs.py`` runs the same audit). A dp-sgd
@@ -137,7 +137,7 @@ def _bounds(m: int, r: int, v: int, epsilons, delta: float) -> np.ndarray:
     if delta == 0:
         return np.clip(beta, 0.0, 1.0)
     i = np.arange(1, v + 1)
-    between = sf[:, v - i] - beta[:, None]                          # P[v − i ≤ B < v] = P[B ≥ v − i] − P[B ≥ v]
+    between = sf[:, v - i] - beta[:, None]                          # P[v − i ≤ B < v]
     alpha = np.max(between / i, axis=1)
     return np.clip(beta + 2.0 * m * delta * alpha, 0.0, 1.0)
 
@@ -160,7 +160,8 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
     ``min_{v' ≤ v} f(ε, v')`` with ``f`` from the module docstring (Steinke, Nasr & Jagielski 2023). When
     ``2mδ ≤ 1`` the minimum is ``f(ε, v)`` itself, so the O(v²) scan is skipped: each ratio in ``α(v + 1)``,
     ``P[v + 1 − i ≤ B ≤ v] / i``, is a weighted mean of ``P[B = v]`` and a ratio in ``α(v)``, so
-    ``α(v + 1) ≤ α(v) + P[B = v]`` while ``β`` drops by ``P[B = v]``: ``f(v + 1) − f(v) ≤ (2mδ − 1)·P[B = v] ≤ 0``.
+    ``α(v + 1) ≤ α(v) + P[B = v]`` while ``β`` drops by ``P[B = v]``, so
+    ``f(v + 1) − f(v) ≤ (2mδ − 1)·P[B = v] ≤ 0``.
     (With ``2mδ > 1`` no case where the minimum binds below 1 was found numerically; it is kept as a guard.)
 
     >>> round(one_run_p_value(m=100, r=10, v=10, epsilon=0.0, delta=0.0), 12) == round(0.5 ** 10, 12)
@@ -274,7 +275,8 @@ def make_canaries(m: int, image_size: int, question: str, rng: np.random.Generat
 def check_answers_known(tokenizer, answers) -> None:
     """Refuse answers the tokenizer cannot spell: they would all become ``<unk>`` and the audit would be blind."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    unknown = [a for a in answers if unk is not None and unk in tokenizer(" " + a, add_special_tokens=False)["input_ids"]]
+    unknown = [a for a in answers
+               if unk is not None and unk in tokenizer(" " + a, add_special_tokens=False)["input_ids"]]
     if unknown:
         raise ValueError(f"canary answers {unknown[:5]} are unknown to the tokenizer (they would all read as "
                          "<unk>); pass answers it can spell")
@@ -507,7 +509,8 @@ def audit_figure(results):
                 hovertemplate=f"{name}<br>lower bound %{{y:.2f}}<br>%{{text}}<extra></extra>"))
     has_inf = bool((~np.isfinite(table["target"])).any())
     ticks = finite + ([inf_x] if has_inf else [])
-    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[format_epsilon(e) for e in finite] + (["∞"] if has_inf else []),
+    fig.update_xaxes(type="log", tickvals=ticks,
+                     ticktext=[format_epsilon(e) for e in finite] + (["∞"] if has_inf else []),
                      title="target ε of the run (log scale); the accountant reports at most this")
     fig.update_yaxes(title="empirical ε lower bound", range=[0, top])
     confidence = float(table["confidence"].iloc[0]) if "confidence" in table else 0.95
