@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 _SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-MODULES = ("info", "tokens", "train", "bench", "sweep")
+MODULES = ("info", "tokens", "train", "bench", "sweep", "audit")
 
 
 def subcommand(name: str, help: str):
