@@ -19,6 +19,8 @@ from toolkit.validation import check_choice, check_fraction, check_int, check_nu
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+EVAL_MODES = ("auto", "closed-set", "generate")
+EXPORT_FORMATS = ("auto", "adapter", "merged")
 DEFAULT_LR = {"non-private": 1e-3, "dp-zo": 2e-3, "dp-sgd": 5e-3, "dual-priv": 5e-3}
 
 
@@ -80,6 +82,17 @@ class TrainConfig:
     checkpoint_path: str | None = None      # save model + accountant state here at the end
     resume_from: str | None = None          # continue a checkpointed run (ε keeps counting)
     resume_new_budget: bool = False         # resuming: spend up to this config's ε in total (σ recalibrated)
+    # --- your data in, your model out (toolkit.userdata, toolkit.evaluation, toolkit.export) ---
+    train_data: str | None = None           # a LLaVA JSON/JSONL file to train on instead of the embedded task
+    eval_data: str | None = None            # a LLaVA JSON/JSONL file to evaluate on (with train_data and no
+                                            # eval_data, nothing is evaluated: accuracy None)
+    image_folder: str | None = None         # where the files' image paths point (default: each file's folder)
+    eval_mode: str = "auto"                 # "closed-set" (rank candidates), "generate" (free text) or "auto"
+    max_new_tokens: int = 16                # longest generated answer ("generate" mode)
+    feature_cache: bool = True              # keep the visual tokens of file-backed data in the cache dir
+    output_dir: str | None = None           # export the trained model here (a new or empty folder)
+    export_format: str = "auto"             # "adapter" (peft LoRA + base), "merged" (plain LLaVA), "auto":
+                                            # adapter when LoRA trained, else merged
 
     @property
     def private(self) -> bool:
@@ -137,6 +150,12 @@ def check_config(c: TrainConfig) -> None:
         check_number("fusion_noise_std", c.fusion_noise_std, minimum=0, strict=False)
     if c.resume_new_budget and not c.resume_from:
         raise ValueError("resume_new_budget applies to a resumed run: give resume_from too")
+    check_choice("eval_mode", c.eval_mode, EVAL_MODES)
+    check_int("max_new_tokens", c.max_new_tokens, minimum=1)
+    check_choice("export_format", c.export_format, EXPORT_FORMATS)
+    if c.export_format == "adapter" and not c.trainable.startswith("lora"):
+        raise ValueError(f"export_format 'adapter' needs a LoRA trainable mode (lora, lora+head), got "
+                         f"{c.trainable!r}: use 'merged'")
     if c.device != "auto":
         try:
             device = torch.device(c.device)
