@@ -297,7 +297,7 @@ def model_card(meta: dict) -> str:
         f"# {method_label(p['method'])} fine-tuned LLaVA ({meta['export_format']} export)",
         "",
         f"Made with the Dual-Priv Pruning toolkit {meta['toolkit_version']}. Trained on `{t['train_data']}`; "
-        f"what trained: `{meta['trainable']}`.",
+        f"what trained: `{meta['trainable']}`." + (" The run was stopped early (cancelled)." if t["cancelled"] else ""),
         "",
         "## Privacy guarantee",
     ]

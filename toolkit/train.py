@@ -17,8 +17,14 @@ Example (a few seconds on a CPU)::
     >>> round(result.epsilon_spent, 2) <= 3.0
     True
 
+Your data: ``TrainConfig(train_data=..., eval_data=..., image_folder=...)`` trains on a LLaVA JSON/JSONL file
+(:mod:`toolkit.userdata`) instead of the embedded task, evaluates by ranking a closed set of answers or by
+generating (:mod:`toolkit.evaluation`), and ``output_dir`` / :meth:`TrainResult.save` exports the model
+(:mod:`toolkit.export`).
+
 Privacy unit: one training record. The embedded private split has one record per source image, so the
-guarantee is per image; a user data set needs the same property (or per-user accounting) for ε to mean that.
+guarantee is per image; a user data set is refused unless it has the same property (one image per record,
+and one record per ``user_id`` when records carry one).
 
 What leaves a private run: the model, ε spent per step, and the public config. The per-step mean loss and the
 realised Poisson batch size are functions of the private batch that ε does not cover (the loss has unbounded
