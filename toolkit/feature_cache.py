@@ -12,8 +12,18 @@ the folder when the images must go.
 
 Example::
 
-    >>> from toolkit.feature_cache import cached_features               # doctest: +SKIP
-    >>> feats = cached_features(bundle, pruner, dataset.records)         # doctest: +SKIP
+    >>> import tempfile
+    >>> from toolkit.feature_cache import cached_features, features_key
+    >>> from toolkit.models import build_model
+    >>> from toolkit.samples import make_photo_dataset
+    >>> from toolkit.tokens import make_pruner
+    >>> from toolkit.userdata import load_llava_json
+    >>> paths = make_photo_dataset(tempfile.mkdtemp(), n_train=4, n_test=2)
+    >>> records = load_llava_json(paths["train"], paths["image_folder"]).records
+    >>> bundle = build_model("tiny")
+    >>> pruner = make_pruner("dual-priv", bundle, keep=16)
+    >>> len(features_key(bundle, pruner, records))        # cached_features(bundle, pruner, records) files it there
+    32
 """
 from __future__ import annotations
 

@@ -4,12 +4,20 @@ The exported model answers the way it was evaluated after training: the same tok
 tokens as training, ``prune_at_eval``), the same prompt template, and the same mode: ranking the saved closed
 set of candidates, or greedy free-text generation (``max_new_tokens``) scored by normalised exact match.
 
-Example (with a folder written by ``python -m toolkit train ... --output-dir model``)::
+Example (a few seconds: a two-step run on a small photo set, exported, then asked)::
 
-    >>> from toolkit.predict import predict                                     # doctest: +SKIP
-    >>> out = predict("model", "photos/test.json", image_folder="photos")       # doctest: +SKIP
-    >>> out["predictions"][0]                                                   # doctest: +SKIP
-    {'id': 'r1', 'question': 'which photo is this ?', 'prediction': 'temple', 'answer': 'temple', 'correct': True}
+    >>> import tempfile
+    >>> from toolkit.predict import predict
+    >>> from toolkit.samples import make_photo_dataset
+    >>> from toolkit.train import TrainConfig, train
+    >>> folder = tempfile.mkdtemp()
+    >>> paths = make_photo_dataset(folder, n_train=16, n_test=4)
+    >>> _ = train(TrainConfig(method="dual-priv", steps=2, warm_start_steps=0, expected_batch_size=8,
+    ...                       progress=False, feature_cache=False, train_data=paths["train"],
+    ...                       eval_data=paths["test"], output_dir=folder + "/model"))
+    >>> out = predict(folder + "/model", paths["test"])
+    >>> out["mode"], sorted(out["predictions"][0])
+    ('closed-set', ['answer', 'correct', 'id', 'prediction', 'question'])
 
 Command line::
 

@@ -65,7 +65,8 @@ def _save(array: np.ndarray, folder: Path, name: str, mode: str, fmt: str) -> st
 
 def make_photo_dataset(folder: str | os.PathLike, n_train: int = 120, n_test: int = 40, which: str = "photo",
                        seed: int = 0) -> dict:
-    """Write ``images/`` + ``train.json`` + ``test.json`` under ``folder``; return their paths.
+    """Write ``images/`` + ``train.json`` + ``test.json`` under ``folder``; return their paths (``image_folder``
+    is ``folder`` itself, the data files' default: their image paths read ``images/<name>``).
 
     Args:
         n_train, n_test: records per split (balanced between the answers).
@@ -79,7 +80,7 @@ def make_photo_dataset(folder: str | os.PathLike, n_train: int = 120, n_test: in
     images.mkdir(parents=True, exist_ok=True)
     photos = sample_photos()
     rng = np.random.default_rng(seed)
-    paths = {"image_folder": str(images)}
+    paths = {"image_folder": str(folder)}   # image paths in the files are relative to it: images/...
     used = set()  # no two records may share an image (the privacy unit): never cut the same crop twice
     for split, count in (("train", n_train), ("test", n_test)):
         records = []
@@ -97,7 +98,7 @@ def make_photo_dataset(folder: str | os.PathLike, n_train: int = 120, n_test: in
             used.add((id(photo), where))
             mode, fmt = MODES[int(rng.integers(0, len(MODES)))], FORMATS[int(rng.integers(0, len(FORMATS)))]
             filename = _save(crop, images, f"{split}-{i:04d}", mode, fmt)
-            records.append({"id": f"{split}-{i:04d}", "image": filename, "conversations": [
+            records.append({"id": f"{split}-{i:04d}", "image": f"images/{filename}", "conversations": [
                 {"from": "human", "value": f"<image>\n{QUESTIONS[which]}"}, {"from": "gpt", "value": answer}]})
         path = folder / f"{split}.json"
         path.write_text(json.dumps(records, indent=1))
