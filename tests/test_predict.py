@@ -79,3 +79,24 @@ def test_the_predictor_uses_the_pruned_visual_tokens_of_training(tmp_path):
     predictor = Predictor.from_folder(result.save(tmp_path / "model"))
     assert predictor.pruner.n_out == 12 == result.visual_tokens
     assert predictor.pruner.describe() == {**result.summary()["pruner"], "fusion_noise_std": None}
+
+
+def test_training_on_a_file_without_an_evaluation_file_evaluates_nothing(tmp_path, monkeypatch):
+    import json
+
+    from toolkit.samples import make_photo_dataset
+
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    paths = make_photo_dataset(tmp_path / "photos", n_train=16, n_test=4)
+    result = train(TrainConfig(**dict(FAST, train_limit=None, eval_limit=None, train_data=paths["train"],
+                                      output_dir=str(tmp_path / "model"))))
+    summary = result.summary()
+    assert result.accuracy is None and summary["eval_mode"].startswith("none") and result.eval_answers is None
+    # records without an answer get a prediction and no score; the mode is then chosen from the data
+    records = json.loads(open(paths["test"]).read())
+    for r in records:
+        r["conversations"] = r["conversations"][:1]
+    (tmp_path / "ask.json").write_text(json.dumps(records))
+    out = predict(tmp_path / "model", tmp_path / "ask.json", image_folder=paths["image_folder"], mode="generate")
+    assert out["accuracy"] is None and out["mode"] == "generate"
+    assert all(set(row) == {"id", "question", "prediction"} for row in out["predictions"])
