@@ -301,6 +301,11 @@ def model_card(meta: dict) -> str:
         "",
         "## Privacy guarantee",
     ]
+    pruning = [
+        f"| visual tokens | {t['visual_tokens']} of {t['visual_tokens_in']} (strategy {t['token_strategy']}, "
+        f"scoring layer {pruner.get('layer')}, {pruner.get('n_contextual', 0)} fused) |",
+        f"| update pruning | {_number(t['grad_prune_ratio'])} of the noisy gradient's coordinates zeroed |",
+    ]
     if p["private"]:
         lines += [
             f"(ε, δ)-differential privacy with **ε = {_number(p['epsilon_spent'])}** spent "
@@ -316,19 +321,11 @@ def model_card(meta: dict) -> str:
             f"| accountant | {p['accountant']} |",
             f"| clipping norm C | {_number(p['max_grad_norm'])} |",
             f"| method | {method_label(p['method'])} ({p['method']}) |",
-        ]
+        ] + pruning
     else:
-        lines += ["**None.** This model was trained without differential privacy (method non-private)."]
-    lines += [
-        f"| visual tokens | {t['visual_tokens']} of {t['visual_tokens_in']} "
-        f"(strategy {t['token_strategy']}, layer {pruner.get('layer')}, "
-        f"{pruner.get('n_contextual', 0)} fused) |" if p["private"] else
-        f"- visual tokens: {t['visual_tokens']} of {t['visual_tokens_in']} (strategy {t['token_strategy']})",
-        f"| update pruning | {_number(t['grad_prune_ratio'])} of the noisy gradient's coordinates zeroed |"
-        if p["private"] else f"- update pruning: {_number(t['grad_prune_ratio'])}",
-        "",
-        "### Outside the guarantee",
-    ]
+        lines += ["**None.** This model was trained without differential privacy (method non-private).", "",
+                  "| what | value |", "|---|---|", f"| steps | {p['steps']} |"] + pruning
+    lines += ["", "### Outside the guarantee"]
     lines += [f"- {note}" for note in p["outside_the_guarantee"]]
     released = p["released_training_stats"]
     lines += [f"- released training statistics: {', '.join(released) if released else 'none'}",
