@@ -23,6 +23,8 @@ from toolkit.vocabulary import METHODS, PRIVATE_METHODS
 OPTIMIZERS = ("adam", "adamw", "sgd", "dp-adambc")
 UPDATE_MASKS = ("noisy", "past-noisy", "public", "random")
 LORA_VARIANTS = ("standard", "ffa")
+EVAL_MODES = ("auto", "closed-set", "generate")
+EXPORT_FORMATS = ("auto", "adapter", "merged")
 DEFAULT_LR = {"non-private": 1e-3, "dp-zo": 2e-3, "dp-sgd": 5e-3, "dual-priv": 5e-3}
 
 
@@ -94,6 +96,17 @@ class TrainConfig:
                                             # many records: one noise draw, one step, one accountant step per batch
     activation_checkpointing: bool = False  # recompute the LM's layer activations in backward (less memory);
                                             # not with grad_sample_mode="functorch" (see toolkit.models)
+    # --- your data in, your model out (toolkit.userdata, toolkit.evaluation, toolkit.export) ---
+    train_data: str | None = None           # a LLaVA JSON/JSONL file to train on instead of the embedded task
+    eval_data: str | None = None            # a LLaVA JSON/JSONL file to evaluate on (with train_data and no
+                                            # eval_data, nothing is evaluated: accuracy None)
+    image_folder: str | None = None         # where the files' image paths point (default: each file's folder)
+    eval_mode: str = "auto"                 # "closed-set" (rank candidates), "generate" (free text) or "auto"
+    max_new_tokens: int = 16                # longest generated answer ("generate" mode)
+    feature_cache: bool = True              # keep the visual tokens of file-backed data in the cache dir
+    output_dir: str | None = None           # export the trained model here (a new or empty folder)
+    export_format: str = "auto"             # "adapter" (peft LoRA + base), "merged" (plain LLaVA), "auto":
+                                            # adapter when LoRA trained, else merged
 
     @property
     def private(self) -> bool:
@@ -143,6 +156,9 @@ def check_config(c: TrainConfig) -> None:
     check_choice("optimizer", c.optimizer, OPTIMIZERS)
     check_choice("update_mask", c.update_mask, UPDATE_MASKS)
     check_choice("lora_variant", c.lora_variant, LORA_VARIANTS)
+    if c.update_mask == "public" and c.train_data:
+        raise ValueError("update_mask='public' ranks gradients on the embedded task's public split; a data set of "
+                         "your own has none: use 'past-noisy' or 'random'")
     if c.update_mask != "noisy" and c.grad_prune_ratio == 0:
         raise ValueError(f"update_mask={c.update_mask!r} needs grad_prune_ratio > 0 (the fraction it drops)")
     check_fraction("grad_prune_ratio", c.grad_prune_ratio)
@@ -156,6 +172,12 @@ def check_config(c: TrainConfig) -> None:
     check_scale_fields(c)
     if c.resume_new_budget and not c.resume_from:
         raise ValueError("resume_new_budget applies to a resumed run: give resume_from too")
+    check_choice("eval_mode", c.eval_mode, EVAL_MODES)
+    check_int("max_new_tokens", c.max_new_tokens, minimum=1)
+    check_choice("export_format", c.export_format, EXPORT_FORMATS)
+    if c.export_format == "adapter" and not c.trainable.startswith("lora"):
+        raise ValueError(f"export_format 'adapter' needs a LoRA trainable mode (lora, lora+head), got "
+                         f"{c.trainable!r}: use 'merged'")
     if c.device != "auto":
         try:
             device = torch.device(c.device)

@@ -80,6 +80,16 @@ class LlavaLM(nn.Module):
         ``fusion_noise`` (optional) is added to the projected-from features before the projector, per example
         (it is the heuristic fusion noise of mechanism 1). Features of another dtype (e.g. fp32 features of a
         bf16 model) are cast to the projector's dtype."""
+        embeds = self.embed(image_features, input_ids, fusion_noise)
+        hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if positions is not None:
+            index = positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, index)
+        return self.lm_head(hidden)
+
+    def embed(self, image_features: torch.Tensor, input_ids: torch.Tensor,
+              fusion_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's input embeddings: text embeddings with the projected visual tokens in the image block."""
         if self.image_start is None:
             raise RuntimeError("call bind_collator(collator) before forward so the image block position is known")
         if fusion_noise is not None:
@@ -88,13 +98,8 @@ class LlavaLM(nn.Module):
         text_embeds = self.language_model.get_input_embeddings()(input_ids)
         n_visual = image_embeds.shape[1]
         start = self.image_start
-        embeds = torch.cat([text_embeds[:, :start], image_embeds.to(text_embeds.dtype),
-                            text_embeds[:, start + n_visual:]], dim=1)
-        hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        if positions is not None:
-            index = positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            hidden = hidden.gather(1, index)
-        return self.lm_head(hidden)
+        return torch.cat([text_embeds[:, :start], image_embeds.to(text_embeds.dtype),
+                          text_embeds[:, start + n_visual:]], dim=1)
 
     @property
     def projector_dtype(self) -> torch.dtype:
@@ -173,3 +178,47 @@ def rank_candidates(lm: LlavaLM, image_features: torch.Tensor, batch: dict, cand
             total += logp[rows, prompt_lengths - 1 + j, tok]
         scores.append(total)
     return torch.stack(scores, dim=1).argmax(dim=1)
+
+
+@torch.no_grad()
+def generate_greedy(lm: LlavaLM, image_features: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int,
+                    eos_token_id: int | None) -> list[list[int]]:
+    """Greedy decoding through the toolkit's forward, with a KV cache: the same (pruned) visual tokens as in
+    training, placed in the same image block. Every row of ``prompt_ids`` ``[B, P]`` must be a full prompt of
+    the same length (no padding: group prompts by length). Returns each row's new tokens, EOS excluded.
+
+    Example::
+
+        >>> import torch
+        >>> from toolkit.models import build_model
+        >>> from toolkit.data import Collator
+        >>> from toolkit.forward import LlavaLM, generate_greedy
+        >>> bundle = build_model("tiny")
+        >>> collator = Collator(bundle.tokenizer, 4, bundle.image_token_id, bundle.prompt_template)
+        >>> lm = LlavaLM(bundle).bind_collator(collator).eval()
+        >>> prompt = torch.tensor([collator.prompt_ids("what colour ?")])
+        >>> len(generate_greedy(lm, torch.zeros(1, 4, 64), prompt, 3, None)[0])
+        3
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = image_features.device
+    prompt_ids = prompt_ids.to(device)
+    out = lm.language_model(inputs_embeds=lm.embed(image_features, prompt_ids), use_cache=True)
+    past, rows = out.past_key_values, prompt_ids.shape[0]
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        next_ids = lm.lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)
+        tokens.append(next_ids)
+        if eos_token_id is not None:
+            finished |= next_ids == eos_token_id
+        if bool(finished.all()) or len(tokens) == max_new_tokens:
+            break
+        step = lm.language_model.get_input_embeddings()(next_ids[:, None])
+        out = lm.language_model(inputs_embeds=step, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    generated = torch.stack(tokens, dim=1).tolist()
+    if eos_token_id is not None:
+        generated = [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in generated]
+    return generated
