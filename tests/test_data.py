@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from toolkit.data import (SPLITS, TASKS, Collator, DataValidationError, load_llava_json, make_vqa,
+from toolkit.data import (SPLITS, TASKS, Collator, DataValidationError, make_vqa,
                           preprocess_images)
 from toolkit.forward import LlavaLM
 from toolkit.models import build_model
+from toolkit.userdata import load_llava_json
 
 
 def test_splits_never_share_a_source_image():

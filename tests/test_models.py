@@ -15,7 +15,8 @@ def _batch(bundle, n=2):
     return records, pixels
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+# shape-only presets (llava-7b-shape: 7e9 parameters) are checked on the meta device in tests/test_scale.py
+@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if not PRESETS[p].get("shape_only")))
 def test_every_preset_builds_runs_forward_and_backward(preset):
     bundle = build_model(preset)
     apply_trainable(bundle, "lora")
@@ -121,3 +122,63 @@ def test_unknown_preset_and_mode_are_clear_errors():
         apply_trainable(build_model("tiny"), "everything")
     with pytest.raises(ValueError, match="lora_rank"):
         apply_trainable(build_model("tiny"), "lora", lora_rank=0)
+
+
+# ------------------------------------------------------------------ a local checkpoint's own template and processor
+
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """A tiny LLaVA saved the way llava-1.5-7b-hf is: weights, tokenizer, chat_template.json, a CLIP image
+    processor (resize the short side, centre crop) and no toolkit metadata."""
+    from transformers import CLIPImageProcessor
+
+    bundle = build_model("tiny")
+    path = tmp_path / "llava-hf"
+    bundle.model.save_pretrained(path)
+    bundle.tokenizer.save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA15_CHAT_TEMPLATE}))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_a_local_checkpoint_uses_its_own_chat_template_and_image_processor(hf_checkpoint):
+    from PIL import Image
+
+    bundle = load_model(hf_checkpoint)
+    assert bundle.prompt_template == "USER: <image>\n{question} ASSISTANT:"
+    assert bundle.info["prompt_template_source"] == "chat_template.json"
+    assert bundle.image_mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    wide = Image.new("RGB", (96, 32), "white")
+    wide.paste(Image.new("RGB", (32, 32), "black"), (0, 0))      # black only in the left third
+    pixels = bundle.preprocess([wide])
+    # resize the short side + centre crop keeps the white middle; a square resize would squash the black in
+    assert pixels.shape == (1, 3, 32, 32) and pixels.min() > 1.0
+    assert preprocess_images([wide], 32).min() < 0
+
+
+def test_a_model_trained_from_a_local_checkpoint_exports_with_its_template_and_processor(hf_checkpoint, tmp_path):
+    from toolkit.export import load_trained
+    from toolkit.train import TrainConfig, train
+
+    result = train(TrainConfig(method="dual-priv", model_dir=str(hf_checkpoint), steps=1, train_limit=8, eval_limit=4,
+                               expected_batch_size=4, progress=False, output_dir=str(tmp_path / "out"),
+                               export_format="merged"))
+    assert result.bundle.prompt_template.startswith("USER:")
+    loaded = load_trained(tmp_path / "out").bundle
+    assert loaded.prompt_template == "USER: <image>\n{question} ASSISTANT:"
+    assert loaded.image_processor is not None and (tmp_path / "out" / "preprocessor_config.json").is_file()
+    adapter = load_trained(result.save(tmp_path / "adapter", "adapter"))
+    assert adapter.metadata["base_model"] == dict(kind="reference", path=str(hf_checkpoint.resolve()))
+    assert not (tmp_path / "adapter" / "base_model").exists()          # a local base is referenced, not copied
+    for (name, a), (_, b) in zip(adapter.bundle.model.state_dict().items(), result.bundle.model.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -10,7 +10,8 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 TIMEOUT_S = 300          # per cell; a quick-mode notebook takes well under a minute
-EXPECTED = ["01_quickstart", "02_privacy_utility", "03_visual_tokens", "04_memory", "05_ablation"]
+EXPECTED = ["01_quickstart", "02_privacy_utility", "03_visual_tokens", "04_memory", "05_ablation", "06_your_data",
+            "07_privacy_audit"]
 
 
 def _kernel_name() -> str:

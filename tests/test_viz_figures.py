@@ -119,7 +119,9 @@ def test_tokens_accuracy_and_scaling_figures(sweeps, tmp_path):
 
 def test_lora_rank_figure(sweeps, tmp_path):
     df = sweeps["lora-rank"]
-    assert sorted(df["lora_rank"]) == [5, 8, 8]
+    # the lower-rank arm matches 80 % of rank 8's updated parameters; the projector and the LM head (384-token
+    # byte-level vocabulary) are a fixed part of that count, which leaves rank 3 for the LoRA matrices
+    assert sorted(df["lora_rank"]) == [3, 8, 8]
     fig = lora_rank_figure(df)
     _check(fig, tmp_path, "lora")
     assert {t.name for t in fig.data} == {"update pruning", "lower rank"}

@@ -1,10 +1,15 @@
 """Side-by-side peak memory and step time of non-private, DP-SGD, Dual-Priv and DP-ZO on one model and batch.
 
 Every method takes the same batch of ``batch_size`` records through the *whole* step: frozen vision tower
-(``tower_in_step=True``, no gradient) -> token pruning -> projector + LLM -> the method's update. Step 1 is a
-warm-up (lazy allocations, optimizer state), step 2 is profiled for peak memory (see :mod:`toolkit.metering`),
-the remaining steps are timed. With ``isolate=True`` each method runs in a fresh Python subprocess so one
-method's allocations cannot inflate another's. Ratios are computed from numbers measured in the same run.
+(``tower_in_step=True``, no gradient) -> token pruning -> projector + LLM -> the LM head at the answer positions
+-> the method's update. Step 1 is a warm-up (lazy allocations, optimizer state), step 2 is profiled for peak memory
+(see :mod:`toolkit.metering`), the remaining steps are timed. With ``isolate=True`` each method runs in a fresh
+Python subprocess so one method's allocations cannot inflate another's. Ratios are computed from numbers measured
+in the same run. ``tokens_per_s`` counts every non-padding token the LLM sees (prompt, visual tokens, answer).
+
+Scale options: ``device`` ("auto": CUDA when available), ``dtype`` ("auto": bf16 on CUDA, fp32 on CPU; see
+:mod:`toolkit.precision`), ``lm_layers`` / ``vision_layers`` (a preset's widths at another depth, for per-layer
+measurements; ``benchmarks/paper_shape.py``), ``activation_checkpointing``.
 
 Example::
 
@@ -25,26 +30,29 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from toolkit.config import TrainConfig
+from toolkit.config import TrainConfig, resolve_device
 from toolkit.data import Collator, make_vqa, preprocess_images
 from toolkit.features import make_pruner_for
-from toolkit.forward import LlavaLM, per_example_loss, tower_hidden_states
+from toolkit.forward import LlavaLM, answer_losses, tower_hidden_states
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
-from toolkit.models import apply_trainable, build_model
+from toolkit.models import apply_trainable, build_model, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
+from toolkit.precision import resolve_dtype
 from toolkit.vocabulary import METHODS
 
 DEFAULT_METHODS = METHODS
-COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "memory_vs_dp_sgd", "memory_vs_dp_zo",
-           "time_vs_dp_sgd", "time_vs_non_private", "trainable_params", "batch_size", "preset", "tower_in_step",
-           "memory_method", "device"]
+COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "tokens_per_s", "memory_vs_dp_sgd",
+           "memory_vs_dp_zo", "memory_vs_non_private", "time_vs_dp_sgd", "time_vs_non_private",
+           "throughput_vs_non_private", "trainable_params", "tokens_per_step", "batch_size", "preset", "lm_layers",
+           "vision_layers", "dtype", "activation_checkpointing", "tower_in_step", "memory_method", "device"]
 
 
 def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
                    token_strategy: str = "dual-priv", keep_tokens: int | None = None,
                    token_prune_ratio: float | None = 0.75, grad_prune_ratio: float = 0.2, trainable: str = "lora+head",
                    grad_sample_mode: str = "hooks", prune_tokens_for_all: bool = False, tower_in_step: bool = True,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, device: str = "auto", dtype: str = "auto", lm_layers: int | None = None,
+                   vision_layers: int | None = None, activation_checkpointing: bool = False) -> dict:
     """Measure one method in this process; returns one record of the table."""
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (warm-up, profiled, timed), got {steps}")
@@ -53,12 +61,18 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                          token_strategy=token_strategy if prune else "none", keep_tokens=keep_tokens,
                          token_prune_ratio=token_prune_ratio if prune else None,
                          grad_prune_ratio=grad_prune_ratio if method == "dual-priv" else 0.0,
-                         trainable=trainable, grad_sample_mode=grad_sample_mode, seed=seed).resolved()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bundle = build_model(preset, seed=seed)  # weights do not change memory or time: no warm start needed
-    bundle.model.to(device)
+                         trainable=trainable, grad_sample_mode=grad_sample_mode, seed=seed, device=device,
+                         dtype=dtype, activation_checkpointing=activation_checkpointing).resolved()
+    device = resolve_device(config)
+    torch_dtype = resolve_dtype(config.dtype, device)
+    # weights do not change memory or time: random ones, no warm start, created on the device in the dtype
+    bundle = build_model(preset, seed=seed, dtype=torch_dtype, lm_layers=lm_layers, vision_layers=vision_layers,
+                         device=device)
     torch.manual_seed(seed)
     n_trainable = apply_trainable(bundle, config.trainable, config.lora_rank)
+    bundle.model.to(torch_dtype)  # LoRA adapters are created in fp32
+    if activation_checkpointing and method != "dp-zo":  # DP-ZO has no backward: nothing to recompute
+        enable_activation_checkpointing(bundle)
     pruner = make_pruner_for(bundle, config)
     records = make_vqa("digit", "private", bundle.image_size, limit=batch_size).records
     pixels = preprocess_images([r.image for r in records], bundle.image_size, bundle.image_mean, bundle.image_std)
@@ -71,18 +85,22 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
 
     def losses() -> torch.Tensor:
         feats = pruner(tower_hidden_states(bundle, pixels)).features if tower_in_step else cached
-        logits = stepper.module(feats, batch["input_ids"], batch["attention_mask"])
-        return per_example_loss(logits, batch["labels"])
+        return answer_losses(stepper.module, feats, batch)
 
     stepper.step(losses)  # warm-up
     baseline = live_training_tensors(bundle.model, getattr(stepper, "optimizer", None)) + [pixels]
-    peak = measure_peak(lambda: stepper.step(losses), baseline, device=device)
+    peak = measure_peak(lambda: stepper.step(losses), baseline, device=device.type)
     timer = StepTimer(skip=0)
     for _ in range(steps - 2):
         timer.time(lambda: stepper.step(losses))
+    tokens = int(batch["attention_mask"].sum())
+    spec = bundle.info
     return dict(method=method, visual_tokens=pruner.n_out, peak_memory_mb=round(peak.peak_mb, 2),
-                step_time_s=round(timer.median, 4), trainable_params=n_trainable, batch_size=batch_size,
-                preset=preset, tower_in_step=tower_in_step, memory_method=peak.method, device=device)
+                step_time_s=round(timer.median, 4), tokens_per_s=round(tokens / timer.median, 2),
+                trainable_params=n_trainable, tokens_per_step=tokens, batch_size=batch_size, preset=preset,
+                lm_layers=spec["lm_layers"], vision_layers=spec["vision_layers"], dtype=str(torch_dtype).split(".")[-1],
+                activation_checkpointing=activation_checkpointing, tower_in_step=tower_in_step,
+                memory_method=peak.method, device=str(device))
 
 
 def _measure_isolated(kwargs: dict) -> dict:
@@ -103,8 +121,11 @@ def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
     table = table.copy()
     table["memory_vs_dp_sgd"] = ratio("peak_memory_mb", "dp-sgd")
     table["memory_vs_dp_zo"] = ratio("peak_memory_mb", "dp-zo")
+    table["memory_vs_non_private"] = ratio("peak_memory_mb", "non-private")
     table["time_vs_dp_sgd"] = ratio("step_time_s", "dp-sgd")
     table["time_vs_non_private"] = ratio("step_time_s", "non-private")
+    if "tokens_per_s" in table.columns:
+        table["throughput_vs_non_private"] = ratio("tokens_per_s", "non-private")
     return table[[c for c in COLUMNS if c in table.columns]].round(4)
 
 
@@ -112,7 +133,9 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
               token_strategy: str = "dual-priv", keep_tokens: int | None = None, token_prune_ratio: float | None = 0.75,
               grad_prune_ratio: float = 0.2, trainable: str = "lora+head", grad_sample_mode: str = "hooks",
               prune_tokens_for_all: bool = False, tower_in_step: bool = True, isolate: bool = True,
-              progress: Callable[[str, int, int], None] | None = None) -> pd.DataFrame:
+              progress: Callable[[str, int, int], None] | None = None, device: str = "auto", dtype: str = "auto",
+              lm_layers: int | None = None, vision_layers: int | None = None,
+              activation_checkpointing: bool = False) -> pd.DataFrame:
     """Measure every method on the same model and batch; one row per method, with ratios.
 
     ``progress(method, index, total)`` is called before each method (the dashboard uses it).
@@ -130,14 +153,16 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
         kwargs = dict(method=method, preset=preset, batch_size=batch_size, steps=steps, token_strategy=token_strategy,
                       keep_tokens=keep_tokens, token_prune_ratio=token_prune_ratio, grad_prune_ratio=grad_prune_ratio,
                       trainable=trainable, grad_sample_mode=grad_sample_mode,
-                      prune_tokens_for_all=prune_tokens_for_all, tower_in_step=tower_in_step)
+                      prune_tokens_for_all=prune_tokens_for_all, tower_in_step=tower_in_step, device=device,
+                      dtype=dtype, lm_layers=lm_layers, vision_layers=vision_layers,
+                      activation_checkpointing=activation_checkpointing)
         rows.append(_measure_isolated(kwargs) if isolate else measure_method(**kwargs))
     return add_ratios(pd.DataFrame(rows))
 
 
 def format_table(table: pd.DataFrame) -> str:
-    shown = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "memory_vs_dp_sgd", "memory_vs_dp_zo",
-             "time_vs_dp_sgd", "time_vs_non_private"]
+    shown = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "tokens_per_s", "memory_vs_dp_sgd",
+             "memory_vs_dp_zo", "memory_vs_non_private", "time_vs_dp_sgd", "throughput_vs_non_private"]
     return table[[c for c in shown if c in table.columns]].to_string(index=False)
 
 

@@ -51,6 +51,25 @@ def opacus_forget_captures(module: torch.nn.Module, params) -> None:
                 delattr(p, attr)
 
 
+def opacus_reset_accumulation(optimizer) -> None:
+    """Forget a logical batch left half-processed: pending skip signals (``_step_skip_queue``), the "last step
+    was skipped" flag (``_is_last_step_skipped``, which makes ``zero_grad`` keep the clipped sum) and the clipped
+    sum itself (``p.summed_grad``)."""
+    optimizer._step_skip_queue.clear()
+    optimizer._is_last_step_skipped = False
+    for p in optimizer.params:
+        p.summed_grad = None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX tiles), from torch's private probes
+    ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` (True when torch lacks them: no warning
+    is better than a wrong one)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [probe for probe in probes if probe is not None]
+    return not probes or any(probe() for probe in probes)
+
+
 def profiler_memory_events(prof) -> list[tuple[int, int]]:
     """``(start_ns, nbytes)`` of every allocation/free the torch profiler recorded (its kineto results)."""
     return sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.models import check_activation_checkpointing
+from toolkit.precision import DTYPES
 from toolkit.validation import check_choice, check_fraction, check_int, check_number
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "dp-adambc")
 UPDATE_MASKS = ("noisy", "past-noisy", "public", "random")
 LORA_VARIANTS = ("standard", "ffa")
+EVAL_MODES = ("auto", "closed-set", "generate")
+EXPORT_FORMATS = ("auto", "adapter", "merged")
 DEFAULT_LR = {"non-private": 1e-3, "dp-zo": 2e-3, "dp-sgd": 5e-3, "dual-priv": 5e-3}
 
 
@@ -85,6 +89,24 @@ class TrainConfig:
     checkpoint_path: str | None = None      # save model + accountant state here at the end
     resume_from: str | None = None          # continue a checkpointed run (ε keeps counting)
     resume_new_budget: bool = False         # resuming: spend up to this config's ε in total (σ recalibrated)
+    # --- scale (issue 11): precision, physical batches, activation memory -------------------------------------
+    dtype: str = "auto"                     # model dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32",
+                                            # "bfloat16"; DP clipping/noise always run in >= fp32 (toolkit.precision)
+    max_physical_batch_size: int | None = None  # process each logical (Poisson) batch in chunks of at most this
+                                            # many records: one noise draw, one step, one accountant step per batch
+    activation_checkpointing: bool = False  # recompute the LM's layer activations in backward (less memory);
+                                            # not with grad_sample_mode="functorch" (see toolkit.models)
+    # --- your data in, your model out (toolkit.userdata, toolkit.evaluation, toolkit.export) ---
+    train_data: str | None = None           # a LLaVA JSON/JSONL file to train on instead of the embedded task
+    eval_data: str | None = None            # a LLaVA JSON/JSONL file to evaluate on (with train_data and no
+                                            # eval_data, nothing is evaluated: accuracy None)
+    image_folder: str | None = None         # where the files' image paths point (default: each file's folder)
+    eval_mode: str = "auto"                 # "closed-set" (rank candidates), "generate" (free text) or "auto"
+    max_new_tokens: int = 16                # longest generated answer ("generate" mode)
+    feature_cache: bool = True              # keep the visual tokens of file-backed data in the cache dir
+    output_dir: str | None = None           # export the trained model here (a new or empty folder)
+    export_format: str = "auto"             # "adapter" (peft LoRA + base), "merged" (plain LLaVA), "auto":
+                                            # adapter when LoRA trained, else merged
 
     @property
     def private(self) -> bool:
@@ -134,6 +156,9 @@ def check_config(c: TrainConfig) -> None:
     check_choice("optimizer", c.optimizer, OPTIMIZERS)
     check_choice("update_mask", c.update_mask, UPDATE_MASKS)
     check_choice("lora_variant", c.lora_variant, LORA_VARIANTS)
+    if c.update_mask == "public" and c.train_data:
+        raise ValueError("update_mask='public' ranks gradients on the embedded task's public split; a data set of "
+                         "your own has none: use 'past-noisy' or 'random'")
     if c.update_mask != "noisy" and c.grad_prune_ratio == 0:
         raise ValueError(f"update_mask={c.update_mask!r} needs grad_prune_ratio > 0 (the fraction it drops)")
     check_fraction("grad_prune_ratio", c.grad_prune_ratio)
@@ -144,8 +169,15 @@ def check_config(c: TrainConfig) -> None:
         raise ValueError(f"fusion_noise_std must be a number, 'matched' or None, got {c.fusion_noise_std!r}")
     if isinstance(c.fusion_noise_std, (int, float)):
         check_number("fusion_noise_std", c.fusion_noise_std, minimum=0, strict=False)
+    check_scale_fields(c)
     if c.resume_new_budget and not c.resume_from:
         raise ValueError("resume_new_budget applies to a resumed run: give resume_from too")
+    check_choice("eval_mode", c.eval_mode, EVAL_MODES)
+    check_int("max_new_tokens", c.max_new_tokens, minimum=1)
+    check_choice("export_format", c.export_format, EXPORT_FORMATS)
+    if c.export_format == "adapter" and not c.trainable.startswith("lora"):
+        raise ValueError(f"export_format 'adapter' needs a LoRA trainable mode (lora, lora+head), got "
+                         f"{c.trainable!r}: use 'merged'")
     if c.device != "auto":
         try:
             device = torch.device(c.device)
@@ -153,6 +185,15 @@ def check_config(c: TrainConfig) -> None:
             raise ValueError(f"device {c.device!r} is not a torch device ({err})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {c.device!r} asked for, but torch sees no CUDA device")
+
+
+def check_scale_fields(c: TrainConfig) -> None:
+    """The issue-11 block: dtype, physical batch size, activation checkpointing."""
+    check_choice("dtype", c.dtype, DTYPES)
+    if c.max_physical_batch_size is not None:
+        check_int("max_physical_batch_size", c.max_physical_batch_size, minimum=1)
+    if c.activation_checkpointing:
+        check_activation_checkpointing(c.grad_sample_mode if c.method in ("dp-sgd", "dual-priv") else None)
 
 
 def resolve_device(c: TrainConfig) -> torch.device:

@@ -1,4 +1,6 @@
-"""Embedded offline VQA sets, the LLaVA-JSON loader with validation, and the collator.
+"""Records and data sets, the embedded offline VQA tasks, image preprocessing, and the collator.
+
+A user's LLaVA-JSON data set is read by :mod:`toolkit.userdata` into the same :class:`VQADataset`.
 
 The embedded data are scikit-learn's 1,797 real handwritten digits (8x8) placed on a larger canvas, so most
 patches are background and token pruning has real work. Splits are disjoint by *source image*
@@ -16,14 +18,15 @@ Example::
 """
 from __future__ import annotations
 
-import json
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from toolkit.vocabulary import PRIVACY_UNIT
 
 SPLITS = {"public": (0, 700), "validation": (700, 800), "private": (800, 1500), "test": (1500, 1797)}
 
@@ -43,22 +46,54 @@ class DataValidationError(ValueError):
 
 @dataclass
 class VQARecord:
-    """One training record: an image, a question about it, the answer, and the source images it was made from."""
+    """One training record: an image, a question about it, the answer, and the source images it was made from.
+
+    ``image`` is a decoded picture (the embedded tasks) or ``None`` with ``image_path`` set (a user data set):
+    a user's images are read only when their visual tokens are computed (:meth:`load_image`), never all at once.
+    ``history`` holds the earlier (question, answer) turns of a multi-turn conversation (the image belongs to
+    the first question); ``question`` / ``answer`` are the last turn. ``answer`` is ``None`` when unknown
+    (prediction). ``image_sha256`` (the file's content hash) keys the feature cache; ``user_id`` is optional.
+    """
 
     id: str
-    image: Image.Image
+    image: Image.Image | None
     question: str
-    answer: str
+    answer: str | None
     source_ids: tuple = ()
+    image_path: str | None = None
+    image_sha256: str | None = None
+    history: tuple = ()
+    user_id: str | None = None
+
+    def load_image(self) -> Image.Image:
+        """The record's picture as RGB (read from ``image_path`` if it is not in memory)."""
+        if self.image is not None:
+            return self.image
+        try:
+            with Image.open(self.image_path) as img:
+                return img.convert("RGB")
+        except Exception as err:  # PIL raises many types for truncated or odd files
+            raise DataValidationError(f"record {self.id!r}: image {Path(self.image_path).name!r} could not be "
+                                      f"decoded ({err.__class__.__name__}: {err})") from None
+
+    @property
+    def turns(self) -> tuple:
+        """Every (question, answer) turn, the last one included."""
+        return tuple(self.history) + ((self.question, self.answer),)
 
 
 class VQADataset(torch.utils.data.Dataset):
     """A list of :class:`VQARecord` with the closed set of candidate answers (used to rank at evaluation)."""
 
-    def __init__(self, records: list[VQARecord], candidates: tuple[str, ...] | None = None, name: str = "vqa"):
+    def __init__(self, records: list[VQARecord], candidates: tuple[str, ...] | None = None, name: str = "vqa",
+                 privacy_unit: str = PRIVACY_UNIT):
         self.records = list(records)
-        self.candidates = tuple(candidates) if candidates else tuple(sorted({r.answer for r in self.records}))
+        # declared: a public answer set (an embedded task's); otherwise derived from the records' own answers
+        self.candidates_declared = bool(candidates)
+        self.candidates = tuple(candidates) if candidates else tuple(
+            sorted({r.answer for r in self.records if r.answer is not None}))
         self.name = name
+        self.privacy_unit = privacy_unit  # what one record stands for (what ε protects); see toolkit.userdata
 
     def __len__(self) -> int:
         return len(self.records)
@@ -67,7 +102,8 @@ class VQADataset(torch.utils.data.Dataset):
         return self.records[index]
 
     def subset(self, n: int) -> "VQADataset":
-        return VQADataset(self.records[:n], self.candidates, self.name)
+        return VQADataset(self.records[:n], self.candidates if self.candidates_declared else None, self.name,
+                          self.privacy_unit)
 
 
 def _digits():
@@ -135,83 +171,6 @@ def dataset_sizes() -> dict:
     return {task: {split: (b - a) // spec[1] for split, (a, b) in SPLITS.items()} for task, spec in TASKS.items()}
 
 
-# ---------------------------------------------------------------- LLaVA conversation format
-
-def _fail(record_id, problem: str):
-    raise DataValidationError(f"record {record_id}: {problem}")
-
-
-def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
-                    candidates: tuple[str, ...] | None = None) -> VQADataset:
-    """Load a LLaVA conversation file (JSON list or JSONL) with its image folder, validating every record.
-
-    Each record must look like ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
-    {"from": "gpt", "value": "..."}]}``. The first human/gpt pair is used. Nothing is dropped silently: the first
-    bad record raises :class:`DataValidationError` naming it (by id, or by position when the id is unusable).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataValidationError(f"data file {str(path)!r} does not exist")
-    folder = Path(image_folder) if image_folder is not None else path.parent
-    if not folder.is_dir():
-        raise DataValidationError(f"image folder {str(folder)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataValidationError(f"{str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(raw, list):
-        raise DataValidationError(f"{str(path)!r} must hold a list of records, found {type(raw).__name__}")
-    records, seen = [], set()
-    for position, item in enumerate(raw):
-        where = f"#{position}"
-        if not isinstance(item, dict):
-            _fail(where, f"must be an object, found {type(item).__name__}")
-        rid = item.get("id")
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
-            _fail(where, "'id' is missing or not a string/integer")
-        rid = str(rid)
-        where = f"{rid!r} (#{position})"
-        if rid in seen:
-            _fail(where, "duplicate id")
-        seen.add(rid)
-        image_name = item.get("image")
-        if not isinstance(image_name, str) or not image_name:
-            _fail(where, "'image' is missing or not a string")
-        image_path = (folder / image_name).resolve()
-        if not image_path.is_file():
-            _fail(where, f"image {image_name!r} not found in {str(folder)!r}")
-        try:
-            with Image.open(image_path) as img:
-                image = img.convert("RGB")
-        except Exception as err:  # PIL raises many types for unreadable files
-            _fail(where, f"image {image_name!r} is unreadable ({err.__class__.__name__}: {err})")
-        turns = item.get("conversations")
-        if not isinstance(turns, list) or len(turns) < 2:
-            _fail(where, "'conversations' must be a list of at least two turns")
-        for t, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
-                _fail(where, f"turn {t} must be an object with string 'from' and 'value'")
-        human, gpt = turns[0], turns[1]
-        if human["from"] != "human" or gpt["from"] != "gpt":
-            _fail(where, f"the first two turns must be from 'human' then 'gpt', found {human['from']!r}, {gpt['from']!r}")
-        if human["value"].count("<image>") != 1:
-            _fail(where, "the human turn must contain exactly one '<image>' tag")
-        question = human["value"].replace("<image>", "").strip()
-        if not question:
-            _fail(where, "the question is empty")
-        answer = gpt["value"].strip()
-        if not answer:
-            _fail(where, "the answer is empty")
-        records.append(VQARecord(rid, image, question, answer, (image_name,)))
-    if not records:
-        raise DataValidationError(f"{str(path)!r} holds no records")
-    return VQADataset(records, candidates, name=path.stem)
-
-
 # ---------------------------------------------------------------- tensors for the model
 
 def preprocess_images(images: list[Image.Image], image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
@@ -231,12 +190,27 @@ def preprocess_images(images: list[Image.Image], image_size: int, mean=(0.5, 0.5
 
 
 class Collator:
-    """Build ``input_ids``, ``attention_mask`` and ``labels`` (loss on the answer only) for a batch of records.
+    """Build ``input_ids``, ``attention_mask`` and ``labels`` (loss on the answers only) for a batch of records.
 
     The image block is ``n_visual_tokens`` placeholders at the same position in every row (right padding),
     which is what lets the toolkit's forward place visual features without a data-dependent scatter.
     ``n_visual_tokens`` must equal the number of visual tokens the model will actually feed the LLM
     (it shrinks with token pruning); :func:`toolkit.forward.LlavaLM.forward` checks it.
+
+    A multi-turn record (``record.history``) is laid out turn after turn: the first question with the image,
+    then each answer and the next question in the template without its image; every assistant answer is
+    labelled (trained on), and ``prompt_lengths`` marks where the last answer starts (what evaluation and
+    prediction score or generate). A record whose ``answer`` is ``None`` yields its prompt only.
+
+    Example::
+
+        >>> from toolkit.models import build_model
+        >>> from toolkit.data import make_vqa
+        >>> bundle = build_model("tiny")
+        >>> collator = Collator(bundle.tokenizer, 16, bundle.image_token_id, bundle.prompt_template)
+        >>> batch = collator(make_vqa("parity", "test", 32, limit=2).records)
+        >>> batch["input_ids"].shape[0], int((batch["input_ids"][0] == bundle.image_token_id).sum())
+        (2, 16)
     """
 
     def __init__(self, tokenizer, n_visual_tokens: int, image_token_id: int, prompt_template: str):
@@ -247,7 +221,10 @@ class Collator:
         self.tokenizer = tokenizer
         self.n_visual_tokens = n_visual_tokens
         self.image_token_id = image_token_id
+        self.prompt_template = prompt_template
         self.prefix, self.suffix = prompt_template.split("<image>")
+        # Later turns use the template without its image (and the whitespace that followed the image).
+        self.turn_template = re.sub(r"<image>\s*", "", prompt_template)
         self.prefix_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.prefix_ids += self._encode(self.prefix)
         self.image_start = len(self.prefix_ids)
@@ -255,9 +232,23 @@ class Collator:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
 
-    def prompt_ids(self, question: str) -> list[int]:
-        return (self.prefix_ids + [self.image_token_id] * self.n_visual_tokens
-                + self._encode(self.suffix.format(question=question)))
+    def _context(self, question: str, history: tuple = ()) -> tuple[list[int], list[int]]:
+        """Ids and labels of everything before the last answer: earlier answers are labelled, prompts are not."""
+        first = history[0][0] if history else question
+        ids = self.prefix_ids + [self.image_token_id] * self.n_visual_tokens + self._encode(
+            self.suffix.format(question=first))
+        labels = [-100] * len(ids)
+        for turn, (_, answer) in enumerate(history):
+            answer_ids = self.answer_ids(answer)
+            following = history[turn + 1][0] if turn + 1 < len(history) else question
+            prompt = self._encode(self.turn_template.format(question=following))
+            ids += answer_ids + prompt
+            labels += answer_ids + [-100] * len(prompt)
+        return ids, labels
+
+    def prompt_ids(self, question: str, history: tuple = ()) -> list[int]:
+        """Token ids up to (not including) the answer of the last turn."""
+        return self._context(question, history)[0]
 
     def answer_ids(self, answer: str) -> list[int]:
         ids = self._encode(" " + answer)
@@ -268,11 +259,13 @@ class Collator:
     def __call__(self, records: list[VQARecord]) -> dict:
         rows, label_rows, prompt_lengths = [], [], []
         for record in records:
-            prompt = self.prompt_ids(record.question)
-            answer = self.answer_ids(record.answer)
-            rows.append(prompt + answer)
-            label_rows.append([-100] * len(prompt) + answer)
-            prompt_lengths.append(len(prompt))
+            ids, labels = self._context(record.question, tuple(record.history))
+            prompt_lengths.append(len(ids))
+            if record.answer is not None:
+                answer = self.answer_ids(record.answer)
+                ids, labels = ids + answer, labels + answer
+            rows.append(ids)
+            label_rows.append(labels)
         width = max((len(r) for r in rows), default=0)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from toolkit.config import TrainConfig
-from toolkit.data import preprocess_images
 from toolkit.forward import tower_hidden_states
 from toolkit.tokens import make_pruner
 
@@ -37,10 +36,13 @@ def make_pruner_for(bundle, config: TrainConfig, strategy: str | None = None):
 
 @torch.no_grad()
 def encode_records(bundle, pruner, records, batch_size: int = 64) -> torch.Tensor:
-    """Visual tokens for each record: ``[N, pruner.n_out, d_vision]`` (images decoded one chunk at a time)."""
+    """Visual tokens for each record: ``[N, pruner.n_out, d_vision]``. Images are read (a user's from disk) and
+    decoded one chunk of ``batch_size`` at a time, so a large set is never held in memory as pictures."""
     chunks = []
     for start in range(0, len(records), batch_size):
-        images = [r.image for r in records[start:start + batch_size]]
-        pixels = preprocess_images(images, bundle.image_size, bundle.image_mean, bundle.image_std)
+        images = [r.load_image() for r in records[start:start + batch_size]]
+        pixels = bundle.preprocess(images)
         chunks.append(pruner(tower_hidden_states(bundle, pixels)).features.float())
-    return torch.cat(chunks) if chunks else torch.zeros(0)
+    if not chunks:
+        return torch.zeros(0, pruner.n_out, pruner.hidden_size)
+    return torch.cat(chunks)

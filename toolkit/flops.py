@@ -93,8 +93,9 @@ def preset_dims(preset: str) -> ModelDims:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     s = PRESETS[preset]
     return ModelDims(hidden=s["lm_hidden"], kv_hidden=s["lm_hidden"], intermediate=s["lm_intermediate"],
-                     layers=s["lm_layers"], vocab=len(build_tokenizer()), vision_hidden=s["vision_hidden"],
-                     vision_layers=s["vision_layers"], vision_intermediate=s["vision_hidden"] * 2,
+                     layers=s["lm_layers"], vocab=s.get("vocab_size", len(build_tokenizer())),
+                     vision_hidden=s["vision_hidden"], vision_layers=s["vision_layers"],
+                     vision_intermediate=s.get("vision_intermediate", s["vision_hidden"] * 2),
                      n_patches=(s["image_size"] // s["patch_size"]) ** 2, patch_size=s["patch_size"],
                      has_cls=s["tower"] == "clip")
 

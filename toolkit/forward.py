@@ -71,31 +71,81 @@ class LlavaLM(nn.Module):
             )
 
     def forward(self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                fusion_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Return logits ``[B, T, V]``. ``fusion_noise`` (optional) is added to the projected-from features
-        before the projector, per example (it is the heuristic fusion noise of mechanism 1)."""
+                fusion_noise: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Return logits ``[B, T, V]``, or ``[B, K, V]`` at ``positions`` (``[B, K]`` indices into T, e.g. from
+        :func:`answer_positions`): the LM head then runs on those K hidden states only, so the logits cost
+        ``B·K·V`` instead of ``B·T·V`` (T includes every visual token). The gathered hidden states keep the batch
+        dimension first, so Opacus' per-example gradient of the LM head stays exact (tested).
+
+        ``fusion_noise`` (optional) is added to the projected-from features before the projector, per example
+        (it is the heuristic fusion noise of mechanism 1). Features of another dtype (e.g. fp32 features of a
+        bf16 model) are cast to the projector's dtype."""
+        embeds = self.embed(image_features, input_ids, fusion_noise)
+        hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if positions is not None:
+            index = positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, index)
+        return self.lm_head(hidden)
+
+    def embed(self, image_features: torch.Tensor, input_ids: torch.Tensor,
+              fusion_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's input embeddings: text embeddings with the projected visual tokens in the image block."""
         if self.image_start is None:
             raise RuntimeError("call bind_collator(collator) before forward so the image block position is known")
         if fusion_noise is not None:
             image_features = image_features + fusion_noise
-        image_embeds = self.projector(image_features)
+        image_embeds = self.projector(image_features.to(self.projector_dtype))
         text_embeds = self.language_model.get_input_embeddings()(input_ids)
         n_visual = image_embeds.shape[1]
         start = self.image_start
-        embeds = torch.cat([text_embeds[:, :start], image_embeds.to(text_embeds.dtype),
-                            text_embeds[:, start + n_visual:]], dim=1)
-        hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.lm_head(hidden)
+        return torch.cat([text_embeds[:, :start], image_embeds.to(text_embeds.dtype),
+                          text_embeds[:, start + n_visual:]], dim=1)
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the loss is: ``(positions [B, K], targets [B, K])``.
+
+    Position ``t`` predicts token ``t + 1``, so the positions are those ``t`` with ``labels[:, t + 1] != -100``
+    (the answer tokens), in order, and ``targets[b, k] = labels[b, positions[b, k] + 1]``. Rows with fewer than
+    ``K = max answer length`` targets are padded with a position whose target is ``-100`` (ignored by the loss,
+    so its backprop is zero and it adds nothing to any per-example gradient).
+    """
+    shifted = labels[:, 1:]
+    valid = shifted != -100
+    k = max(1, int(valid.sum(dim=1).max())) if labels.shape[0] else 1
+    # stable sort puts each row's answer positions first, in their original order
+    positions = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :k]
+    return positions, shifted.gather(1, positions)
+
+
+def per_example_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [B, K, V]`` against ``targets [B, K]`` (``-100`` ignored) per example:
+    ``L_i = Σ_k CE_ik / #{k : target_ik ≠ -100}``, shape ``[B]``."""
+    # At least fp32 (bf16 logits lose the loss), never a downcast (float64 gradient checks).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    counts = (targets != -100).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each example's answer tokens: shape ``[B]``."""
-    # At least fp32 (bf16 logits lose the loss), never a downcast (float64 gradient checks).
-    shift_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-    counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / counts
+    """Mean next-token cross-entropy over each example's answer tokens from full logits ``[B, T, V]``: ``[B]``."""
+    return per_example_token_loss(logits[:, :-1], labels[:, 1:])
+
+
+def answer_losses(module: nn.Module, image_features: torch.Tensor, batch: dict,
+                  fusion_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example losses ``[B]`` with logits computed only where the answer is (see :func:`answer_positions`);
+    equal to ``per_example_loss(module(...), labels)`` (tested) at a fraction of the logits' memory.
+    ``module`` is a :class:`LlavaLM` or Opacus' wrapper of one."""
+    positions, targets = answer_positions(batch["labels"])
+    logits = module(image_features, batch["input_ids"], batch["attention_mask"], fusion_noise=fusion_noise,
+                    positions=positions)
+    return per_example_token_loss(logits, targets.to(logits.device))
 
 
 @torch.no_grad()
@@ -110,8 +160,8 @@ def rank_candidates(lm: LlavaLM, image_features: torch.Tensor, batch: dict, cand
     input_ids, mask, prompt_lengths = input_ids.to(device), mask.to(device), prompt_lengths.to(device)
     rows = torch.arange(input_ids.shape[0], device=device)
     if all(len(c) == 1 for c in candidate_ids):
-        logits = lm(image_features, input_ids, mask)
-        last = logits[rows, prompt_lengths - 1].float()
+        # the LM head only at each row's last prompt position (not over every visual token)
+        last = lm(image_features, input_ids, mask, positions=(prompt_lengths - 1).unsqueeze(1))[:, 0].float()
         return last[:, torch.tensor([c[0] for c in candidate_ids], device=device)].argmax(dim=1)
     scores = []
     for cand in candidate_ids:
@@ -128,3 +178,47 @@ def rank_candidates(lm: LlavaLM, image_features: torch.Tensor, batch: dict, cand
             total += logp[rows, prompt_lengths - 1 + j, tok]
         scores.append(total)
     return torch.stack(scores, dim=1).argmax(dim=1)
+
+
+@torch.no_grad()
+def generate_greedy(lm: LlavaLM, image_features: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int,
+                    eos_token_id: int | None) -> list[list[int]]:
+    """Greedy decoding through the toolkit's forward, with a KV cache: the same (pruned) visual tokens as in
+    training, placed in the same image block. Every row of ``prompt_ids`` ``[B, P]`` must be a full prompt of
+    the same length (no padding: group prompts by length). Returns each row's new tokens, EOS excluded.
+
+    Example::
+
+        >>> import torch
+        >>> from toolkit.models import build_model
+        >>> from toolkit.data import Collator
+        >>> from toolkit.forward import LlavaLM, generate_greedy
+        >>> bundle = build_model("tiny")
+        >>> collator = Collator(bundle.tokenizer, 4, bundle.image_token_id, bundle.prompt_template)
+        >>> lm = LlavaLM(bundle).bind_collator(collator).eval()
+        >>> prompt = torch.tensor([collator.prompt_ids("what colour ?")])
+        >>> len(generate_greedy(lm, torch.zeros(1, 4, 64), prompt, 3, None)[0])
+        3
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = image_features.device
+    prompt_ids = prompt_ids.to(device)
+    out = lm.language_model(inputs_embeds=lm.embed(image_features, prompt_ids), use_cache=True)
+    past, rows = out.past_key_values, prompt_ids.shape[0]
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        next_ids = lm.lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)
+        tokens.append(next_ids)
+        if eos_token_id is not None:
+            finished |= next_ids == eos_token_id
+        if bool(finished.all()) or len(tokens) == max_new_tokens:
+            break
+        step = lm.language_model.get_input_embeddings()(next_ids[:, None])
+        out = lm.language_model(inputs_embeds=step, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    generated = torch.stack(tokens, dim=1).tolist()
+    if eos_token_id is not None:
+        generated = [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in generated]
+    return generated

@@ -17,8 +17,14 @@ Example (a few seconds on a CPU)::
     >>> round(result.epsilon_spent, 2) <= 3.0
     True
 
+Your data: ``TrainConfig(train_data=..., eval_data=..., image_folder=...)`` trains on a LLaVA JSON/JSONL file
+(:mod:`toolkit.userdata`) instead of the embedded task, evaluates by ranking a closed set of answers or by
+generating (:mod:`toolkit.evaluation`), and ``output_dir`` / :meth:`TrainResult.save` exports the model
+(:mod:`toolkit.export`).
+
 Privacy unit: one training record. The embedded private split has one record per source image, so the
-guarantee is per image; a user data set needs the same property (or per-user accounting) for ε to mean that.
+guarantee is per image; a user data set is refused unless it has the same property (one image per record,
+and one record per ``user_id`` when records carry one).
 
 What leaves a private run: the model, ε spent per step, and the public config. The per-step mean loss and the
 realised Poisson batch size are functions of the private batch that ε does not cover (the loss has unbounded
@@ -27,6 +33,7 @@ sensitivity), so they are kept out of the history, the progress bar and the call
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -43,17 +50,24 @@ from toolkit.checkpoint import (PrivacyPlan, check_plan_within_target, load_chec
                                 resume_privacy, save_checkpoint)
 from toolkit.config import OPTIMIZERS, TrainConfig, planned_steps, resolve_device
 from toolkit.data import Collator, VQADataset, make_vqa
-from toolkit.evaluation import evaluate
+from toolkit.distributed import (DistributedContext, broadcast_trainable, check_replicas_identical, context,
+                                 init_from_env, local_device, share, shared_secret_seed)
+from toolkit.evaluation import answer_records, choose_eval_mode
+from toolkit.export import save_trained
+from toolkit.feature_cache import cached_features
 from toolkit.features import encode_records, make_pruner_for
-from toolkit.forward import LlavaLM, per_example_loss
+from toolkit.forward import LlavaLM, answer_losses
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
-from toolkit.models import apply_trainable, build_model, load_model
+from toolkit.models import apply_trainable, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
+from toolkit.precision import resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
 from toolkit.tokens import matched_fusion_sigma
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS, format_epsilon
-from toolkit.warmstart import warm_start
+from toolkit.userdata import load_llava_json
+from toolkit.validation import check_output_dir
+from toolkit.warmstart import starting_model
 
 __all__ = ["METHODS", "PRIVATE_METHODS", "OPTIMIZERS", "TrainConfig", "TrainResult", "TrainingCancelled", "train",
            "load_bundle", "save_result", "TRAINING_STATS"]
@@ -88,6 +102,12 @@ class TrainResult:
     released_stats: tuple = ()
     extra: dict = field(default_factory=dict)
     bundle: object = field(default=None, repr=False)
+    eval_answers: object = field(default=None, repr=False)  # toolkit.evaluation.Answers on the eval set
+
+    def save(self, path, export_format: str | None = None):
+        """Export the trained model, its tokenizer, what prediction needs and a model card to the new folder
+        ``path`` (see :func:`toolkit.export.save_trained`); ``export_format`` defaults to the config's."""
+        return save_trained(self, path, export_format or self.config.export_format)
 
     def summary(self) -> dict:
         c = self.config
@@ -134,6 +154,8 @@ class Run:
     sampler: object
     train_set: object
     eval_set: object
+    eval_mode: str
+    candidates: tuple
     train_features: torch.Tensor
     eval_features: torch.Tensor
     collator: Collator
@@ -149,15 +171,12 @@ class Run:
     fusion_sigma: float
     fusion_generator: torch.Generator
     started: float
+    dist: DistributedContext = field(default_factory=context)   # data-parallel rank (toolkit.distributed)
 
 
 def load_bundle(config: TrainConfig):
     """The model a run starts from: a local directory, or the preset's cached public warm start."""
-    if config.model_dir:
-        return load_model(config.model_dir)
-    if config.warm_start_steps == 0:
-        return build_model(config.preset)
-    return warm_start(config.preset, steps=config.warm_start_steps, progress=config.progress)
+    return starting_model(config.model_dir, config.preset, config.warm_start_steps, progress=config.progress)
 
 
 def secret_generator(noise_seed: int | None, stream: int) -> torch.Generator:
@@ -180,11 +199,32 @@ def privacy_plan(c: TrainConfig, sample_rate: float, steps: int) -> PrivacyPlan 
     return PrivacyPlan(c.method, float(c.epsilon), float(c.delta), sigma, sample_rate, steps, c.accountant)
 
 
-def make_sampler(c: TrainConfig, n_records: int, n_held: int, sample_rate: float):
+def make_sampler(c: TrainConfig, n_records: int, n_held: int, sample_rate: float,
+                 dist: DistributedContext | None = None):
     # Which records join a step is part of the secret randomness: Poisson batches use a secret generator.
+    # Data-parallel ranks all draw the same global batch (a secret seed shared from rank 0) and keep their share.
     if c.sampling == "poisson":
-        return PoissonSampler(n_records, sample_rate, generator=secret_generator(c.noise_seed, stream=1))
+        if dist is not None and dist.enabled:
+            generator = torch.Generator().manual_seed(shared_secret_seed(c.noise_seed, 1, dist))
+        else:
+            generator = secret_generator(c.noise_seed, stream=1)
+        return PoissonSampler(n_records, sample_rate, generator=generator)
     return FixedBatchSampler(n_held, min(c.expected_batch_size, n_held), seed=c.seed)
+
+
+def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADataset | None):
+    """The config's LLaVA-JSON files as data sets (None where the embedded task is used or a set was given).
+
+    A training file must keep one image per record (the privacy unit, see :mod:`toolkit.userdata`); an
+    evaluation file may share images between questions. Training on a file without an evaluation file
+    evaluates nothing (the embedded test split would be meaningless for your model)."""
+    if train_set is None and c.train_data:
+        train_set = load_llava_json(c.train_data, c.image_folder, limit=c.train_limit)
+    if eval_set is None and c.eval_data:
+        eval_set = load_llava_json(c.eval_data, c.image_folder, privacy_unit=False, limit=c.eval_limit)
+    if eval_set is None and train_set is not None and c.train_data:
+        eval_set = VQADataset([], name="none")
+    return train_set, eval_set
 
 
 def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQADataset | None = None) -> Run:
@@ -194,14 +234,25 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     source image: the privacy unit)."""
     started = time.perf_counter()
     check_sampling(c.private, c.sampling, c.allow_fixed_batches)
+    if c.output_dir:  # before any work: a run must not end unable to save
+        check_output_dir(c.output_dir, "output_dir")
     checkpoint = load_checkpoint(c.resume_from) if c.resume_from else None
+    # a user's data is validated before the (possibly slow) model load
+    train_set, eval_set = user_datasets(c, train_set, eval_set)
 
     # 1. model, what trains, and the data (one record per source image)
     bundle = load_bundle(c)
-    device = resolve_device(c)
+    dist = init_from_env(resolve_device(c).type)  # torchrun: join the process group (toolkit.distributed)
+    device = local_device(resolve_device(c), dist)
     bundle.model.to(device)
     torch.manual_seed(c.seed)
     trainable_params = apply_trainable(bundle, c.trainable, c.lora_rank, lora_variant=c.lora_variant)
+    # scale (issue 11): one dtype for frozen and trainable parts (after LoRA injection, so adapters get it too);
+    # DP clipping and noise stay in >= fp32 whatever it is (toolkit.privacy.update_pruning)
+    bundle.model.to(resolve_dtype(c.dtype, device))
+    if c.activation_checkpointing:
+        enable_activation_checkpointing(bundle)
+    broadcast_trainable(bundle.model, dist)  # every rank starts from rank 0's weights
     if train_set is None:
         train_set = make_vqa(c.task, c.train_split, bundle.image_size, limit=c.train_limit)
     if eval_set is None:
@@ -209,12 +260,14 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     n_records = c.dataset_size or len(train_set)
     if n_records < len(train_set):
         raise ValueError(f"dataset_size {n_records} is smaller than the training set ({len(train_set)} records)")
+    eval_mode, candidates = choose_eval_mode(c.eval_mode, [r.answer for r in eval_set],
+                                             eval_set.candidates if eval_set.candidates_declared else None)
 
-    # 2. mechanism 1: visual tokens per example, computed once with the frozen tower
+    # 2. mechanism 1: visual tokens per example, computed once with the frozen tower (cached for file-backed data)
     pruner = make_pruner_for(bundle, c)
     eval_pruner = pruner if c.prune_at_eval else make_pruner_for(bundle, c, "none")
-    train_features = encode_records(bundle, pruner, train_set.records)
-    eval_features = encode_records(bundle, eval_pruner, eval_set.records)
+    train_features = cached_features(bundle, pruner, train_set.records, use_cache=c.feature_cache)
+    eval_features = cached_features(bundle, eval_pruner, eval_set.records, use_cache=c.feature_cache)
     collator = Collator(bundle.tokenizer, pruner.n_out, bundle.image_token_id, bundle.prompt_template)
     eval_collator = Collator(bundle.tokenizer, eval_pruner.n_out, bundle.image_token_id, bundle.prompt_template)
     lm = LlavaLM(bundle).bind_collator(collator).train()
@@ -234,7 +287,7 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
 
     public = public_gradients(c, bundle, lm, collator, pruner) if c.update_mask == "public" else None
     optimizer = make_optimizer(c, lm, noise_multiplier, sample_rate, public_gradients=public)
-    sampler = make_sampler(c, n_records, len(train_set), sample_rate)
+    sampler = make_sampler(c, n_records, len(train_set), sample_rate, dist)
     if checkpoint is not None:
         restore_trainable(lm, checkpoint)
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -251,9 +304,10 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
         fusion_sigma = matched_fusion_sigma(noise_multiplier, c.max_grad_norm, c.expected_batch_size)
     elif c.fusion_noise_std:
         fusion_sigma = float(c.fusion_noise_std)
-    return Run(c, bundle, device, lm, optimizer, sampler, train_set, eval_set, train_features, eval_features,
+    return Run(c, bundle, device, lm, optimizer, sampler, train_set, eval_set, eval_mode, candidates,
+               train_features, eval_features,
                collator, eval_collator, pruner, n_records, trainable_params, sample_rate, steps, start_step, plan,
-               curve, fusion_sigma, secret_generator(c.noise_seed, stream=2), started)
+               curve, fusion_sigma, secret_generator(c.noise_seed, stream=2), started, dist)
 
 
 def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pruner,
@@ -265,7 +319,7 @@ def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pr
     batch = {k: v.to(features.device) for k, v in collator(public.records).items()}
     params = [p for p in lm.parameters() if p.requires_grad]
     lm.zero_grad(set_to_none=True)
-    per_example_loss(lm(features, batch["input_ids"], batch["attention_mask"]), batch["labels"]).mean().backward()
+    answer_losses(lm, features, batch).mean().backward()
     grads = [p.grad.detach().clone() for p in params]
     lm.zero_grad(set_to_none=True)
     return grads
@@ -274,15 +328,23 @@ def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pr
 # ------------------------------------------------------------------------------------------------ steps
 
 def batch_losses(run: Run, idx: torch.Tensor) -> torch.Tensor:
-    """Per-example losses ``[B]`` of the records ``idx``, forwarded through the optimizer's module."""
+    """Per-example losses ``[B]`` of the records ``idx``, forwarded through the optimizer's module (the LM head
+    runs at the answer positions only: :func:`toolkit.forward.answer_losses`)."""
     batch = {k: v.to(run.device) for k, v in run.collator([run.train_set[i] for i in idx.tolist()]).items()}
     features = run.train_features[idx.to(run.train_features.device)].to(run.device)
     noise = None
     if run.fusion_sigma > 0 and run.pruner.n_contextual > 0:  # heuristic, outside the DP guarantee
         noise = run.pruner.fusion_noise(len(idx), generator=run.fusion_generator, sigma=run.fusion_sigma)
         noise = noise.to(run.device)
-    logits = run.optimizer.module(features, batch["input_ids"], batch["attention_mask"], fusion_noise=noise)
-    return per_example_loss(logits, batch["labels"])
+    return answer_losses(run.optimizer.module, features, batch, fusion_noise=noise)
+
+
+def physical_chunks(idx: torch.Tensor, max_physical_batch_size: int | None) -> list[torch.Tensor]:
+    """The logical batch ``idx`` in consecutive chunks of at most ``max_physical_batch_size`` records (one chunk
+    when None). Chunking changes memory only: the update is the logical batch's (:mod:`toolkit.optimizers`)."""
+    if max_physical_batch_size is None or len(idx) <= max_physical_batch_size:
+        return [idx]
+    return list(idx.split(max_physical_batch_size))
 
 
 def one_step(run: Run, idx: torch.Tensor) -> float:
@@ -291,7 +353,14 @@ def one_step(run: Run, idx: torch.Tensor) -> float:
     if len(idx) == 0:
         run.optimizer.empty_step()
         return float("nan")
-    return run.optimizer.step(lambda: batch_losses(run, idx))
+    idx = share(idx, run.dist)  # data-parallel: this rank's share of the global batch
+    if len(idx) == 0:
+        run.optimizer.empty_step()  # another rank holds the whole batch: this one contributes a zero sum
+        return float("nan")
+    chunks = physical_chunks(idx, run.config.max_physical_batch_size)
+    if len(chunks) == 1:
+        return run.optimizer.step(lambda: batch_losses(run, idx))
+    return run.optimizer.step([functools.partial(batch_losses, run, chunk) for chunk in chunks])
 
 
 def epsilon_now(run: Run) -> float:
@@ -345,10 +414,15 @@ def run_steps(run: Run, callback: Callable[[dict], bool | None] | None):
 def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> TrainResult:
     """Evaluate, checkpoint if asked, and report."""
     c = run.config
-    accuracy = evaluate(run.lm, run.eval_features, run.eval_set.records, run.eval_collator,
-                        run.eval_set.candidates, c.eval_batch_size)
+    check_replicas_identical(run.lm, run.dist)
+    answers = None
+    if len(run.eval_set):
+        answers = answer_records(run.lm, run.eval_features, run.eval_set.records, run.eval_collator,
+                                 mode=run.eval_mode, candidates=run.candidates, max_new_tokens=c.max_new_tokens,
+                                 batch_size=c.eval_batch_size)
+    accuracy = answers.accuracy if answers is not None else None
     steps_done = run.start_step + len(rows)
-    if c.checkpoint_path:
+    if c.checkpoint_path and run.dist.is_main:
         save_checkpoint(c.checkpoint_path, config=c.to_dict(), step=steps_done, module=run.lm,
                         optimizer=run.optimizer, sampler=run.sampler, plan=run.plan)
     timer.times = [t for t in timer.times if not math.isnan(t)]
@@ -361,8 +435,12 @@ def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> Tra
         memory_method=peak.method if peak else "not measured", step_time_s=timer.median,
         trainable_params=run.trainable_params, visual_tokens=run.pruner.n_out,
         visual_tokens_in=run.bundle.n_patches, wall_time_s=time.perf_counter() - run.started, cancelled=cancelled,
-        released_stats=released, bundle=run.bundle,
-        extra=dict(fusion_noise_std=run.fusion_sigma, n_records=run.n_records),
+        released_stats=released, bundle=run.bundle, eval_answers=answers,
+        extra=dict(fusion_noise_std=run.fusion_sigma, n_records=run.n_records, world_size=run.dist.world_size,
+                   privacy_unit=run.train_set.privacy_unit, train_data=run.train_set.name,
+                   eval_data=run.eval_set.name, eval_records=len(run.eval_set),
+                   eval_mode=run.eval_mode if answers is not None else "none (no evaluation set)",
+                   n_candidates=len(run.candidates), pruner=run.pruner.describe()),
     )
 
 
@@ -377,7 +455,10 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     """
     run = setup(config.resolved(), train_set, eval_set)
     rows, timer, peak, cancelled = run_steps(run, callback)
-    return finish(run, rows, timer, peak, cancelled)
+    result = finish(run, rows, timer, peak, cancelled)
+    if run.config.output_dir and run.dist.is_main:  # data-parallel replicas are identical: rank 0 exports
+        result.save(run.config.output_dir)
+    return result
 
 
 def save_result(result: TrainResult, path: str) -> None:

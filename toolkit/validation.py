@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -117,4 +118,29 @@ def check_writable_file(path: str | os.PathLike, what: str = "output file") -> P
         raise ValueError(f"{what} {str(path)!r}: its folder cannot be created ({err.strerror})") from None
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"{what} {str(path)!r} is not writable")
+    try:  # a real probe as well: os.access says yes to root, and on some read-only mounts
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} is not writable ({err.strerror or err})") from None
+    os.close(handle)
+    os.unlink(probe)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Fail before a long run unless ``path`` can become a new folder of results: it is absent or empty, and a
+    file can be created next to it (probed for real: permissions, read-only disks and root all answer)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{what} {str(path)!r} already exists and is not empty: choose a new folder")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be written ({err.strerror or err})") from None
+    os.close(handle)
+    os.unlink(probe)
     return path

@@ -7,7 +7,7 @@ the tower's [CLS] token at the feature layer (discarded afterwards). Why: in a r
 trained to summarise the image, which is what makes [CLS] attention a useful pruning score; LLaVA drops
 [CLS] before the LLM, so without this auxiliary loss [CLS] would never learn where to look.
 
-The result is cached under ``cache_dir()`` keyed by (preset, seed, steps, recipe version) and shared by every
+The result is cached under ``cache_dir()`` keyed by (preset, seed, steps, recipe version, tokenizer) and shared by every
 caller (tests, notebooks, app). Example::
 
     >>> from toolkit.warmstart import warm_start
@@ -29,9 +29,9 @@ import numpy as np
 
 from toolkit.data import Collator, _digits, make_vqa, preprocess_images, render_digits
 from toolkit.forward import LlavaLM, per_example_loss, select_features
-from toolkit.models import build_model, load_model, save_model
+from toolkit.models import build_model, build_tokenizer, load_model, save_model
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: byte-level BPE tokenizer (the vocabulary changed)
 DEFAULT_STEPS = {"tiny": 600, "tiny-siglip": 600, "llava576": 300}
 
 
@@ -41,8 +41,14 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def tokenizer_fingerprint() -> str:
+    """A short hash of the embedded tokenizer: part of the cache key, so a vocabulary change never reuses a model
+    trained with another vocabulary (even if RECIPE_VERSION was not bumped)."""
+    return hashlib.sha256(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()[:12]
+
+
 def warm_start_path(preset: str, seed: int, steps: int) -> Path:
-    key = hashlib.sha256(f"{preset}|{seed}|{steps}|{RECIPE_VERSION}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{preset}|{seed}|{steps}|{RECIPE_VERSION}|{tokenizer_fingerprint()}".encode()).hexdigest()[:12]
     return cache_dir() / f"warmstart-{preset}-s{seed}-{steps}-{key}"
 
 
@@ -77,6 +83,22 @@ def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, ba
     else:
         tmp.rename(path)
     return load_model(path)
+
+
+def starting_model(model_dir: str | None = None, preset: str = "tiny", warm_start_steps: int | None = None,
+                   progress: bool = True):
+    """The model a run starts from: a local directory, a bare preset (``warm_start_steps=0``), or the preset's
+    cached public warm start. The same arguments give the same weights (an adapter export relies on it to
+    re-create its base model). ``bundle.info["start"]`` records the arguments."""
+    if model_dir:
+        bundle = load_model(model_dir)
+    elif warm_start_steps == 0:
+        bundle = build_model(preset)
+    else:
+        bundle = warm_start(preset, steps=warm_start_steps, progress=progress)
+    bundle.info["start"] = dict(model_dir=str(Path(model_dir).expanduser().resolve()) if model_dir else None,
+                                preset=None if model_dir else preset, warm_start_steps=warm_start_steps)
+    return bundle
 
 
 def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, progress: bool,

@@ -33,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -141,10 +141,19 @@ class DPZeroOrder:
             raise ValueError(f"non-finite per-example loss in the {which} pass")
         return losses
 
-    def step(self, per_example_loss_fn: Callable[[], torch.Tensor]) -> float:
+    def step(self, per_example_loss_fn: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]]) -> float:
         """One private step; ``per_example_loss_fn()`` evaluates the batch's per-example losses ``[B]`` at the
         current parameters (called twice, under ``torch.no_grad``). Returns the mean of L⁺ and L⁻ (not private).
+        A list of functions is one logical batch in physical chunks: each pass runs them one after the other
+        and concatenates their losses (forward-only, so only one chunk's activations are alive at a time); the
+        update, the noise draw and the accountant step are the same as for one function over the whole batch.
         A batch of size 0 is allowed (same as :meth:`empty_step`)."""
+        if isinstance(per_example_loss_fn, (list, tuple)):
+            chunks = list(per_example_loss_fn)
+            if not chunks:
+                raise ValueError("no chunks: call empty_step() for an empty Poisson batch")
+            per_example_loss_fn = lambda: torch.cat([  # noqa: E731  (a pass over every chunk)
+                self._check_losses(fn(), "chunk") for fn in chunks])
         step_seed = self._direction_seed(self.steps_taken)
         offset = 0.0  # how far θ currently sits from where it started, in units of z
         try:

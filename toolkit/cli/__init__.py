@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from toolkit.validation import check_writable_file
+
 _SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-MODULES = ("info", "tokens", "train", "bench", "sweep")
+MODULES = ("info", "tokens", "train", "predict", "bench", "sweep", "audit")
 
 
 def subcommand(name: str, help: str):
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _help, _configure, run = _SUBCOMMANDS[args.command]
     try:
+        if args.json:  # before any work: a long run must not end unable to write its result
+            check_writable_file(args.json, "--json")
         result = run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,16 +7,24 @@ from toolkit.cli import subcommand
 @subcommand("bench", help="side-by-side peak memory and step time of the methods on one model and batch")
 def run(args) -> list[dict]:
     from toolkit.bench import format_table, run_bench
+    from toolkit.models import PRESETS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # a preset may name its own defaults (llava-7b-shape: the paper's LoRA and 576 -> 64 tokens)
+    defaults = dict(trainable="lora+head", keep_tokens=None) | PRESETS.get(args.preset, {}).get("bench", {})
+    trainable = args.trainable or defaults["trainable"]
+    keep_tokens = args.keep_tokens if args.keep_tokens is not None else defaults["keep_tokens"]
     table = run_bench(methods=methods, preset=args.preset, batch_size=args.batch_size, steps=args.steps,
-                      token_strategy=args.token_strategy, keep_tokens=args.keep_tokens,
-                      token_prune_ratio=None if args.keep_tokens else args.token_prune_ratio,
-                      grad_prune_ratio=args.grad_prune_ratio, trainable=args.trainable,
+                      token_strategy=args.token_strategy, keep_tokens=keep_tokens,
+                      token_prune_ratio=None if keep_tokens else args.token_prune_ratio,
+                      grad_prune_ratio=args.grad_prune_ratio, trainable=trainable,
                       grad_sample_mode=args.grad_sample_mode, tower_in_step=not args.cached_features,
-                      isolate=not args.in_process)
+                      isolate=not args.in_process, device=args.device, dtype=args.dtype, lm_layers=args.lm_layers,
+                      vision_layers=args.vision_layers, activation_checkpointing=args.activation_checkpointing)
     print(format_table(table))
-    print(f"\nmemory: {table.memory_method.iloc[0]} on {table.device.iloc[0]}; "
+    first = table.iloc[0]
+    print(f"\nmemory: {first['memory_method']} on {first['device']}; {first['dtype']}; preset {first['preset']} with "
+          f"{first['lm_layers']} LM / {first['vision_layers']} vision layers; batch {first['batch_size']}; "
           f"tower {'inside' if not args.cached_features else 'outside'} the step")
     return table.to_dict(orient="records")
 
@@ -28,10 +36,18 @@ def configure(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="warm-up + profiled + timed steps (>= 3)")
     parser.add_argument("--token-strategy", default="dual-priv")
-    parser.add_argument("--keep-tokens", type=int, default=None)
+    parser.add_argument("--keep-tokens", type=int, default=None,
+                        help="visual tokens Dual-Priv keeps (default: the preset's, else --token-prune-ratio)")
     parser.add_argument("--token-prune-ratio", type=float, default=0.75)
     parser.add_argument("--grad-prune-ratio", type=float, default=0.2)
-    parser.add_argument("--trainable", default="lora+head")
+    parser.add_argument("--trainable", default=None, help="default: the preset's, else lora+head")
     parser.add_argument("--grad-sample-mode", default="hooks")
     parser.add_argument("--cached-features", action="store_true", help="run the vision tower outside the step")
     parser.add_argument("--in-process", action="store_true", help="no fresh subprocess per method")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    parser.add_argument("--lm-layers", type=int, default=None, help="override the preset's LM depth (same widths)")
+    parser.add_argument("--vision-layers", type=int, default=None,
+                        help="override the preset's vision depth (>= 2, same widths)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute LM layer activations in backward (not for dp-zo, which has no backward)")

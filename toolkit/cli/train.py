@@ -1,15 +1,33 @@
-"""``python -m toolkit train``: one fine-tune with any method; a flag for every ``TrainConfig`` field."""
+"""``python -m toolkit train``: one fine-tune with any method; a flag for every ``TrainConfig`` field.
+
+    python -m toolkit train --method dual-priv --epsilon 3 --steps 100 --json run.json
+    python -m toolkit train --train-data photos/train.json --eval-data photos/test.json --image-folder photos \\
+        --output-dir model --json run.json
+    python -m toolkit train --config run.yaml --epsilon 8          # a YAML/JSON file; explicit flags win
+
+In a config file, keys are ``TrainConfig`` field names (``train_data`` or ``train-data``), and relative paths
+are relative to the file's folder.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import typing
+from pathlib import Path
+
+import yaml
 
 from toolkit.cli import subcommand
 from toolkit.config import TrainConfig
+from toolkit.distributed import context, shutdown
 from toolkit.train import train
+from toolkit.validation import check_output_dir
 from toolkit.vocabulary import INFINITY_WORDS
+
+# Fields holding a path: in a config file they are relative to the file's folder.
+PATH_FIELDS = ("model_dir", "train_data", "eval_data", "image_folder", "output_dir", "checkpoint_path", "resume_from")
 
 
 def _parse_float(text: str) -> float:
@@ -30,43 +48,97 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true/false, got {text!r}")
 
 
+def field_parser(config_cls, name: str):
+    """The text parser of a dataclass field, from its annotation."""
+    hint = typing.get_type_hints(config_cls)[name]
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if name == "fusion_noise_std":
+        return _parse_fusion
+    return {bool: _parse_bool, float: _parse_float, int: int}.get(base, str)
+
+
 def add_config_flags(parser, config_cls) -> None:
-    """One ``--field-name`` flag per dataclass field, typed from its annotation."""
-    hints = typing.get_type_hints(config_cls)
+    """One ``--field-name`` flag per dataclass field, typed from its annotation. A flag not given leaves no
+    attribute (``argparse.SUPPRESS``), so a config file's value is overridden only by flags actually given."""
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        if f.name == "fusion_noise_std":
-            kind = _parse_fusion
-        elif base is bool:
-            kind = _parse_bool
-        elif base is float:
-            kind = _parse_float
-        elif base is int:
-            kind = int
-        else:
-            kind = str
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
-                            help=f"(default: {f.default})")
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_parser(config_cls, f.name),
+                            default=argparse.SUPPRESS, help=f"(default: {f.default})")
 
 
-def config_from_args(args, config_cls):
-    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+def load_config_file(path: str | Path, config_cls=TrainConfig) -> dict:
+    """Field values from a YAML or JSON file: unknown keys are refused by name; strings are parsed like flags;
+    relative paths are made relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                         f"{str(err).splitlines()[0]}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of TrainConfig fields")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"config file {str(path)!r}: unknown field {key!r} (see python -m toolkit train --help)")
+        if isinstance(value, str) and name not in PATH_FIELDS:
+            try:
+                value = field_parser(config_cls, name)(value)
+            except ValueError as err:
+                raise ValueError(f"config file {str(path)!r}: {key}: {err}") from None
+        if name in PATH_FIELDS and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            value = str(path.parent / value)
+        values[name] = value
+    return values
 
 
-@subcommand("train", help="fine-tune with non-private, dp-sgd, dual-priv or dp-zo and evaluate")
+def config_from_args(args, config_cls=TrainConfig):
+    """Defaults, then the ``--config`` file, then the flags given."""
+    values = load_config_file(args.config, config_cls) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(config_cls):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return config_cls(**values)
+
+
+@subcommand("train", help="fine-tune with non-private, dp-sgd, dual-priv or dp-zo, evaluate, and export "
+                         "(data-parallel under torchrun --nproc-per-node N)")
 def run(args) -> dict:
-    result = train(config_from_args(args, TrainConfig))
+    config = config_from_args(args).resolved()
+    if config.output_dir:  # checked here too so that nothing runs (not even the data loading) before it fails
+        check_output_dir(config.output_dir, "--output-dir")
+    result = train(config)
     summary = result.summary()
     summary["history"] = result.history.to_dict(orient="records")
-    shown = {k: summary[k] for k in ("method", "epsilon", "epsilon_spent", "noise_multiplier", "sample_rate",
-                                      "steps", "accuracy", "peak_memory_mb", "step_time_s", "visual_tokens")}
-    print(json.dumps(shown, indent=2, default=str))
+    ctx = context()
+    if not ctx.is_main:  # data-parallel: rank 0 alone reports ε and writes the JSON
+        args.json = None
+        shutdown(ctx)
+        return summary
+    if result.eval_answers is not None:
+        summary["eval_predictions"] = [
+            dict(id=r, prediction=p, correct=c)
+            for r, p, c in zip(result.eval_answers.ids, result.eval_answers.predictions, result.eval_answers.correct)
+        ]
+    if config.output_dir:
+        summary["output_dir"] = str(config.output_dir)
+    shown = {k: summary.get(k) for k in ("method", "epsilon", "epsilon_spent", "noise_multiplier", "sample_rate",
+                                         "steps", "accuracy", "eval_mode", "peak_memory_mb", "step_time_s",
+                                         "visual_tokens", "output_dir")}
+    if ctx.enabled:
+        shown["world_size"] = ctx.world_size
+    print(json.dumps({k: v for k, v in shown.items() if v is not None}, indent=2, default=str))
+    shutdown(ctx)
     return summary
 
 
 @run.configure
 def configure(parser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="a YAML or JSON file of TrainConfig fields (flags win)")
     add_config_flags(parser, TrainConfig)

@@ -4,7 +4,7 @@ One call of :meth:`DPEngine.step` on the per-example losses ``L_i`` of a Poisson
 
     backward of mean_i L_i          -> Opacus: per-example gradients g_i = ∇L_i (hooks/functorch),
                                        or per-example norms only (ghost clipping, second backward)
-    clip, sum, + N(0, σ²C² I)       -> noise in ≥ fp32
+    clip, sum, + N(0, σ²C² I)       -> norms, clipping factors, sum and noise in ≥ fp32 (bf16 params too)
     divide by expected_batch_size   -> B_expected = q·N, NOT the realised batch size (Poisson)
     update-pruning mask (M2)        -> from the noisy gradient only
     inner optimizer step, zero grads, accountant records (σ, q)
@@ -17,6 +17,10 @@ Per-sample-gradient modes (``grad_sample_mode``):
 * ``"functorch"``: every layer through per-layer ``torch.func.vmap`` (a cross-check of ``hooks``).
 * ``"ghost"``: Opacus ghost clipping: per-example gradient *norms* without instantiating per-example
   gradients, then a second backward of ``Σ_i c_i L_i`` with the clipping factors ``c_i``.
+
+A logical batch too large for the device is given as a list of chunk closures (physical batches): each chunk's
+per-example gradients are clipped and added to an fp32 sum, and only the last chunk adds the noise and takes the
+step (:meth:`DPEngine.step`), so the accountant sees one step at the logical batch's rate q.
 
 Evaluate with ``torch.no_grad()`` (hooks capture nothing then) and keep the module in train mode for
 steps (Opacus captures activations only in train mode; dropout is 0 in these models).
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from opacus import GradSampleModule
@@ -51,7 +55,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
-from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures
+from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures, opacus_reset_accumulation
 
 from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
 from .update_masks import PreNoiseMask, check_ratio, check_scope
@@ -82,7 +86,7 @@ class DPEngine:
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
                  grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
                  grad_sample_mode: str = "hooks", noise_seed: int | None = None, secure_mode: bool = False,
-                 pre_noise_mask: PreNoiseMask | None = None):
+                 pre_noise_mask: PreNoiseMask | None = None, distributed: bool = False):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, AbstractGradSampleModule):
@@ -102,6 +106,7 @@ class DPEngine:
         if pruned_state not in PRUNED_STATES:
             raise ValueError(f"unknown pruned_state {pruned_state!r}; choose one of {PRUNED_STATES}")
         self._check_parameters(module, optimizer)
+        self._check_precision(optimizer, grad_sample_mode)
         self.grad_sample_mode = grad_sample_mode
 
         module.train()  # Opacus records activations only in train mode
@@ -114,7 +119,9 @@ class DPEngine:
             self.module = GradSampleModule(module, batch_first=True, loss_reduction="mean",
                                            force_functorch=grad_sample_mode == "functorch")
             optimizer_cls = UpdatePruningDPOptimizer
-        # One optimizer step per backward: a second backward without a step is an error, not accumulation.
+        # Two backwards without a step in between would stack per-example gradients (Opacus then divides by
+        # the number of backwards and the accountant multiplies q by it): refused. Physical chunks of one
+        # logical batch go through step(list of chunks), which clips each chunk and accumulates the clipped sum.
         self.module.forbid_grad_accumulation()
 
         device = next(p for g in optimizer.param_groups for p in g["params"]).device
@@ -127,7 +134,7 @@ class DPEngine:
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size, grad_prune_ratio=grad_prune_ratio,
             prune_scope=prune_scope, pruned_state=pruned_state, loss_reduction="mean",
-            generator=self.generator, secure_mode=secure_mode,
+            generator=self.generator, secure_mode=secure_mode, distributed=distributed,
             **({"pre_noise_mask": pre_noise_mask} if pre_noise_mask is not None else {}))
         self.accountant = make_accountant(accountant)
         # Accounting happens inside the optimizer, right after the noise is added: a noised step is
@@ -158,6 +165,16 @@ class DPEngine:
                 f"trainable parameters missing from the optimizer: {sorted(missing)[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}; freeze them or give them to the optimizer "
                 "(their per-example gradients would be computed and never cleared)")
+
+    @staticmethod
+    def _check_precision(optimizer: torch.optim.Optimizer, grad_sample_mode: str) -> None:
+        low = sorted({str(p.dtype) for g in optimizer.param_groups for p in g["params"]
+                      if p.dtype not in (torch.float32, torch.float64)})
+        if low and grad_sample_mode == "ghost":
+            raise ValueError(
+                f"ghost clipping with {', '.join(low)} parameters: its clipped sum comes from a backward pass in the "
+                "parameter dtype, so the per-example bound C would hold only to that precision; use "
+                "grad_sample_mode='hooks' (clips in fp32 whatever the dtype) or float32 parameters")
 
     def _check_per_sample_gradients(self, batch_size: int) -> None:
         if self.grad_sample_mode == "ghost":
@@ -202,38 +219,62 @@ class DPEngine:
 
     # ------------------------------------------------------------ steps
 
-    def step(self, per_example_losses: torch.Tensor | Callable[[], torch.Tensor]) -> float:
-        """One private step on a non-empty Poisson batch; returns the batch's mean loss (not private).
+    def step(self, per_example_losses: torch.Tensor | Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]]
+             ) -> float:
+        """One private step on a non-empty Poisson (logical) batch; returns its mean loss (not private).
 
-        ``per_example_losses`` is ``[B]`` (e.g. :func:`toolkit.forward.per_example_loss` of a forward
-        through :attr:`module`), or a function returning it (the protocol of :mod:`toolkit.optimizers`).
-        For an empty Poisson batch call :meth:`empty_step` instead.
+        ``per_example_losses`` is ``[B]`` (e.g. :func:`toolkit.forward.per_example_loss` of a forward through
+        :attr:`module`), a function returning it (the protocol of :mod:`toolkit.optimizers`), or a list of such
+        functions, one per *physical chunk* of the logical batch (each runs its own forward). Chunks are
+        processed one at a time: forward, backward, per-example clipping, clipped sum added to an fp32
+        accumulator, activations freed; after the last chunk the noise is drawn ONCE, the noisy sum is divided
+        by ``B_expected`` once, and ONE optimizer step and ONE accountant step are taken (Opacus'
+        ``BatchMemoryManager`` semantics). The update is the same as one pass over the whole batch (up to the
+        summation order). For an empty Poisson batch call :meth:`empty_step` instead.
         """
+        chunks = list(per_example_losses) if isinstance(per_example_losses, (list, tuple)) else [per_example_losses]
+        if not chunks:
+            raise ValueError("no chunks: call engine.empty_step() for an empty Poisson batch")
+        loss_sum, count = 0.0, 0
         try:
-            if callable(per_example_losses):
-                per_example_losses = per_example_losses()
-            self._check_losses(per_example_losses)
-            batch_size = per_example_losses.shape[0]
-            self._check_captured_batch(batch_size)
-            with warnings.catch_warnings():
-                # Opacus' full backward hooks warn when the module's inputs need no grad (frozen features).
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                if self.grad_sample_mode == "ghost":
-                    DPTensorFastGradientClipping(self.module, self.optimizer, per_example_losses, "mean").backward()
-                else:
-                    per_example_losses.mean().backward()
-            if self.grad_sample_mode != "ghost":
-                self._check_per_sample_gradients(batch_size)
-            self.optimizer.step()
+            for k, chunk in enumerate(chunks):
+                last = k == len(chunks) - 1
+                losses = chunk() if callable(chunk) else chunk
+                self._check_losses(losses)
+                batch_size = losses.shape[0]
+                self._check_captured_batch(batch_size)
+                self._backward(losses)
+                if self.grad_sample_mode != "ghost":
+                    self._check_per_sample_gradients(batch_size)
+                if not last:
+                    # Opacus: this step() only clips and adds to p.summed_grad (no noise, no accountant step);
+                    # the following zero_grad keeps the sum and frees the chunk's per-example gradients.
+                    self.optimizer.signal_skip_step(True)
+                self.optimizer.step()
+                loss_sum += float(losses.detach().double().sum())
+                count += batch_size
+                if not last:
+                    self.optimizer.zero_grad(set_to_none=True)
             self.steps_taken += 1
         except BaseException:
-            # A refused or failed step must not leave activations captured by the hooks behind: the next
-            # backward would pair them with the wrong forward.
+            # A refused or failed step must leave nothing behind: neither activations captured by the hooks
+            # (the next backward would pair them with the wrong forward) nor a partial clipped sum (it would
+            # enter the next step's update, unaccounted).
             self._reset_captured()
+            opacus_reset_accumulation(self.optimizer)
             raise
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-        return float(per_example_losses.detach().float().mean())
+        return loss_sum / count
+
+    def _backward(self, per_example_losses: torch.Tensor) -> None:
+        with warnings.catch_warnings():
+            # Opacus' full backward hooks warn when the module's inputs need no grad (frozen features).
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            if self.grad_sample_mode == "ghost":
+                DPTensorFastGradientClipping(self.module, self.optimizer, per_example_losses, "mean").backward()
+            else:
+                per_example_losses.mean().backward()
 
     def empty_step(self) -> None:
         """The step of an empty Poisson batch: the update is pure noise N(0, σ²C²)/B_expected (pruned by M2
@@ -306,7 +347,8 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
                  max_grad_norm: float, expected_batch_size: int, sample_rate: float, accountant: str = "prv",
                  grad_prune_ratio: float = 0.0, prune_scope: str = "global", pruned_state: str = "advance",
                  grad_sample_mode: str = "hooks", noise_seed: int | None = None,
-                 secure_mode: bool = False, pre_noise_mask: PreNoiseMask | None = None) -> DPEngine:
+                 secure_mode: bool = False, pre_noise_mask: PreNoiseMask | None = None,
+                 distributed: bool = False) -> DPEngine:
     """Wrap ``module`` and ``optimizer`` for DP training (see :class:`DPEngine` and the module docstring).
 
     Args:
@@ -325,9 +367,12 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
             seed has no privacy guarantee. None (default): seeded from OS entropy.
         secure_mode: Opacus' floating-point-attack-resistant noise (slower).
         pre_noise_mask: fix the update's support before the noise (:mod:`toolkit.privacy.update_masks`).
+        distributed: this process is one rank of a data-parallel run (:mod:`toolkit.distributed`): it clips its
+            share of the Poisson batch; rank 0 alone adds the noise; one all-reduce combines the noisy sum before
+            mechanism 2's mask, so every rank takes the same step. Every rank's accountant records the step.
     """
     return DPEngine(module, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                     expected_batch_size=expected_batch_size, sample_rate=sample_rate, accountant=accountant,
                     grad_prune_ratio=grad_prune_ratio, prune_scope=prune_scope, pruned_state=pruned_state,
                     grad_sample_mode=grad_sample_mode, noise_seed=noise_seed, secure_mode=secure_mode,
-                    pre_noise_mask=pre_noise_mask)
+                    pre_noise_mask=pre_noise_mask, distributed=distributed)

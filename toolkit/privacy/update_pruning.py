@@ -2,12 +2,23 @@
 
 One step of :class:`UpdatePruningDPOptimizer`::
 
-    g_i   = per-example gradient                      (Opacus GradSampleModule)
-    ḡ_i   = g_i · min(1, C / ‖g_i‖)                   (clip, Opacus)
-    s     = Σ_i ḡ_i                                   (sum, Opacus)
-    g̃     = (s + N(0, σ²C² I)) / B_expected           (noise drawn in ≥ fp32, then scale)
+    g_i   = per-example gradient                      (Opacus GradSampleModule, in the parameter dtype)
+    ḡ_i   = g_i · min(1, C / (‖g_i‖ + 1e-6))          (clip: norms, factors and products in ≥ fp32)
+    s     = Σ_i ḡ_i                                   (sum in ≥ fp32, kept across physical chunks)
+    g̃     = (s + N(0, σ²C² I)) / B_expected           (noise drawn and added in ≥ fp32, scaled, rounded once)
     m     = noisy_gradient_mask(g̃, p)                 (keep all but the fraction p of smallest |g̃_j|)
     θ     ← inner_optimizer.step(g̃ ⊙ m)
+
+Precision: with bf16 parameters Opacus' own ``clip_and_accumulate`` computes the norms, casts the clipping
+factors to bf16 and sums in bf16, so a clipped example could weigh up to ~0.5 % more than C (measured: 1.0052·C)
+and ε was under-reported. Here everything from the per-example norm to the noisy mean is computed in
+``promote_types(param dtype, float32)`` and only the final noisy mean ``g̃`` is rounded to the parameter dtype
+(post-processing: it costs no privacy). ``s`` therefore lives in fp32 for bf16 parameters.
+
+Physical chunks (Opacus' ``BatchMemoryManager`` mechanism): a Poisson logical batch may be processed in several
+backward passes; each pass's per-example gradients are clipped and added to ``s`` (``signal_skip_step`` makes
+``step`` stop after the clipping), and the last pass adds the noise ONCE and takes ONE optimizer and accountant
+step. :meth:`toolkit.privacy.DPEngine.step` drives it.
 
 ``m`` is computed from ``g̃`` alone, so it is post-processing of the Gaussian mechanism's output and
 costs no privacy. The clean sum ``s`` (``p.summed_grad`` in Opacus) is discarded right after the
@@ -33,12 +44,14 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise
+from toolkit.distributed import all_reduce_sum
 from toolkit.privacy.update_masks import PRUNE_SCOPES, PreNoiseMask, check_ratio, check_scope, magnitude_mask
 
 PRUNED_STATES = ("advance", "freeze")
@@ -67,7 +80,10 @@ class _UpdatePruningMixin:
     """Shared by the per-sample-gradient and the ghost-clipping optimizers (see the module docstring)."""
 
     def _init_pruning(self, grad_prune_ratio: float, prune_scope: str, pruned_state: str,
-                      pre_noise_mask: PreNoiseMask | None = None) -> None:
+                      pre_noise_mask: PreNoiseMask | None = None, distributed: bool = False) -> None:
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
+        self.distributed = bool(distributed)
         self.grad_prune_ratio = check_ratio(grad_prune_ratio)
         self.prune_scope = check_scope(prune_scope)
         if pruned_state not in PRUNED_STATES:
@@ -88,27 +104,48 @@ class _UpdatePruningMixin:
             self._step_mask = self.pre_noise_mask.mask(self.params)
         return self._step_mask
 
-    def clip_and_accumulate(self) -> None:
-        """With a pre-noise mask, per-example gradients are masked BEFORE clipping, so C bounds what is released."""
-        masks = self._pre_noise_masks()
-        if masks is not None:
-            for p, keep in zip(self.params, masks):
-                p.grad_sample = p.grad_sample * keep.to(p.grad_sample.dtype)
-        super().clip_and_accumulate()
-
     def add_noise(self) -> None:
-        """``p.grad = s + N(0, σ²C²)`` with the noise drawn and added in at least fp32 (bf16 params too)."""
+        """``p.grad = round_to_param_dtype((s + N(0, σ²C²)) / (B_expected · accumulated))``.
+
+        The noise is drawn in ``promote_types(param dtype, float32)`` (never in bf16: a bf16 draw is a
+        coarser, different mechanism), added to the ≥ fp32 clipped sum, divided by the expected batch size
+        in that precision, and rounded to the parameter dtype once. The division is done here rather than in
+        Opacus' ``scale_grad`` (a no-op below), which would divide the already-rounded bf16 value.
+
+        Distributed (``distributed=True``, see :mod:`toolkit.distributed`): ``s`` is this rank's clipped sum;
+        only rank 0 adds the noise, then ONE all-reduce (SUM, ≥ fp32) gives every rank ``Σ_ranks s + noise``
+        before the division, the rounding and the mask, so every rank computes the same mask and update.
+        """
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        divisor = self._mean_divisor()
+        add_noise_here = not self.distributed or torch.distributed.get_rank() == 0
         masks = self._pre_noise_masks() or [None] * len(self.params)
+        noisy = []
         for p, keep in zip(self.params, masks):
             opacus_check_unprocessed(p.summed_grad)
-            summed = p.summed_grad.to(torch.promote_types(p.summed_grad.dtype, torch.float32))
-            noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
-                                    generator=self.generator, secure_mode=self.secure_mode)
-            if keep is not None:
-                noise = noise * keep  # noise only where the update may go (the mask is public)
-            p.grad = (summed + noise).to(p.dtype).view_as(p)
+            summed = p.summed_grad.to(_exact_dtype(p))
+            if add_noise_here:
+                noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
+                                     generator=self.generator, secure_mode=self.secure_mode)
+                if keep is not None:
+                    noise = noise * keep  # noise only where the update may go (the mask is public)
+                summed = summed + noise
             opacus_mark_processed(p.summed_grad)
+            if self.distributed:
+                noisy.append(summed)  # reduced below, all tensors in one call
+            else:
+                p.grad = (summed / divisor).to(p.dtype).view_as(p)
+        if self.distributed:
+            for p, total in zip(self.params, all_reduce_sum(noisy)):
+                p.grad = (total / divisor).to(p.dtype).view_as(p)
+
+    def _mean_divisor(self) -> float:
+        if self.loss_reduction == "mean":
+            return float(self.expected_batch_size * self.accumulated_iterations)
+        return 1.0
+
+    def scale_grad(self) -> None:
+        """Nothing: :meth:`add_noise` already divided by ``B_expected`` before rounding (see there)."""
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[bool]:
         """Opacus' clip -> sum -> noise -> scale (-> accountant hook), then the noisy-gradient mask."""
@@ -178,6 +215,52 @@ class _UpdatePruningMixin:
                     state[k][pruned] = v
 
 
+def _exact_dtype(p: torch.Tensor) -> torch.dtype:
+    """The precision of every privacy-relevant quantity for parameter ``p``: at least fp32 (fp64 stays fp64)."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+# Low-precision per-example gradients are promoted to fp32 a block of columns at a time, so the fp32 transient is
+# bounded (B x block <= 2**24 elements = 64 MiB) instead of a full [B, P] fp32 copy of every parameter's gradients.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _column_blocks(flat: torch.Tensor):
+    width = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[0]))
+    for start in range(0, flat.shape[1], width):
+        yield slice(start, start + width)
+
+
+def per_example_clip_factors(grad_samples: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+    """``c_i = min(1, C / (‖g_i‖ + 1e-6))`` with ``‖g_i‖`` the norm over every parameter, all in ≥ fp32.
+
+    ``grad_samples``: one ``[B, *param.shape]`` tensor per parameter (any float dtype). The squares are summed in
+    ≥ fp32 (block by block, never in bf16). Returns ``[B]`` in ``promote_types(float32, every grad dtype)``.
+    """
+    dtype = torch.float32
+    for g in grad_samples:
+        dtype = torch.promote_types(dtype, g.dtype)
+    device = grad_samples[0].device
+    if len(grad_samples[0]) == 0:
+        return torch.zeros((0,), device=device, dtype=dtype)
+    squares = torch.zeros(len(grad_samples[0]), device=device, dtype=dtype)
+    for g in grad_samples:
+        flat = g.reshape(len(g), -1)
+        for cols in _column_blocks(flat):
+            squares += flat[:, cols].to(dtype).pow(2).sum(dim=1).to(device)
+    return (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+
+
+def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_i c_i g_i`` in ``dtype`` (≥ fp32), shaped like one example's gradient; blockwise (see above)."""
+    flat = grad_sample.reshape(len(grad_sample), math.prod(grad_sample.shape[1:]))  # explicit: B may be 0
+    factors = factors.to(device=flat.device, dtype=dtype)
+    out = torch.empty(flat.shape[1], device=flat.device, dtype=dtype)
+    for cols in _column_blocks(flat):
+        out[cols] = factors @ flat[:, cols].to(dtype)
+    return out.view(grad_sample.shape[1:])
+
+
 class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
     """Opacus ``DPOptimizer`` (per-sample gradients: hooks / functorch) + update pruning of the noisy gradient.
 
@@ -192,25 +275,56 @@ class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
         pre_noise_mask: a :class:`toolkit.privacy.update_masks.PreNoiseMask` fixing the update's support before
             the noise (per-example gradients masked before clipping, noise only on kept coordinates); None: the
             paper's post-noise mask from ``grad_prune_ratio``.
+        distributed: data-parallel ranks: noise on rank 0 only, one all-reduce before the mask (:meth:`add_noise`).
         Other keyword arguments go to Opacus' ``DPOptimizer`` (``generator``, ``secure_mode``, ...).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
                  pruned_state: str = "advance", loss_reduction: str = "mean",
-                 pre_noise_mask: PreNoiseMask | None = None, **kwargs):
-        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state, pre_noise_mask)
+                 pre_noise_mask: PreNoiseMask | None = None, distributed: bool = False, **kwargs):
+        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state, pre_noise_mask, distributed)
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
+
+    def clip_and_accumulate(self) -> None:
+        """``p.summed_grad += Σ_i c_i g_i`` in ≥ fp32 (Opacus' version rounds ``c_i`` and the sum to the
+        parameter dtype). Called once per physical chunk; the sum carries over until the noise is added.
+        With a pre-noise mask, per-example gradients are masked BEFORE clipping, so C bounds what is released."""
+        grad_samples = self.grad_samples
+        masks = self._pre_noise_masks()
+        if masks is not None:
+            grad_samples = [g * keep.to(g.dtype) for g, keep in zip(grad_samples, masks)]
+        factors = per_example_clip_factors(grad_samples, self.max_grad_norm)
+        for p, grad_sample in zip(self.params, grad_samples):
+            opacus_check_unprocessed(p.grad_sample)
+            grad = clipped_sum(grad_sample, factors, _exact_dtype(p))
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            opacus_mark_processed(p.grad_sample)
 
 
 class UpdatePruningDPOptimizerFastGradientClipping(_UpdatePruningMixin, DPOptimizerFastGradientClipping):
     """The same for Opacus ghost clipping (``DPOptimizerFastGradientClipping``): ``p.grad`` arrives clipped
-    and summed from the second backward pass; noise, scaling and the mask then follow as above."""
+    and summed from the second backward pass; noise, scaling and the mask then follow as above.
+
+    The clipped sum comes from autograd in the parameter dtype, so ghost clipping is exact only with ≥ fp32
+    parameters (:class:`toolkit.privacy.DPEngine` refuses it with bf16 ones)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, grad_prune_ratio: float = 0.0, prune_scope: str = "global",
-                 pruned_state: str = "advance", loss_reduction: str = "mean", **kwargs):
-        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state)
+                 pruned_state: str = "advance", loss_reduction: str = "mean", distributed: bool = False, **kwargs):
+        self._init_pruning(grad_prune_ratio, prune_scope, pruned_state, distributed=distributed)
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
+
+    def accumulate(self) -> None:
+        """``p.summed_grad += p.grad`` (one physical chunk's clipped sum) in ≥ fp32."""
+        for p in self.params:
+            grad = p.grad.detach().to(_exact_dtype(p))
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad.clone()

@@ -1,0 +1,349 @@
+"""Issue 11, "real scale": DP arithmetic in fp32 with bf16 parameters, logical batches in physical chunks (one
+noise draw, one step, one accountant step), logits only at the answer positions, activation checkpointing with
+per-example gradients, the LLaVA-1.5-7B-shaped preset (meta device only), and the config's checks."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from toolkit.config import TrainConfig
+from toolkit.data import Collator, make_vqa, preprocess_images
+from toolkit.forward import (LlavaLM, answer_losses, answer_positions, per_example_loss, per_example_token_loss,
+                             select_features, tower_hidden_states)
+from toolkit.models import apply_trainable, build_model, enable_activation_checkpointing
+from toolkit.optimizers import NonPrivateOptimizer
+from toolkit.privacy import make_private
+from toolkit.privacy.update_pruning import per_example_clip_factors
+from toolkit.train import train
+from toolkit.zo import DPZeroOrder
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_vqa("parity", "private", image_size=32, limit=32).records
+
+
+@dataclass
+class Case:
+    bundle: object
+    lm: LlavaLM
+    feats: torch.Tensor
+    batch: dict
+
+    def rows(self, rows) -> tuple[torch.Tensor, dict]:
+        return self.feats[rows], {k: v[rows] for k, v in self.batch.items()}
+
+    def losses(self, module=None, rows=slice(None), full_logits=False) -> torch.Tensor:
+        module = module if module is not None else self.lm
+        feats, batch = self.rows(rows)
+        if full_logits:
+            return per_example_loss(module(feats, batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        return answer_losses(module, feats, batch)
+
+    def trainable(self) -> dict:
+        return {n: p for n, p in self.lm.named_parameters() if p.requires_grad}
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().double().reshape(-1) for p in self.trainable().values()])
+
+
+def make_case(records, n=8, mode="lora", dtype=torch.float32, n_visual=16, checkpointing=False) -> Case:
+    bundle = build_model("tiny", seed=0)
+    torch.manual_seed(0)
+    apply_trainable(bundle, mode, lora_rank=4)
+    with torch.no_grad():  # peft zero-inits lora_B, which would make every lora_A gradient exactly 0
+        for name, p in bundle.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    bundle.model.to(dtype)
+    if checkpointing:
+        enable_activation_checkpointing(bundle)
+    recs = records[:n]
+    pixels = preprocess_images([r.image for r in recs], bundle.image_size, bundle.image_mean, bundle.image_std)
+    feats = select_features(bundle, tower_hidden_states(bundle, pixels))[:, :n_visual].detach()
+    collator = Collator(bundle.tokenizer, feats.shape[1], bundle.image_token_id, bundle.prompt_template)
+    return Case(bundle, LlavaLM(bundle).bind_collator(collator).train(), feats, collator(recs))
+
+
+def engine_for(case: Case, **kwargs):
+    params = list(case.trainable().values())
+    kwargs = dict(noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=len(case.feats), sample_rate=0.25,
+                  noise_seed=0) | kwargs
+    return make_private(case.lm, torch.optim.SGD(params, lr=1.0), **kwargs)
+
+
+def chunk_fns(case: Case, module, size: int):
+    n = len(case.feats)
+    return [lambda s=s: case.losses(module, rows=slice(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+# ---------------------------------------------------------------- 1. precision: DP arithmetic in >= fp32
+
+def test_bf16_parameters_every_clipped_example_has_norm_at_most_C_in_fp32(records):
+    """Each example alone through the optimizer's clipping: ‖c_i g_i‖ equals min(‖g_i‖, C) to fp32 precision.
+    Opacus' own clip_and_accumulate (factors rounded to bf16, bf16 sum) is off by up to ~0.5 % and fails."""
+    case = make_case(records, n=8, dtype=torch.bfloat16)
+    engine = engine_for(case)
+    case.losses(engine.module).mean().backward()
+    optimizer = engine.optimizer
+    grad_samples = [p.grad_sample.detach().clone() for p in optimizer.params]
+    assert {g.dtype for g in grad_samples} == {torch.bfloat16}
+    norms = torch.stack([torch.cat([g[i].double().reshape(-1) for g in grad_samples]).norm() for i in range(8)])
+    C = 0.3 * float(norms.min())  # every example is clipped: the bound is active for all of them
+    optimizer.max_grad_norm = C
+    for i in range(8):
+        for p, g in zip(optimizer.params, grad_samples):
+            p.grad_sample, p.summed_grad = g[i:i + 1].clone(), None
+        optimizer.clip_and_accumulate()
+        assert {p.summed_grad.dtype for p in optimizer.params} == {torch.float32}  # the sum lives in fp32
+        clipped = torch.cat([p.summed_grad.double().reshape(-1) for p in optimizer.params]).norm()
+        assert float(clipped) <= C * (1 + 1e-6), (i, float(clipped) / C)
+        assert float(clipped) == pytest.approx(C * float(norms[i]) / (float(norms[i]) + 1e-6), rel=1e-6)
+    # the whole batch at once: Σ_i c_i g_i in fp32 equals the float64 reference
+    for p, g in zip(optimizer.params, grad_samples):
+        p.grad_sample, p.summed_grad = g.clone(), None
+    optimizer.clip_and_accumulate()
+    factors = torch.clamp(C / (norms + 1e-6), max=1.0)
+    for p, g in zip(optimizer.params, grad_samples):
+        expected = torch.einsum("i,i...", factors, g.double())
+        scale = torch.einsum("i,i...", factors, g.double().abs())  # fp32 summation error is relative to Σ|c_i g_i|
+        assert bool(((p.summed_grad.double() - expected).abs() <= 1e-6 * scale + 1e-15).all())
+    torch.testing.assert_close(per_example_clip_factors(grad_samples, C).double(), factors, rtol=1e-6, atol=0)
+    optimizer.zero_grad()
+
+
+def test_bf16_parameters_noise_is_drawn_and_added_in_fp32(records):
+    """The rounded bf16 gradient the inner optimizer sees is the correctly rounded fp32 noisy mean
+    (Σ c_i g_i + N(0, σ²C²) drawn in fp32 from the seeded generator) / B_expected: within half a bf16 ulp of
+    the float64 reference. Noise drawn (or added) in bf16 is up to a full ulp off and fails."""
+    sigma, C, seed, b_expected = 1.3, 0.05, 7, 3  # B_expected = 3: the division is not exact in binary
+    case = make_case(records, n=4, dtype=torch.bfloat16)
+    engine = engine_for(case, noise_multiplier=sigma, max_grad_norm=C, noise_seed=seed,
+                        expected_batch_size=b_expected)
+    seen = {}
+
+    def record(optimizer, args, kwargs):  # inner optimizer's pre-hook: the per-example and the noisy gradients
+        seen["grad_sample"] = [p.grad_sample.detach().clone() for p in engine.optimizer.params]
+        seen["grad"] = [p.grad.detach().clone() for p in engine.optimizer.params]
+
+    engine.optimizer.original_optimizer.register_step_pre_hook(record)
+    engine.step(case.losses(engine.module))
+    grad_samples = seen["grad_sample"]
+    norms = torch.stack([torch.cat([g[i].double().reshape(-1) for g in grad_samples]).norm() for i in range(4)])
+    factors = torch.clamp(C / (norms + 1e-6), max=1.0)
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for g, got in zip(grad_samples, seen["grad"]):
+        noise = torch.normal(0.0, sigma * C, size=g.shape[1:], generator=generator, dtype=torch.float32)
+        expected = (torch.einsum("i,i...", factors, g.double()) + noise.double()) / b_expected
+        assert got.dtype == torch.bfloat16
+        ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(expected.abs().clamp(min=1e-30))))
+        err = ((got.double() - expected).abs() / ulp).max()
+        worst = max(worst, float(err))
+    assert worst <= 0.5 + 1e-3, worst
+
+
+def test_ghost_clipping_refuses_bf16_parameters(records):
+    case = make_case(records, n=2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="ghost clipping with torch.bfloat16"):
+        engine_for(case, grad_sample_mode="ghost")
+
+
+def test_dtype_config_is_checked():
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(steps=1, dtype="float16").resolved()
+    with pytest.raises(ValueError, match="max_physical_batch_size"):
+        TrainConfig(steps=1, max_physical_batch_size=0).resolved()
+    with pytest.raises(ValueError, match="activation_checkpointing.*functorch"):
+        TrainConfig(steps=1, method="dp-sgd", grad_sample_mode="functorch", activation_checkpointing=True).resolved()
+
+
+# ---------------------------------------------------------------- 2. logical batch in physical chunks
+
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost"])
+def test_chunks_of_8_equal_one_pass_of_32_with_one_noise_draw_and_one_accounted_step(records, grad_sample_mode):
+    settings = dict(noise_multiplier=1.1, max_grad_norm=0.05, noise_seed=3, grad_prune_ratio=0.2,
+                    grad_sample_mode=grad_sample_mode, expected_batch_size=32, sample_rate=0.25)
+    whole, chunked = make_case(records, n=32), make_case(records, n=32)
+    theta0 = whole.flat()
+    one = engine_for(whole, **settings)
+    many = engine_for(chunked, **settings)
+    loss_one = one.step(lambda: whole.losses(one.module))
+    loss_many = many.step(chunk_fns(chunked, many.module, 8))
+    assert loss_many == pytest.approx(loss_one, rel=1e-6)
+    update_one, update_many = theta0 - whole.flat(), theta0 - chunked.flat()
+    assert float(update_one.abs().max()) > 1e-3  # a real update, noise included
+    torch.testing.assert_close(update_many, update_one, atol=1e-6, rtol=0)
+    for engine in (one, many):
+        assert engine.steps_taken == 1
+        assert engine.accountant.history == [(1.1, 0.25, 1)]  # one step at the logical batch's rate
+    assert all(getattr(p, "summed_grad", None) is None for p in many.optimizer.params)
+
+
+def test_a_failed_chunk_leaves_no_partial_clipped_sum_behind(records):
+    """If chunk 2 fails, chunk 1's clipped sum must not leak into the next (accounted) step."""
+    settings = dict(noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=8)
+    case, fresh = make_case(records, n=8), make_case(records, n=8)
+    theta0 = case.flat()
+    engine, reference = engine_for(case, **settings), engine_for(fresh, **settings)
+
+    def broken():
+        raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step([lambda: case.losses(engine.module, rows=slice(0, 4)), broken])
+    assert engine.steps_taken == 0 and engine.accountant.history == []
+    assert torch.equal(case.flat(), theta0)
+    engine.step(lambda: case.losses(engine.module, rows=slice(4, 8)))
+    reference.step(lambda: fresh.losses(reference.module, rows=slice(4, 8)))
+    torch.testing.assert_close(case.flat(), fresh.flat(), atol=1e-7, rtol=0)
+
+
+def test_dp_zo_chunks_equal_one_pass(records):
+    results = []
+    for size in (None, 8):
+        case = make_case(records, n=32)
+        params = list(case.trainable().values())
+        zo = DPZeroOrder(params, lr=0.5, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=32,
+                         sample_rate=0.25, seed=1, noise_seed=2)
+        theta0 = case.flat()
+        fn = (lambda: case.losses()) if size is None else chunk_fns(case, case.lm, size)
+        zo.step(fn)
+        results.append((theta0 - case.flat(), zo.last_clipped_scalars, zo.accountant.history))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=0)
+    assert results[0][2] == results[1][2] == [(1.0, 0.25, 1)]
+
+
+def test_non_private_chunks_equal_one_pass(records):
+    updates = []
+    for size in (None, 8):
+        case = make_case(records, n=32)
+        opt = NonPrivateOptimizer(case.lm, torch.optim.SGD(list(case.trainable().values()), lr=1.0))
+        theta0 = case.flat()
+        opt.step((lambda: case.losses()) if size is None else chunk_fns(case, case.lm, size))
+        updates.append(theta0 - case.flat())
+    torch.testing.assert_close(updates[1], updates[0], atol=1e-6, rtol=0)
+
+
+def test_train_with_physical_batches_and_bf16_runs_every_method():
+    fast = dict(steps=2, train_limit=32, eval_limit=16, warm_start_steps=0, expected_batch_size=8, progress=False)
+    for method in ("non-private", "dual-priv", "dp-zo"):
+        result = train(TrainConfig(method=method, dtype="bfloat16", max_physical_batch_size=3, noise_seed=0, **fast))
+        assert result.steps == 2 and 0 <= result.accuracy <= 1
+        assert {p.dtype for p in result.bundle.model.parameters()} == {torch.bfloat16}
+        if method != "non-private":
+            assert 0 < result.epsilon_spent <= 3.0
+
+
+# ---------------------------------------------------------------- 3. logits only where the labels are
+
+def test_answer_positions_give_the_full_logits_loss_and_a_small_lm_head(records):
+    case = make_case(records, n=8, dtype=torch.float64)
+    positions, targets = answer_positions(case.batch["labels"])
+    n_answer = (case.batch["labels"][:, 1:] != -100).sum(1)
+    assert positions.shape[1] == int(n_answer.max()) < case.batch["input_ids"].shape[1] // 4
+    seen = []
+    hook = case.lm.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    fast = case.losses()
+    hook.remove()
+    assert seen == [(8, positions.shape[1], case.lm.lm_head.out_features)]  # never [B, T, V]
+    torch.testing.assert_close(fast, case.losses(full_logits=True), atol=1e-12, rtol=1e-12)
+    # rows with shorter answers are padded with ignored targets
+    ragged = case.batch["labels"].clone()
+    ragged[0, ragged[0] != -100] = torch.where(torch.arange(int((ragged[0] != -100).sum())) == 0, ragged[0][ragged[0] != -100], -100)
+    pos, tgt = answer_positions(ragged)
+    assert int((tgt[0] != -100).sum()) == 1 and int((tgt[1] != -100).sum()) == int(n_answer[1])
+    logits = torch.randn(8, ragged.shape[1], 7, dtype=torch.float64)
+    safe = ragged.clamp(max=6).masked_fill(ragged == -100, -100)
+    _, tgt = answer_positions(safe)
+    torch.testing.assert_close(per_example_token_loss(logits.gather(1, pos[..., None].expand(-1, -1, 7)), tgt),
+                               per_example_loss(logits, safe))
+
+
+@pytest.mark.parametrize("mode,checkpointing", [("lm-full", False), ("lora+head", False), ("lm-full", True)])
+def test_per_example_gradients_through_the_answer_position_head_equal_micro_batches(records, mode, checkpointing):
+    """Opacus' per-example gradients (LM head on the gathered answer positions; with activation checkpointing)
+    equal ∇L_i from a forward/backward of row i alone, in float64."""
+    case = make_case(records, n=4, mode=mode, dtype=torch.float64, checkpointing=checkpointing)
+    reference = make_case(records, n=4, mode=mode, dtype=torch.float64)  # same weights, no checkpointing
+    params = list(reference.trainable().values())
+    assert case.lm.lm_head.weight.requires_grad
+    expected = [torch.autograd.grad(reference.losses(rows=slice(i, i + 1))[0], params) for i in range(4)]
+    engine = engine_for(case)
+    case.losses(engine.module).mean().backward()
+    for j, (name, p) in enumerate(case.trainable().items()):
+        ref = torch.stack([g[j] for g in expected])
+        torch.testing.assert_close(p.grad_sample, ref, atol=1e-9, rtol=1e-7, msg=name)
+    assert any(float(g[j].abs().max()) > 1e-4 for g in expected for j in range(len(params)))
+    engine.optimizer.zero_grad()
+
+
+# ---------------------------------------------------------------- 4. activation checkpointing
+
+def test_activation_checkpointing_ghost_norms_and_dp_sgd_update_are_unchanged(records):
+    plain, ckpt = make_case(records, n=8, dtype=torch.float64), \
+        make_case(records, n=8, dtype=torch.float64, checkpointing=True)
+    updates, norms = [], []
+    for case, mode in ((plain, "hooks"), (ckpt, "hooks")):
+        theta0 = case.flat()
+        engine = engine_for(case, max_grad_norm=0.05, grad_sample_mode=mode, noise_multiplier=0.5)
+        engine.step(lambda: case.losses(engine.module))
+        updates.append(theta0 - case.flat())
+    torch.testing.assert_close(updates[1], updates[0], atol=1e-12, rtol=1e-9)
+    for case in (make_case(records, n=8, dtype=torch.float64),
+                 make_case(records, n=8, dtype=torch.float64, checkpointing=True)):
+        engine = engine_for(case, max_grad_norm=0.05, grad_sample_mode="ghost")
+        engine.step(lambda: case.losses(engine.module))
+        norms.append(engine.module.per_sample_gradient_norms.clone())
+    torch.testing.assert_close(norms[1], norms[0], atol=1e-10, rtol=1e-8)
+
+
+# ---------------------------------------------------------------- 5. the paper's shapes
+
+def test_llava_7b_shape_preset_has_llava_1_5_7b_shapes_on_the_meta_device():
+    bundle = build_model("llava-7b-shape", dtype=torch.bfloat16, device="meta")  # no memory allocated
+    model = bundle.model
+    assert bundle.n_patches == 576 and bundle.has_cls and bundle.image_size == 336
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.intermediate_size, vision.patch_size) == \
+        (1024, 24, 4096, 14)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size,
+            text.vocab_size) == (4096, 32, 32, 11008, 32000)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # CLIP ViT-L/14-336 tower 303.5M + Llama-2-7B 6.74B (vocab 32000) + 2-layer projector 21.0M
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 303_507_456 + 6_738_415_616 + 20_979_712
+    shallow = build_model("llava-7b-shape", dtype=torch.bfloat16, device="meta", lm_layers=2, vision_layers=2)
+    assert shallow.model.config.text_config.num_hidden_layers == 2
+    assert shallow.model.config.text_config.hidden_size == 4096
+    with pytest.raises(ValueError, match="vision_layers"):
+        build_model("tiny", vision_layers=1, device="meta")
+    with pytest.raises(ValueError, match="name a device explicitly"):  # never 28 GB by accident on a CPU
+        build_model("llava-7b-shape")
+
+
+def test_blockwise_fp32_clipping_equals_the_float64_reference(monkeypatch):
+    """Low-precision per-example gradients are promoted to fp32 block by block (bounded memory): with tiny blocks
+    (many of them) the factors and the clipped sum still equal the float64 computation."""
+    import toolkit.privacy.update_pruning as up
+
+    monkeypatch.setattr(up, "_BLOCK_ELEMENTS", 64)
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 37, 11).to(torch.bfloat16), torch.randn(5, 300).to(torch.bfloat16) * 3]
+    norms = torch.stack([torch.cat([g[i].double().reshape(-1) for g in grads]).norm() for i in range(5)])
+    C = float(norms.median())
+    factors = up.per_example_clip_factors(grads, C)
+    assert factors.dtype == torch.float32
+    torch.testing.assert_close(factors.double(), torch.clamp(C / (norms + 1e-6), max=1.0), rtol=1e-6, atol=0)
+    for g in grads:
+        got = up.clipped_sum(g, factors, torch.float32)
+        expected = torch.einsum("i,i...", factors.double(), g.double())
+        scale = torch.einsum("i,i...", factors.double(), g.double().abs())
+        assert got.shape == g.shape[1:] and bool(((got.double() - expected).abs() <= 1e-6 * scale + 1e-15).all())

@@ -1,0 +1,102 @@
+"""Bad input to ``train`` / ``predict`` is one clear line and exit status 2, found before any training, with
+nothing half-written; a YAML/JSON config file is read, and explicit flags override it."""
+import json
+
+import pytest
+from PIL import Image
+
+import toolkit.cli.train as train_cli
+from toolkit.cli import build_parser, main
+from toolkit.models import build_model
+
+FAST = ["--method", "dual-priv", "--steps", "1", "--warm-start-steps", "0", "--expected-batch-size", "4",
+        "--progress", "false"]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Training must not start: these inputs are refused before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started although the input was bad")
+
+    monkeypatch.setattr(train_cli, "train", refuse)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flag, message", [("--train-limit", "train_limit must be an integer >= 1, got 0"),
+                                           ("--eval-limit", "eval_limit must be an integer >= 1, got 0")])
+def test_a_zero_limit_is_refused(flag, message, tmp_path, capsys, no_training):
+    out = tmp_path / "run.json"
+    assert main(["train", *FAST, flag, "0", "--json", str(out)]) == 2
+    assert message in _error(capsys) and not out.exists()
+
+
+def test_a_model_folder_without_weights_is_refused_by_name(tmp_path, capsys):
+    build_model("tiny").model.config.save_pretrained(tmp_path / "llava")
+    assert main(["train", *FAST, "--model-dir", str(tmp_path / "llava")]) == 2
+    assert "has a LLaVA config.json but no weights" in _error(capsys)
+
+
+def test_an_unwritable_json_path_is_refused_before_training(tmp_path, capsys, no_training):
+    (tmp_path / "file").write_text("x")
+    assert main(["train", *FAST, "--json", str(tmp_path / "file" / "run.json")]) == 2
+    assert "--json" in _error(capsys)
+
+
+@pytest.mark.parametrize("setup, message", [("under-a-file", "cannot be written"),
+                                            ("not-empty", "already exists and is not empty"),
+                                            ("a-file", "is a file")])
+def test_an_unusable_output_dir_is_refused_before_training(setup, message, tmp_path, capsys, no_training):
+    (tmp_path / "file").write_text("x")
+    target = {"under-a-file": tmp_path / "file" / "model", "a-file": tmp_path / "file",
+              "not-empty": tmp_path / "used"}[setup]
+    if setup == "not-empty":
+        target.mkdir()
+        (target / "old.txt").write_text("keep")
+    assert main(["train", *FAST, "--output-dir", str(target)]) == 2
+    assert message in _error(capsys)
+    if setup == "not-empty":
+        assert (target / "old.txt").read_text() == "keep"
+
+
+def test_a_data_file_pointing_outside_its_image_folder_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    record = {"id": "r", "image": "../secret.png", "conversations": [
+        {"from": "human", "value": "<image>\nq ?"}, {"from": "gpt", "value": "a"}]}
+    (tmp_path / "train.json").write_text(json.dumps([record]))
+    assert main(["train", *FAST, "--train-data", str(tmp_path / "train.json"),
+                 "--image-folder", str(tmp_path / "images")]) == 2
+    assert "must be relative to" in _error(capsys)
+
+
+def test_a_config_file_is_read_and_explicit_flags_override_it(tmp_path):
+    (tmp_path / "run.yaml").write_text("method: dp-sgd\nsteps: 7\nepsilon: inf\ntrain-data: data/train.json\n"
+                                       "prune_at_eval: 'false'\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--steps", "2"])
+    config = train_cli.config_from_args(args)
+    assert (config.method, config.steps, config.epsilon, config.prune_at_eval) == ("dp-sgd", 2, float("inf"), False)
+    assert config.train_data == str(tmp_path / "data" / "train.json")      # relative to the file's folder
+    assert config.lr is None and config.expected_batch_size == 64           # untouched fields keep their defaults
+    (tmp_path / "run.json").write_text(json.dumps({"method": "non-private", "lr": 0.01}))
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.json")])
+    assert (train_cli.config_from_args(args).method, train_cli.config_from_args(args).lr) == ("non-private", 0.01)
+
+
+@pytest.mark.parametrize("text, message", [("stpes: 3\n", "unknown field 'stpes'"), ("- 1\n", "must hold a mapping"),
+                                           ("steps: [\n", "not valid YAML")])
+def test_a_bad_config_file_is_named(text, message, tmp_path, capsys, no_training):
+    (tmp_path / "run.yaml").write_text(text)
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert message in _error(capsys)
+
+
+def test_predict_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
+    (tmp_path / "data.json").write_text("[]")
+    assert main(["predict", "--model", str(tmp_path), "--data", str(tmp_path / "data.json")]) == 2
+    assert "is not a toolkit export" in _error(capsys)

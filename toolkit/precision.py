@@ -1,0 +1,64 @@
+"""The dtype a run computes in: ``"auto"`` resolves to bfloat16 on CUDA and float32 on CPU.
+
+``TrainConfig.dtype`` sets the dtype of the whole model (frozen tower and trainable parts alike). Whatever it is,
+the privacy-relevant arithmetic of DP-SGD (per-example norms, clipping factors, the clipped sum, the noise and the
+noisy sum) runs in at least fp32 (:mod:`toolkit.privacy.update_pruning`), the DP-ZO scalars in fp64, and the loss
+in at least fp32 (:func:`toolkit.forward.per_example_token_loss`).
+
+Example::
+
+    >>> import torch
+    >>> from toolkit.precision import resolve_dtype
+    >>> resolve_dtype("auto", torch.device("cpu"))
+    torch.float32
+    >>> resolve_dtype("bfloat16", torch.device("cpu"))
+    torch.bfloat16
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from toolkit.compat import cpu_has_native_bf16
+
+DTYPES = ("auto", "float32", "bfloat16")
+_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class DtypeNotSupportedError(ValueError):
+    """The device cannot compute in the dtype asked for."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``name`` on ``device`` (``"auto"``: bfloat16 on CUDA, float32 elsewhere), checked
+    to be usable there (:func:`check_dtype_supported`)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {DTYPES}")
+    if name == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = _BY_NAME[name]
+    check_dtype_supported(dtype, device)
+    return dtype
+
+
+def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
+    """Raise :class:`DtypeNotSupportedError` if ``device`` cannot run ``dtype``; warn when a CPU emulates bf16
+    (correct, but several times slower than fp32)."""
+    if dtype != torch.bfloat16:
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise DtypeNotSupportedError(
+                f"dtype bfloat16 asked for, but the GPU {torch.cuda.get_device_name(device)} does not support it "
+                "(compute capability < 8.0); use dtype='float32'")
+        return
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16, device=device)
+        (a @ a).sum().item()
+    except RuntimeError as err:
+        raise DtypeNotSupportedError(f"dtype bfloat16 does not run on {device} ({err}); use dtype='float32'") from None
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bfloat16 instructions (AVX512-BF16 / AMX): torch emulates them, "
+                      "correctly but slowly; dtype='float32' is likely faster here", stacklevel=3)
