@@ -473,7 +473,7 @@ def test_tokens_view_counts_and_draws_the_tokens_of_a_test_image(settings):
     assert counts["cls"] + counts["kept"] + counts["fused"] == 16
     assert "64 patches -> 16 visual tokens" in html.unescape(out["status"])
     names = [trace.name or "" for trace in out["overlay"].data]
-    assert any(n.startswith("kept") for n in names) and any(n.startswith("contextual") for n in names)
+    assert any(n.startswith("kept") for n in names) and any(n.startswith("cluster 1: ") for n in names)
     assert out["histogram"] is not None
     out = tokens.tokens_view(settings, 0, None, "random", BUDGET_KEEP, None, 10)
     assert out["counts"]["tokens_out"] == 10 and out["counts"]["dropped"] == 54
@@ -484,6 +484,35 @@ def test_tokens_view_of_an_upload(settings, tmp_path):
     Image.new("RGB", (50, 40), (200, 30, 30)).save(image)
     out = tokens.tokens_view(settings, 0, str(image), "dual-priv", BUDGET_RATIO, 0.5, 16)
     assert out["counts"]["tokens_out"] == 32 and "photo.png" in out["counts"]["source"]
+
+
+def test_tokens_view_says_the_decision_in_words_and_explains_the_score(settings):
+    out = tokens.tokens_view(settings, 3, None, "dual-priv", BUDGET_KEEP, None, 16)
+    c = out["counts"]
+    fused_patches = 64 - c["kept"] - c["dropped"]
+    assert (f"Kept {c['kept']} of 64 patches + [CLS]; {c['fused']} contextual tokens fuse the other "
+            f"{fused_patches}. 16 visual tokens reach the LLM instead of 64.") in out["summary"]
+    assert "attention the [CLS] token pays to each patch at layer" in out["summary"]
+    assert out["scores"] is not None and out["original"].size == (32, 32)
+    clusters = [t for t in out["overlay"].data if getattr(t, "legendgroup", None) == "clusters"]
+    assert len(clusters) == c["fused"] and len({t.line.color for t in clusters}) == c["fused"]
+    assert not any(t.name == "attention" for t in out["overlay"].data)  # the image is not under a tint
+    out = tokens.tokens_view(settings, 3, None, "random", BUDGET_KEEP, None, 10)
+    assert "Kept 10 of 64 patches; the other 54 are dropped." in out["summary"]
+    assert out["scores"] is None and "does not score patches" in out["summary"]
+    out = tokens.tokens_view(settings, 3, None, "none", BUDGET_RATIO, 0.75, 16)
+    assert "Kept all 64 patches (no pruning)" in out["summary"] and "nothing is scored" in out["summary"]
+
+
+def test_a_non_square_upload_is_letterboxed_and_the_page_says_so(settings, tmp_path):
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200), (255, 255, 255)).save(image)
+    out = tokens.tokens_view(settings, 0, str(image), "dual-priv", BUDGET_RATIO, 0.75, 16)
+    assert out["original"].size == (300, 200)  # shown as given, beside the overlay
+    assert "letterboxed to 300×300 (black bars above and below, nothing stretched)" in out["summary"]
+    rgb = out["overlay"].data[0].z
+    assert rgb.shape[:2] == (32, 32)
+    assert rgb[0].max() <= 1 and rgb[16].min() >= 250  # black bars at the top, the white photo in the middle
 
 
 @pytest.mark.parametrize("content, words", [

@@ -228,4 +228,8 @@ def test_finetune_bad_input_and_tokens_in_chromium(page):
     expect(page.locator("#tok-status")).to_contain_text("64 patches -> 16 visual tokens")
     expect(page.locator("#tok-overlay .js-plotly-plot")).to_be_visible()
     expect(page.locator("#tok-overlay")).to_contain_text("dual-priv: 64 -> 16 visual tokens")
+    expect(page.locator("#tok-summary")).to_contain_text("16 visual tokens reach the LLM instead of 64")
+    expect(page.locator("#tok-summary")).to_contain_text("[CLS] token pays to each patch")
+    expect(page.locator("#tok-original img")).to_be_visible()   # the image as given, beside the decision
+    expect(page.locator("#tok-overlay")).to_contain_text("contextual clusters")
     page.screenshot(path=str(ARTIFACTS / "app_tokens.png"), full_page=True)
