@@ -275,6 +275,33 @@ def test_preparing_the_warm_start_reports_each_step_then_caches_it(tmp_path, mon
     assert notes == []
 
 
+def test_the_warm_start_is_prepared_at_launch_as_the_first_job_in_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    settings = AppSettings(output_dir=str(tmp_path / "runs"), **dict(TINY, warm_start_steps=3))
+    job = model.prepare_in_background(settings)
+    assert job is not None and job.session == model.WARM_START_SESSION and not job.cancellable
+    assert model.prepare_in_background(settings) is None  # already being prepared
+    deadline = time.monotonic() + 300
+    while jobs.running_job(model.WARM_START_SESSION) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert model.warm_start_cached(settings) and jobs.LINE.snapshot() == (None, [])
+    log = capsys.readouterr().out
+    assert "public warm start of 'tiny': step 3/3" in log and "\r" not in log  # short lines, no progress bar
+    assert model.prepare_in_background(settings) is None  # cached: nothing to do
+
+
+def test_while_the_warm_start_trains_the_header_and_tokens_view_say_so(settings, monkeypatch):
+    settings = AppSettings(output_dir=settings.output_dir, **dict(TINY, warm_start_steps=600))
+    monkeypatch.setitem(model._TRAINING, ("tiny", 600), (30, 600, time.monotonic() - 10))
+    monkeypatch.setattr(model, "warm_start_cached", lambda s: False)
+    progress = model.warm_start_progress(settings)
+    assert progress.startswith("step 30/600 · 10 s, about 19") and "s left" in progress
+    assert "being trained now, once: step 30/600" in header_markdown(settings)
+    out = tokens.tokens_view(settings, 0, None, "dual-priv", BUDGET_RATIO, 0.75, 16)
+    assert "The public warm start is being trained (step 30/600" in html.unescape(out["status"])
+    assert out["overlay"] is None
+
+
 # ----------------------------------------------------------------------------------------------- fine-tune
 
 @pytest.mark.parametrize("overrides, words", [
@@ -547,18 +574,48 @@ def test_tokens_view_bad_inputs(settings, args, words):
 
 # ----------------------------------------------------------------------------------------------- memory
 
-def test_memory_table_has_ratio_columns(settings):
-    updates = list(memory.memory(settings, ["dp-sgd", "dual-priv"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2))
+def test_memory_is_measured_repeatedly_and_shown_with_its_spread(settings):
+    updates = list(memory.memory(settings, ["dp-sgd", "dual-priv"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2,
+                                 preset="tiny", repeats=2))
     final = updates[-1]
+    measured = final["measurements"]
+    assert list(measured["method"]) == ["dp-sgd", "dual-priv"] and list(measured["repeats"]) == [2, 2]
+    for column in ("peak_memory_mb", "peak_memory_mb_min", "peak_memory_mb_max", "step_time_s_min",
+                   "memory_vs_dp_sgd", "memory_vs_dp_zo"):
+        assert column in measured.columns
+    assert (measured["peak_memory_mb_min"] <= measured["peak_memory_mb"]).all()
+    assert (measured["peak_memory_mb"] <= measured["peak_memory_mb_max"]).all()
+    assert measured.loc[measured.method == "dp-sgd", "memory_vs_dp_sgd"].iloc[0] == pytest.approx(1.0)
     table = final["table"]
-    assert list(table["method"]) == ["dp-sgd", "dual-priv"]
-    for column in ("peak_memory_mb", "memory_vs_dp_sgd", "memory_vs_dp_zo", "time_vs_dp_sgd", "memory_method"):
-        assert column in table.columns
-    assert table.loc[table.method == "dp-sgd", "memory_vs_dp_sgd"].iloc[0] == pytest.approx(1.0)
-    assert list(table["visual_tokens"]) == [64, 16]
-    assert "How memory was measured" in final["note"] and str(table["memory_method"].iloc[0]) in final["note"]
-    assert len(final["figure"].data[0].x) == 2
+    assert list(table.columns) == memory.TABLE_COLUMNS and len(table.columns) <= 8  # no sideways overflow
+    assert list(table["tokens"]) == [64, 16] and "–" in table["peak MB min–max"].iloc[0]
+    assert "measured 2 time(s), each in a fresh process" in final["note"]
+    assert "Why DP-SGD with LoRA costs about what non-private training does" in final["note"]
+    assert "per-example gradients" in final["note"] and " MB in fp32" in final["note"]
+    assert final["figure"].data[0].error_y.array is not None  # min–max whiskers
+    assert any("repeat 2/2" in u["status"] for u in updates)
     assert jobs.running_job("local") is None
+
+
+def test_memory_offers_presets_by_what_exists_and_the_paper_budget_on_576_tokens():
+    assert memory.memory_presets(cuda=False)[:2] == ["tiny", "llava576"]
+    assert "llava-7b-shape" not in memory.memory_presets(cuda=False)  # shape-only: only with a GPU
+    assert "llava-7b-shape" in memory.memory_presets(cuda=True)
+    assert memory.budget_for_preset("llava576") == (BUDGET_KEEP, 0.75, 64)      # 576 -> 64, as in the paper
+    assert memory.budget_for_preset("tiny") == (BUDGET_RATIO, 0.75, 16)
+    assert model.geometry_bundle("llava-7b-shape").n_patches == 576               # built on "meta": no memory
+
+
+def test_memory_refuses_a_bad_preset_or_repeats_by_name(settings, nothing_starts):
+    update = _only_update(memory.memory(settings, ["dp-sgd"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2,
+                                        preset="huge"))
+    assert "unknown preset 'huge'" in html.unescape(update["status"])
+    update = _only_update(memory.memory(settings, ["dp-sgd"], 2, 3, "dual-priv", BUDGET_KEEP, 0.75, 577, 0.2,
+                                        preset="llava576"))
+    assert "577" in html.unescape(update["status"])  # the budget is checked against the chosen preset's 576
+    update = _only_update(memory.memory(settings, ["dp-sgd"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2,
+                                        preset="tiny", repeats=9))
+    assert "repeats must be an integer in [1, 5]" in html.unescape(update["status"])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -568,7 +625,7 @@ def test_memory_table_has_ratio_columns(settings):
     ((["sgd"], 2, 3), "unknown method(s) ['sgd']"),
 ])
 def test_memory_bad_inputs(settings, nothing_starts, args, words):
-    update = _only_update(memory.memory(settings, *args, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2))
+    update = _only_update(memory.memory(settings, *args, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2, preset="tiny"))
     assert words in html.unescape(update["status"]) and update["table"] is None
 
 
@@ -659,7 +716,7 @@ def test_empty_tables_are_headed_by_their_columns(settings):
     demo = build_app(settings=settings)
     tables = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
     assert set(tables) == {"mem-table", "sw-table", "runs-table"}
-    assert tables["mem-table"].headers == memory.SHOWN_COLUMNS
+    assert tables["mem-table"].headers == memory.TABLE_COLUMNS
     assert tables["sw-table"].headers == sweep.SHOWN_COLUMNS
     assert tables["sw-table"].postprocess(None).headers == sweep.SHOWN_COLUMNS  # a cleared table keeps them
 

@@ -45,7 +45,7 @@ def app_url(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
     ARTIFACTS.mkdir(exist_ok=True)
     port = _free_port()
-    env = dict(os.environ, DUALPRIV_APP_WARM_START_STEPS="0", DUALPRIV_CACHE=str(tmp_path_factory.mktemp("cache")), DUALPRIV_APP_TRAIN_LIMIT="32",
+    env = dict(os.environ, DUALPRIV_APP_WARM_START_STEPS="0", DUALPRIV_APP_BENCH_ISOLATE="0", DUALPRIV_CACHE=str(tmp_path_factory.mktemp("cache")), DUALPRIV_APP_TRAIN_LIMIT="32",
                DUALPRIV_APP_EVAL_LIMIT="32", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")), GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")
@@ -183,6 +183,30 @@ def test_runs_are_compared_pinned_and_exported_to_the_sweep_tab(page):
     page.locator("#sw-csv input[type=file]").set_input_files(str(csv_path))
     expect(page.locator("#sw-status")).to_contain_text("Loaded 2 runs of 2 method(s)")
     expect(page.locator("#sw-figure .js-plotly-plot")).to_be_visible()
+    page.get_by_role("tab", name="Fine-tune").click()
+
+
+def test_memory_of_the_576_token_preset_with_its_spread(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Memory").click()
+    expect(page.locator("#mem-preset input")).to_have_value("llava576")   # the paper's 576 -> 64 comparison
+    expect(page.locator("#mem-keep input")).to_have_value("64")
+    for label in ("Non-private", "DP-ZO"):  # two methods keep the browser test short
+        page.locator("#mem-methods label", has_text=label).click()
+    _set_number(page, "mem-repeats", 2)
+    page.locator("#mem-run").click()
+    expect(page.locator("#mem-status")).to_contain_text("measured 2 method(s) × 2 on llava576", timeout=150_000)
+    table = page.locator("#mem-table")
+    expect(table).to_contain_text("peak MB min–max")
+    expect(table).to_contain_text("576")
+    expect(table).to_contain_text("64")
+    expect(page.locator("#mem-note")).to_contain_text("Why DP-SGD with LoRA costs about what non-private")
+    overflow = page.evaluate("""() => { const t = document.querySelector('#mem-table table');
+                                        const box = document.querySelector('#mem-table');
+                                        return t.scrollWidth - box.clientWidth; }""")
+    assert overflow <= 2, f"the memory table overflows its box by {overflow} px"
+    page.screenshot(path=str(ARTIFACTS / "app_memory.png"), full_page=True)
     page.get_by_role("tab", name="Fine-tune").click()
 
 

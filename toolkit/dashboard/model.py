@@ -14,7 +14,7 @@ from typing import Callable
 
 from toolkit.dashboard import jobs
 from toolkit.dashboard.common import AppSettings, message_html, progress_html
-from toolkit.models import build_model
+from toolkit.models import PRESETS, build_model
 from toolkit.train import TrainConfig, load_bundle
 from toolkit.warmstart import DEFAULT_STEPS, warm_start, warm_start_path
 
@@ -26,8 +26,9 @@ WARM_START_SESSION = "server:warm-start"
 
 @functools.lru_cache(maxsize=4)
 def geometry_bundle(preset: str):
-    """An untrained model of ``preset`` (cheap): only its geometry is used, to validate token budgets."""
-    return build_model(preset)
+    """An untrained model of ``preset`` (cheap): only its geometry is used, to validate token budgets. A shape-only
+    preset (7B shapes) is built on the "meta" device: shapes, no memory."""
+    return build_model(preset, device="meta") if PRESETS[preset].get("shape_only") else build_model(preset)
 
 
 def warm_start_steps(settings: AppSettings) -> int:
@@ -129,5 +130,16 @@ def prepare_in_background(settings: AppSettings) -> jobs.Job | None:
                          units=warm_start_steps(settings), pace_key=f"warm start {settings.preset}")
     except ValueError:  # already being prepared
         return None
-    jobs.run_detached(job, lambda job: prepare(settings, lambda _: None, progress=job.progress))
+    total = warm_start_steps(settings)
+    logged = set()
+
+    def progress(done: int, total_steps: int) -> None:
+        job.progress(done, total_steps)
+        tenth = done * 10 // max(total_steps, 1)
+        if tenth not in logged:  # a short line per tenth in the server log (never a carriage-return bar)
+            logged.add(tenth)
+            print(f"public warm start of {settings.preset!r}: {warm_start_progress(settings) or f'step {done}/{total}'}",
+                  flush=True)
+
+    jobs.run_detached(job, lambda job: prepare(settings, lambda _: None, progress=progress))
     return job
