@@ -123,7 +123,8 @@ def parse_conversation(where: str, turns, require_answer: bool = True) -> tuple[
 
 def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
                     candidates: tuple[str, ...] | None = None, *, privacy_unit: bool = True,
-                    limit: int | None = None, require_answers: bool = True) -> VQADataset:
+                    limit: int | None = None, require_answers: bool = True,
+                    refused: list | None = None) -> VQADataset:
     """Load and validate a LLaVA conversation file; images stay on disk (see the module docstring).
 
     Args:
@@ -135,6 +136,9 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
         limit: keep the first ``limit`` records (all are still validated).
         require_answers: every conversation ends with a ``gpt`` answer; off for a prediction set, whose records
             may end with the question.
+        refused: a list to collect refused records in instead of stopping at the first: each bad record is
+            skipped and appended as ``dict(position, id, reason)`` (the dashboard shows them all). Problems of the
+            file as a whole (unreadable, no valid record, user_id on some records only) still raise.
 
     Raises:
         DataValidationError: the first problem found, naming the record (by id and position) or the file.
@@ -146,41 +150,16 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
     raw = read_records(path)
     records, seen_ids, by_path, by_hash, by_user = [], set(), {}, {}, {}
     for position, item in enumerate(raw):
-        where = f"#{position}"
-        if not isinstance(item, dict):
-            _fail(where, f"must be an object, found {type(item).__name__}")
-        rid = item.get("id")
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
-            _fail(where, "'id' is missing or not a string/integer")
-        rid = str(rid)
-        where = f"{rid!r} (#{position})"
-        if rid in seen_ids:
-            _fail(where, "duplicate id")
-        seen_ids.add(rid)
-        image_name = item.get("image")
-        if not isinstance(image_name, str) or not image_name:
-            _fail(where, "'image' is missing or not a string")
         try:
-            image_path = inside_folder(folder, image_name, what="image")
-        except ValueError as err:
-            _fail(where, str(err))
-        if not image_path.is_file():
-            _fail(where, f"image {image_name!r} not found in {str(folder)!r}")
-        try:  # the header only: proves it is an image without decoding the pixels
-            with Image.open(image_path) as img:
-                img.size
-        except Exception as err:  # PIL raises many types for unreadable files
-            _fail(where, f"image {image_name!r} is unreadable ({err.__class__.__name__}: {err})")
-        history, question, answer = parse_conversation(where, item.get("conversations"), require_answers)
-        user_id = item.get("user_id")
-        if user_id is not None and (not isinstance(user_id, (str, int)) or isinstance(user_id, bool)):
-            _fail(where, "'user_id' must be a string or an integer")
-        digest = file_sha256(image_path)
-        if privacy_unit:
-            _check_unit(where, rid, image_name, image_path, digest, user_id, by_path, by_hash, by_user)
-        records.append(VQARecord(rid, None, question, answer, (image_name,), image_path=str(image_path),
-                                 image_sha256=digest, history=history,
-                                 user_id=None if user_id is None else str(user_id)))
+            record = _check_record(position, item, folder, privacy_unit, require_answers, seen_ids, by_path, by_hash,
+                                   by_user)
+        except DataValidationError as err:
+            if refused is None:
+                raise
+            rid = item.get("id") if isinstance(item, dict) else None
+            refused.append(dict(position=position, id=None if rid is None else str(rid), reason=str(err)))
+            continue
+        records.append(record)
     if not records:
         raise DataValidationError(f"{str(path)!r} holds no records")
     if privacy_unit and by_user and len(by_user) != len(records):
@@ -191,6 +170,46 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
     if limit is not None:
         records = records[:limit]
     return VQADataset(records, candidates, name=path.stem, privacy_unit=unit)
+
+
+def _check_record(position: int, item, folder: Path, privacy_unit: bool, require_answers: bool, seen_ids: set,
+                  by_path: dict, by_hash: dict, by_user: dict) -> VQARecord:
+    """One raw record checked (and registered in the cross-record sets); its :class:`VQARecord`, or
+    :class:`DataValidationError` naming it."""
+    where = f"#{position}"
+    if not isinstance(item, dict):
+        _fail(where, f"must be an object, found {type(item).__name__}")
+    rid = item.get("id")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        _fail(where, "'id' is missing or not a string/integer")
+    rid = str(rid)
+    where = f"{rid!r} (#{position})"
+    if rid in seen_ids:
+        _fail(where, "duplicate id")
+    seen_ids.add(rid)
+    image_name = item.get("image")
+    if not isinstance(image_name, str) or not image_name:
+        _fail(where, "'image' is missing or not a string")
+    try:
+        image_path = inside_folder(folder, image_name, what="image")
+    except ValueError as err:
+        _fail(where, str(err))
+    if not image_path.is_file():
+        _fail(where, f"image {image_name!r} not found in {str(folder)!r}")
+    try:  # the header only: proves it is an image without decoding the pixels
+        with Image.open(image_path) as img:
+            img.size
+    except Exception as err:  # PIL raises many types for unreadable files
+        _fail(where, f"image {image_name!r} is unreadable ({err.__class__.__name__}: {err})")
+    history, question, answer = parse_conversation(where, item.get("conversations"), require_answers)
+    user_id = item.get("user_id")
+    if user_id is not None and (not isinstance(user_id, (str, int)) or isinstance(user_id, bool)):
+        _fail(where, "'user_id' must be a string or an integer")
+    digest = file_sha256(image_path)
+    if privacy_unit:
+        _check_unit(where, rid, image_name, image_path, digest, user_id, by_path, by_hash, by_user)
+    return VQARecord(rid, None, question, answer, (image_name,), image_path=str(image_path), image_sha256=digest,
+                     history=history, user_id=None if user_id is None else str(user_id))
 
 
 def _check_unit(where, rid, image_name, image_path, digest, user_id, by_path, by_hash, by_user) -> None:
