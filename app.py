@@ -8,9 +8,10 @@ public warm start, trained on first use). The app is a thin layer over the toolk
 
 Flags: ``--host`` (default 127.0.0.1), ``--port`` (7860), ``--share`` (off), ``--max-steps`` (200),
 ``--time-limit`` seconds (600), ``--preset``, ``--warm-start-steps`` (0 skips the warm start, for tests),
-``--train-limit`` / ``--eval-limit`` (fewer records: faster), ``--no-bench-isolate``.
+``--train-limit`` / ``--eval-limit`` (fewer records: faster), ``--data-root`` (a folder of data sets users may
+pick by relative path), ``--no-bench-isolate``.
 Environment: ``DUALPRIV_APP_WARM_START_STEPS``, ``DUALPRIV_APP_TRAIN_LIMIT``, ``DUALPRIV_APP_EVAL_LIMIT``,
-``DUALPRIV_APP_BENCH_ISOLATE``; uploads and downloads stay under ``GRADIO_TEMP_DIR`` (default
+``DUALPRIV_APP_DATA_ROOT``, ``DUALPRIV_APP_BENCH_ISOLATE``; uploads and downloads stay under ``GRADIO_TEMP_DIR`` (default
 ``<system tmp>/dualpriv-app``).
 """
 from __future__ import annotations
@@ -23,11 +24,19 @@ import tempfile
 os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), "dualpriv-app"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A readable server log. The memory measurement profiles a step from a worker thread; the profiler (kineto) then
+# printed "USDT ... profiler_start/stop" twice per run and a benign "ERROR: External init callback must run in
+# same thread as registerClient", and c10 a "[W] Memory block of unknown size" warning: level 6 silences kineto's
+# own log, ERROR keeps c10's real errors. Loading weights printed carriage-return progress bars into one long line.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Imported after the lines above on purpose: gradio and transformers read those variables when imported.
 from toolkit.dashboard import build_app as _build_app  # noqa: E402
 from toolkit.dashboard.ui import launch  # noqa: E402
 from toolkit.models import PRESETS  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 
 def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "tiny", **options):
@@ -48,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="public warm-start steps (default: the preset's; 0: none, an untrained model)")
     parser.add_argument("--train-limit", type=int, default=None, help="private records used (default: all)")
     parser.add_argument("--eval-limit", type=int, default=None, help="test records evaluated (default: all)")
+    parser.add_argument("--data-root", default=None,
+                        help="a folder of data sets users may pick by a path relative to it (never outside it); "
+                             "without it, users upload a zip")
     parser.add_argument("--no-bench-isolate", action="store_true",
                         help="measure memory in the app's process instead of a fresh subprocess per method")
     args = parser.parse_args(argv)
@@ -57,12 +69,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--time-limit must be > 0, got {args.time_limit}")
     if args.warm_start_steps is not None and args.warm_start_steps < 0:
         parser.error(f"--warm-start-steps must be >= 0, got {args.warm_start_steps}")
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        parser.error(f"--data-root must be an existing folder, got {args.data_root!r}")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    options = dict(warm_start_steps=args.warm_start_steps, train_limit=args.train_limit, eval_limit=args.eval_limit)
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars: one long line in a server log
+    options = dict(warm_start_steps=args.warm_start_steps, train_limit=args.train_limit, eval_limit=args.eval_limit,
+                   data_root=args.data_root)
     if args.no_bench_isolate:
         options["bench_isolate"] = False
     demo = build_app(max_steps=args.max_steps, time_limit=args.time_limit, preset=args.preset, **options)

@@ -12,6 +12,7 @@ import re
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import gradio as gr
@@ -19,10 +20,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit.dashboard import AppSettings, InputError, common, jobs, model, reference
+from toolkit.dashboard import AppSettings, InputError, common, datasets, jobs, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
-from toolkit.dashboard.tabs import finetune, memory, runs, sweep, tokens
+from toolkit.dashboard.tabs import audit, finetune, memory, runs, sweep, tokens, yourdata
 from toolkit.dashboard.ui import build_app, header_markdown
+from toolkit.samples import make_photo_dataset
 
 TINY = dict(preset="tiny", warm_start_steps=0, train_limit=32, eval_limit=32, max_steps=50, time_limit=120.0,
             bench_isolate=False)
@@ -715,7 +717,8 @@ def test_build_app_wires_every_control_with_help(settings):
 def test_empty_tables_are_headed_by_their_columns(settings):
     demo = build_app(settings=settings)
     tables = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
-    assert set(tables) == {"mem-table", "sw-table", "runs-table"}
+    assert set(tables) == {"mem-table", "sw-table", "runs-table", "yd-refused"}
+    assert list(tables["yd-refused"].value["headers"]) == datasets.REFUSED_COLUMNS
     assert tables["mem-table"].headers == memory.TABLE_COLUMNS
     assert tables["sw-table"].headers == sweep.SHOWN_COLUMNS
     assert tables["sw-table"].postprocess(None).headers == sweep.SHOWN_COLUMNS  # a cleared table keeps them
@@ -744,3 +747,129 @@ def test_app_flags_default_to_local_and_bounded():
         app.parse_args(["--max-steps", "0"])
     if "GRADIO_TEMP_DIR" not in os.environ or os.environ["GRADIO_TEMP_DIR"] == common.temp_root():
         assert Path(common.temp_root()).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+
+
+# ----------------------------------------------------------------------------------------------- your data
+
+def _photo_zip(tmp_path, bad_records: bool = True) -> Path:
+    """A LLaVA zip made from scikit-learn's two sample photos, with a missing image and a duplicated image."""
+    folder = tmp_path / "photos"
+    paths = make_photo_dataset(folder, n_train=12, n_test=4)
+    records = json.loads(Path(paths["train"]).read_text())
+    if bad_records:
+        turns = records[0]["conversations"]
+        records.append({"id": "ghost", "image": "images/nowhere.png", "conversations": turns})
+        records.append({"id": "copy", "image": records[1]["image"], "conversations": turns})
+    Path(paths["train"]).write_text(json.dumps(records))
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in folder.rglob("*"):
+            zf.write(file, Path("photos") / file.relative_to(folder))
+    return archive
+
+
+def test_a_data_zip_is_validated_and_every_refused_record_says_why(settings, tmp_path):
+    out = yourdata.choose_data(settings, str(_photo_zip(tmp_path)), "")
+    assert "Validated: 12 training record(s) accepted. 2 refused record(s) are left out." in html.unescape(
+        out["status"])
+    summary = out["summary"]
+    assert "12 record(s) accepted, 2 refused" in summary and "'temple' (6)" in summary and "'flower' (6)" in summary
+    assert "Evaluation file `test.json`:** 4 record(s) accepted" in summary and "one record = one image" in summary
+    refused = out["refused"]
+    assert list(refused["id"]) == ["ghost", "copy"]
+    assert "not found in 'the data set's folder'" in refused["reason"].iloc[0]
+    assert "share the image file" in refused["reason"].iloc[1]
+    assert not any(str(settings.results_dir()) in reason for reason in refused["reason"])  # no server path shown
+    assert out["data"]["train"].endswith("train.json") and out["data"]["eval"].endswith("test.json")
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/absolute-escape.txt", "photos/../../escaped.txt"])
+def test_a_zip_member_cannot_write_outside_its_folder(settings, tmp_path, member):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(member, "x")
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(settings, str(archive), "")
+    assert "must be relative" in html.unescape(out["status"]) and out["data"] is None
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/absolute-escape.txt").exists()
+
+
+def test_a_zip_with_a_symbolic_link_or_that_is_no_zip_is_refused(settings, tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("photos/train.json")
+        info.external_attr = (0o120777 << 16)  # a symbolic link, pointing anywhere
+        zf.writestr(info, "/etc/passwd")
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(settings, str(archive), "")
+    assert "symbolic link" in html.unescape(out["status"])
+    text = tmp_path / "notes.zip"
+    text.write_text("not a zip")
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(settings, str(text), "")
+    assert "is not a zip file" in html.unescape(out["status"])
+
+
+def test_a_server_path_never_leaves_the_data_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    make_photo_dataset(root / "photos", n_train=4, n_test=2)
+    make_photo_dataset(outside, n_train=4, n_test=2)
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    settings = AppSettings(output_dir=str(tmp_path / "runs"), data_root=str(root), **TINY)
+    assert "4 training record(s) accepted" in yourdata.choose_data(settings, None, "photos")["status"]
+    for path in ("../outside", str(outside), "link", "photos/../../outside"):
+        with pytest.warns(UserWarning):
+            out = yourdata.choose_data(settings, None, path)
+        message = html.unescape(out["status"])
+        assert "must be relative to" in message and "stay inside it" in message and out["data"] is None, path
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(AppSettings(output_dir=str(tmp_path / "runs"), **TINY), None, "photos")
+    assert "launched without a data root" in html.unescape(out["status"])
+
+
+def test_fine_tune_on_your_data_then_download_the_model_card_and_ask_the_model(settings, tmp_path):
+    data = yourdata.choose_data(settings, str(_photo_zip(tmp_path, bad_records=False)), "")["data"]
+    updates = list(yourdata.train_on_data(settings, data, "dual-priv", 2.0, 3, 4, session="your-data"))
+    final = updates[-1]
+    assert "Finished: 3 steps" in final["status"] and "exported" in final["status"]
+    archive, card = final["downloads"]
+    assert archive.endswith(".zip") and Path(card).name == "README.md"
+    text = Path(card).read_text()
+    spent = re.search(r"\*\*ε = ([0-9.]+)\*\* spent \(target 2\)", text)
+    assert spent and 0 < float(spent.group(1)) <= 2.0
+    assert f"{float(spent.group(1)):.4g}" in final["result"] or spent.group(1) in final["result"]
+    assert "one record = one image" in final["result"] and "accuracy (your evaluation file)" in final["result"]
+    with zipfile.ZipFile(archive) as zf:
+        assert {"README.md", "adapter_config.json", "dualpriv_export.json"} <= set(zf.namelist())
+    photo = Image.open(next((tmp_path / "photos" / "images").glob("test-*")))
+    out = yourdata.ask(settings, final["model"], photo, "which photo is this ?")
+    assert re.search(r"\*\*Answer: (temple|flower)\*\*", out["answer"]) and "16 of 64 visual tokens" in out["answer"]
+    assert out["overlay"] is not None and "16 visual tokens the model used" in out["overlay"].layout.title.text
+
+
+def test_your_data_refuses_a_missing_data_set_model_or_question(settings):
+    update = _only_update(yourdata.train_on_data(settings, None, "dual-priv", 2.0, 3, 4))
+    assert "no data set chosen yet" in update["status"]
+    with pytest.warns(UserWarning):
+        out = yourdata.ask(settings, None, Image.new("RGB", (8, 8)), "which ?")
+    assert "no trained model yet" in out["status"]
+
+
+# ----------------------------------------------------------------------------------------------- audit
+
+def test_the_audit_shows_the_lower_bound_next_to_the_reported_epsilon(settings):
+    final = list(audit.audit(settings, "dp-sgd", "inf", 32))[-1]   # no noise: a run that leaks by design
+    verdict, summary = final["verdict"], final["summary"]
+    assert "ε reported by the accountant | ∞" in verdict and "empirical ε lower bound (95 %)" in verdict
+    assert f"{summary['correct']} of {summary['guesses']} (32 canaries)" in verdict
+    assert "proves nothing about privacy" in verdict and "never show more than ε" in verdict
+    assert summary["epsilon_lower_bound"] <= summary["epsilon_ceiling"]
+
+
+def test_the_audit_refuses_bad_inputs_by_name(settings, nothing_starts):
+    update = _only_update(audit.audit(settings, "dp-sgd", "0", 32))
+    assert "ε must be a finite number > 0" in html.unescape(update["status"])
+    update = _only_update(audit.audit(settings, "dp-sgd", "1", 1))
+    assert "canaries must be an integer in [2, 512]" in html.unescape(update["status"])
+    update = _only_update(audit.audit(settings, "non-private", "1", 32))
+    assert "unknown method" in html.unescape(update["status"])

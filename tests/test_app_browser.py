@@ -210,6 +210,75 @@ def test_memory_of_the_576_token_preset_with_its_spread(page):
     page.get_by_role("tab", name="Fine-tune").click()
 
 
+def _photo_zip(folder: Path) -> Path:
+    """A small LLaVA zip made here from scikit-learn's two bundled photographs (temple, flower): crops written as
+    images, train.json / test.json in the conversation format, plus one record whose image is missing."""
+    import json
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    splits = {"train": [], "test": []}
+    for split, count in (("train", 16), ("test", 6)):
+        for i in range(count):
+            label = i % 2
+            top, left = int(rng.integers(0, 300)), int(rng.integers(0, 500))
+            name = f"images/{split}-{i}.png"
+            Image.fromarray(photos[label][top:top + 96, left:left + 96]).save(folder / name)
+            splits[split].append({"id": f"{split}-{i}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\nwhich photo is this ?"},
+                {"from": "gpt", "value": ("temple", "flower")[label]}]})
+    splits["train"].append({"id": "ghost", "image": "images/missing.png",
+                            "conversations": splits["train"][0]["conversations"]})
+    for split, records in splits.items():
+        (folder / f"{split}.json").write_text(json.dumps(records))
+    archive = folder.parent / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in folder.rglob("*"):
+            zf.write(file, Path("photos") / file.relative_to(folder))
+    return archive
+
+
+def test_your_data_upload_validate_train_download_the_card_and_ask(page, tmp_path):
+    from playwright.sync_api import expect
+
+    archive = _photo_zip(tmp_path / "photos")
+    page.get_by_role("tab", name="Your data").click()
+    page.locator("#yd-zip input[type=file]").set_input_files(str(archive))
+    page.locator("#yd-validate").click()
+    status = page.locator("#yd-status")
+    expect(status).to_contain_text("Validated: 16 training record(s) accepted. 1 refused record(s)", timeout=60_000)
+    expect(page.locator("#yd-summary")).to_contain_text("'temple' (8)")
+    expect(page.locator("#yd-refused")).to_contain_text("ghost")
+    expect(page.locator("#yd-refused")).to_contain_text("not found")
+    _set_number(page, "yd-steps", 10)
+    _set_number(page, "yd-batch", 8)
+    page.locator("#yd-run").click()
+    expect(page.locator("#yd-train-status")).to_contain_text("Finished: 10 steps", timeout=150_000)
+    result = page.locator("#yd-result").inner_text()
+    assert "ε spent / target" in result and "accuracy (your evaluation file)" in result, result
+    spent = result.split("ε spent / target")[1].split("/")[0].strip()
+    card_link = page.locator("#yd-downloads a[download='README.md']")
+    with page.expect_download() as download:
+        card_link.click()
+    card = ARTIFACTS / "app_model_card.md"
+    download.value.save_as(card)
+    text = card.read_text()
+    assert f"**ε = {spent}** spent (target 3)" in text, (spent, text[:600])
+    page.locator("#yd-image input[type=file]").set_input_files(str(tmp_path / "photos" / "images" / "test-0.png"))
+    page.locator("#yd-question textarea").fill("which photo is this ?")
+    page.locator("#yd-ask").click()
+    expect(page.locator("#yd-answer")).to_contain_text("Answer:", timeout=60_000)
+    expect(page.locator("#yd-overlay .js-plotly-plot")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "app_your_data.png"), full_page=True)
+    page.get_by_role("tab", name="Fine-tune").click()
+
+
 def test_finetune_bad_input_and_tokens_in_chromium(page):
     from playwright.sync_api import expect
 

@@ -62,23 +62,26 @@ class AppSettings:
     bench_isolate: bool = True            # measure each method in a fresh subprocess
     max_sweep_runs: int = 24
     output_dir: str | None = None         # where run settings (JSON) are written; default: a temp dir
+    data_root: str | None = None          # a server folder whose data sets users may pick by relative path
 
     def __post_init__(self):
         check_int("max_steps", self.max_steps, minimum=1)
         check_number("time_limit", self.time_limit, minimum=0)
         if self.warm_start_steps is not None:
             check_int("warm_start_steps", self.warm_start_steps, minimum=0)
+        if self.data_root is not None and not Path(self.data_root).is_dir():
+            raise ValueError(f"data_root {self.data_root!r} is not a folder")
 
     @classmethod
     def from_env(cls, **overrides) -> "AppSettings":
-        """Settings from ``DUALPRIV_APP_WARM_START_STEPS``, ``_TRAIN_LIMIT``, ``_EVAL_LIMIT`` and
+        """Settings from ``DUALPRIV_APP_WARM_START_STEPS``, ``_TRAIN_LIMIT``, ``_EVAL_LIMIT``, ``_DATA_ROOT`` and
         ``_BENCH_ISOLATE``, then the ``overrides`` that are not None."""
         def env(name, cast):
             value = os.environ.get(f"DUALPRIV_APP_{name}")
             return cast(value) if value not in (None, "") else None
 
         values = dict(warm_start_steps=env("WARM_START_STEPS", int), train_limit=env("TRAIN_LIMIT", int),
-                      eval_limit=env("EVAL_LIMIT", int))
+                      eval_limit=env("EVAL_LIMIT", int), data_root=env("DATA_ROOT", str))
         isolate = os.environ.get("DUALPRIV_APP_BENCH_ISOLATE")
         if isolate not in (None, ""):
             values["bench_isolate"] = isolate.lower() not in ("0", "false", "no", "off")

@@ -15,7 +15,7 @@ from toolkit.dashboard import model
 from toolkit.dashboard.budget import budget_controls, token_budget
 from toolkit.dashboard.common import AppSettings, InputError, message_html, routed, ui_integer, warn
 from toolkit.dashboard.images import fit_note, letterbox, load_upload
-from toolkit.data import make_vqa, preprocess_images
+from toolkit.data import make_vqa
 from toolkit.tokens import STRATEGIES, make_pruner
 from toolkit.viz import score_map_figure, spatial_histogram_figure, token_overlay_figure
 
@@ -94,7 +94,7 @@ def tokens_view(settings: AppSettings, example, upload, strategy, budget_mode, t
                                                "runs its vision tower, so it shows tokens once that is done.", "info"))
     bundle = model.get_bundle(settings)
     pruner = make_pruner(strategy, bundle, **budget)
-    pixels = preprocess_images([letterbox(image)], bundle.image_size, bundle.image_mean, bundle.image_std)
+    pixels = bundle.preprocess([letterbox(image)])  # the model's own preprocessing, on the letterboxed square
     output = pruner.from_pixels(bundle, pixels).example(0)
     info = output.to_dict(0)
     counts = dict(source=source, strategy=strategy, patches_in=info["n_in"], tokens_out=info["n_out"],

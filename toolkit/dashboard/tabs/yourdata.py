@@ -1,0 +1,282 @@
+"""The Your data tab: choose a data set (an uploaded zip of LLaVA JSON + images, or a path under the server's data
+root), see it validated (records, answers, every refused record with its reason), fine-tune on it, download the
+exported model and its model card, and ask the trained model about an image (its answer and the visual tokens it
+used).
+
+The data intake is :mod:`toolkit.dashboard.datasets`; training is ``toolkit.train.train`` on the accepted records
+(exported by the run itself, ``TrainConfig.output_dir``: :mod:`toolkit.export`); answering is
+:class:`toolkit.predict.Predictor` on the export.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from toolkit.dashboard import datasets, jobs, model
+from toolkit.dashboard.common import (
+    HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, failure_html, format_value, message_html,
+    progress_html, routed, ui_batch_size, ui_choice, ui_number, ui_steps, warn,
+)
+from toolkit.dashboard.images import load_upload
+from toolkit.data import VQADataset, VQARecord
+from toolkit.export import EXPORT_FILE
+from toolkit.predict import Predictor
+from toolkit.train import TrainConfig, train
+from toolkit.viz import token_overlay_figure
+from toolkit.vocabulary import METHOD_LABELS, METHODS, format_epsilon, is_private
+
+MODEL_CARD = "README.md"
+MAX_QUESTION_CHARS = 300
+HELP = dict(
+    zip="A .zip of one folder: train.json (or .jsonl) in the LLaVA conversation format, optionally test.json, and "
+        "the images they name (paths relative to the JSON file). At most 500 MB unpacked.",
+    path="A data folder or .json file relative to the server's data root (only when the app was launched with "
+         "--data-root); nothing outside the root can be reached.",
+    method="How to fine-tune (the same methods as the Fine-tune tab; Dual-Priv prunes 75% of the visual tokens).",
+    epsilon="Privacy budget ε of the whole run (> 0); the privacy unit is shown after validation.",
+    steps="Optimizer steps (at most the app's limit).",
+    question="A question about the image, as in your data (e.g. 'which photo is this ?').",
+)
+
+
+def _refused_note(count: int) -> str:
+    return f" {count} refused record(s) are left out." if count else ""
+
+
+def choose_data(settings: AppSettings, zip_file, server_path) -> dict:
+    """Unpack (zip) or locate (server path) a data set and validate it. Returns ``status`` (HTML), ``summary``
+    (Markdown), ``refused`` (DataFrame) and ``data`` (the choice for the session's state, or None)."""
+    blank = dict(summary="", refused=datasets.refused_table(None), data=None)
+    try:
+        if zip_file:
+            folder = datasets.extract_zip(zip_file, settings.results_dir() / "uploads")
+            name = Path(getattr(zip_file, "name", zip_file)).name
+            choice = datasets.find_data_files(folder, f"uploaded zip {name!r}")
+        elif server_path and str(server_path).strip():
+            place = datasets.server_folder(settings.data_root, server_path)
+            choice = datasets.find_data_files(place, f"data root path {str(server_path).strip()!r}")
+        else:
+            raise InputError("no data given: upload a zip (data zip) or type a path under the data root (data path)")
+        validated = datasets.validate(choice)
+    except InputError as err:
+        return dict(blank, status=warn(f"Not validated: {err}"))
+    accepted = len(validated.train_set)
+    return dict(status=message_html(f"Validated: {accepted} training record(s) accepted."
+                                    f"{_refused_note(len(validated.refused))}",
+                                    "warn" if validated.refused else "ok"),
+                summary=datasets.summary_markdown(validated), refused=datasets.refused_table(validated),
+                data=choice.to_state())
+
+
+def build_config(settings: AppSettings, method, epsilon, steps, batch_size, output_dir: Path) -> TrainConfig:
+    """The validated ``TrainConfig`` of a fine-tune on the user's data (exported to ``output_dir``)."""
+    ui_choice("method", method, METHODS)
+    private = is_private(method)
+    eps = ui_number("ε", epsilon, minimum=0, hint="smaller ε = stronger privacy") if private else math.inf
+    config = TrainConfig(method=method, preset=settings.preset, warm_start_steps=settings.warm_start_steps,
+                         epsilon=eps, steps=ui_steps(settings, steps), expected_batch_size=ui_batch_size(settings,
+                                                                                                    batch_size),
+                         output_dir=str(output_dir), progress=False)
+    try:
+        return config.resolved()
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def export_downloads(export_dir: Path) -> list[str]:
+    """The export as one zip next to it, and its model card: the two files offered for download."""
+    archive = shutil.make_archive(str(export_dir), "zip", root_dir=export_dir)
+    return [archive, str(export_dir / MODEL_CARD)]
+
+
+def result_markdown(summary: dict, export_dir: Path) -> str:
+    private = is_private(summary["method"])
+    accuracy = summary.get("accuracy")
+    scored = accuracy is not None and not (isinstance(accuracy, float) and math.isnan(accuracy))
+    rows = [
+        ("accuracy (your evaluation file)", f"{100 * accuracy:.1f}%" if scored else "not scored (no test.json)"),
+        ("ε spent / target", f"{format_value(summary['epsilon_spent'], 4)} / {format_epsilon(summary['epsilon'])} "
+                             f"(δ = {summary['delta']:g})" if private else "∞ (non-private: no guarantee)"),
+        ("privacy unit", summary.get("privacy_unit") or "–"),
+        ("training records", str(summary.get("n_records", "–"))),
+        ("visual tokens fed to the LLM", f"{summary['visual_tokens']} of {summary['visual_tokens_in']}"),
+        ("steps", str(summary["steps"])),
+        ("exported to", f"`{export_dir.name}` (adapter + model card; download below)"),
+    ]
+    lines = [f"### Your model: {METHOD_LABELS[summary['method']]}", "", "| measure | value |", "|---|---|"]
+    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
+
+
+def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, batch_size,
+                  session: str = "local") -> Iterator[dict]:
+    """Generator: fine-tune on the validated data (its accepted records), export the model, and yield ``status``,
+    ``result`` (Markdown), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
+    folder, for the session's state)."""
+    blank = dict(result="", downloads=None)
+    try:
+        choice = datasets.DataChoice.from_state(data_state)
+        validated = datasets.validate(choice)
+        export_dir = Path(tempfile.mkdtemp(prefix=f"model-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                           dir=settings.results_dir())) / "export"
+        config = build_config(settings, method, epsilon, steps, batch_size, export_dir)
+        job = jobs.claim(session, "fine-tune on your data", units=config.steps,
+                         pace_key=f"fine-tune step of {settings.preset}")
+    except InputError as err:
+        yield dict(blank, status=warn(f"Not started: {err}"))
+        return
+    eval_set = validated.eval_set if validated.eval_set is not None else VQADataset([], name="none")
+    label = METHOD_LABELS[config.method] + (f", ε = {format_epsilon(config.epsilon)}" if config.private else "")
+    rows: list[dict] = []
+
+    def work(job: jobs.Job):
+        job.exclude(model.prepare(settings, job.note))
+
+        def on_row(row: dict) -> None:
+            job.emit("row", dict(row))
+            job.progress(row["step"], row["steps"])
+
+        result = train(config, callback=jobs.stopping_callback(job, settings.time_limit, on_row),
+                       train_set=validated.train_set, eval_set=eval_set)
+        return result, export_downloads(export_dir)
+
+    def render() -> dict:
+        if not rows:
+            return dict(blank, status=message_html(f"{label}: loading the model and encoding your images "
+                                                   f"({job.elapsed():.0f} s)…"))
+        last = rows[-1]
+        return dict(blank, status=progress_html(last["step"], last["steps"],
+                                                f"{label} on your data: step {last['step']}/{last['steps']} · "
+                                                f"{job.elapsed():.0f} s"))
+
+    outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=lambda kind, row: rows.append(row),
+                                     first_status=message_html(f"Starting {label} on your data…"))
+    if not outcome.started:
+        yield dict(blank, status=jobs.never_started_html(job))
+        return
+    if outcome.error is not None:
+        yield dict(blank, status=failure_html("The run", outcome.error, toast=isinstance(outcome.error, ValueError)))
+        return
+    result, downloads = outcome.value
+    summary = result.summary()
+    done = f"Stopped early ({job.reason})" if result.cancelled else "Finished"
+    yield dict(status=message_html(f"{done}: {result.steps} steps in {result.wall_time_s:.0f} s; the model is "
+                                   "exported (download the adapter and its model card below).", "ok"),
+               result=result_markdown(summary, export_dir), downloads=downloads, model=str(export_dir))
+
+
+@functools.lru_cache(maxsize=2)
+def predictor(export_dir: str) -> Predictor:
+    """The exported model ready to answer (loaded once per export)."""
+    return Predictor.from_folder(export_dir)
+
+
+def ask(settings: AppSettings, export_dir, image, question) -> dict:
+    """The trained model's answer to ``question`` about ``image`` (a PIL image or an uploaded file) and the visual
+    tokens it used. Returns ``status``, ``answer`` (Markdown) and ``overlay`` (figure)."""
+    blank = dict(answer="", overlay=None)
+    try:
+        if not export_dir or not (Path(export_dir) / EXPORT_FILE).is_file():
+            raise InputError("no trained model yet: fine-tune on your data first")
+        if image is None:
+            raise InputError("image: upload an image to ask about")
+        picture = image if hasattr(image, "convert") else load_upload(image)
+        text = str(question or "").strip()
+        if not text:
+            raise InputError("question is empty: type a question about the image")
+        if len(text) > MAX_QUESTION_CHARS:
+            raise InputError(f"question is too long ({len(text)} characters; at most {MAX_QUESTION_CHARS})")
+    except InputError as err:
+        return dict(blank, status=warn(f"Not answered: {err}"))
+    trained = predictor(str(export_dir))
+    record = VQARecord("question", picture.convert("RGB"), text, None)
+    answers = trained.answer(VQADataset([record], name="your question"), use_cache=False)
+    bundle = trained.bundle
+    pixels = bundle.preprocess([record.image])
+    output = trained.pruner.from_pixels(bundle, pixels).example(0)
+    overlay = token_overlay_figure(output, pixels[0], bundle.image_mean, bundle.image_std, show_scores=False,
+                                   title=f"the {output.n_out} visual tokens the model used")
+    mode = "ranking the saved answers" if answers.mode == "closed-set" else "generating freely"
+    width, height = picture.size
+    fitted = ("" if width == height else f" The {width}×{height} image was resized to the model's square "
+              f"{bundle.image_size}×{bundle.image_size} input, as in training.")
+    return dict(status=message_html("Answered.", "ok"),
+                answer=f"**Answer: {answers.predictions[0]}** ({mode}; {output.n_out} of {output.n_in} visual "
+                       f"tokens used).{fitted}", overlay=overlay)
+
+
+def build(settings: AppSettings) -> list:
+    """The Your data tab (inside the app's ``gr.Blocks``); returns its events that may train the warm start."""
+    s = settings
+    with gr.Tab("Your data", id="yourdata"):
+        data_state, model_state = gr.State(None), gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=2):
+                gr.Markdown("**1. Your data set** (LLaVA JSON + images). Each training record must have its own "
+                            "image: ε then protects any one image.")
+                zip_file = gr.File(label="Data zip", file_count="single", file_types=[".zip"], type="filepath",
+                                   elem_id="yd-zip")
+                gr.Markdown(HELP["zip"])
+                server_path = gr.Textbox(label="Or a data path on the server", info=HELP["path"],
+                                         placeholder="e.g. photos/train.json" if s.data_root else
+                                         "not available: the app has no --data-root",
+                                         interactive=bool(s.data_root), elem_id="yd-path")
+                validate_button = gr.Button("Validate", elem_id="yd-validate")
+                gr.Markdown("**2. Fine-tune on it**")
+                method = gr.Radio(METHOD_CHOICES, value="dual-priv", label="Method", info=HELP["method"],
+                                  elem_id="yd-method")
+                with gr.Row():
+                    epsilon = gr.Number(3.0, label="ε (epsilon)", info=HELP["epsilon"], elem_id="yd-epsilon")
+                    steps = gr.Number(min(100, s.max_steps), precision=0, label="Steps", info=HELP["steps"],
+                                      elem_id="yd-steps")
+                    batch = gr.Number(16, precision=0, label="Batch size", info=SHARED_HELP["batch_size"],
+                                      elem_id="yd-batch")
+                with gr.Row():
+                    run_button = gr.Button("Fine-tune", variant="primary", elem_id="yd-run")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="yd-cancel")
+                gr.Markdown("**3. Ask your model**")
+                image = gr.Image(label="An image", type="pil", sources=["upload"], height=220, elem_id="yd-image")
+                question = gr.Textbox(label="Question", info=HELP["question"], elem_id="yd-question")
+                ask_button = gr.Button("Ask", elem_id="yd-ask")
+            with gr.Column(scale=3):
+                status = gr.HTML(message_html("Upload a zip or give a server path, then press Validate."),
+                                 elem_id="yd-status")
+                summary = gr.Markdown(elem_id="yd-summary")
+                refused = gr.Dataframe(value=datasets.refused_table(None), label="Refused records", wrap=True,
+                                       interactive=False, elem_id="yd-refused")
+                train_status = gr.HTML(elem_id="yd-train-status")
+                result = gr.Markdown(elem_id="yd-result")
+                downloads = gr.File(label="Your model: the export (zip) and its model card", file_count="multiple",
+                                    interactive=False, elem_id="yd-downloads")
+                ask_status = gr.HTML(elem_id="yd-ask-status")
+                answer = gr.Markdown(elem_id="yd-answer")
+                overlay = gr.Plot(label="The visual tokens the model used", elem_id="yd-overlay")
+    check_outputs = dict(status=status, summary=summary, refused=refused, data=data_state)
+    train_outputs = dict(status=train_status, result=result, downloads=downloads, model=model_state)
+    ask_outputs = dict(status=ask_status, answer=answer, overlay=overlay)
+
+    def check(zip_v, path_v):
+        return routed(choose_data(s, zip_v, path_v), check_outputs)
+
+    def run(data_v, method_v, eps_v, steps_v, batch_v, request: gr.Request):
+        for update in train_on_data(s, data_v, method_v, eps_v, steps_v, batch_v, session=jobs.session_id(request)):
+            yield routed(update, train_outputs)
+
+    def answer_it(model_v, image_v, question_v):
+        return routed(ask(s, model_v, image_v, question_v), ask_outputs)
+
+    validate_button.click(check, [zip_file, server_path], list(check_outputs.values()), concurrency_limit=2,
+                          api_name="validate_data")
+    run_event = jobs.wire_run_button(run_button, run, [data_state, method, epsilon, steps, batch],
+                                     list(train_outputs.values()), api_name="finetune_your_data")
+    cancel_button.click(jobs.cancel_from_page, None, train_status, concurrency_limit=None, show_progress="hidden",
+                        api_name=False)
+    ask_button.click(answer_it, [model_state, image, question], list(ask_outputs.values()), concurrency_limit=1,
+                     api_name="ask")
+    return [run_event]
