@@ -326,3 +326,11 @@ def test_finetune_bad_input_and_tokens_in_chromium(page):
     expect(page.locator("#tok-original img")).to_be_visible()   # the image as given, beside the decision
     expect(page.locator("#tok-overlay")).to_contain_text("contextual clusters")
     page.screenshot(path=str(ARTIFACTS / "app_tokens.png"), full_page=True)
+
+
+def test_the_server_log_is_readable(page):
+    """After every job above: no profiler chatter, no error line, no carriage-return progress bar in one line."""
+    log = (ARTIFACTS / "app_browser_server.log").read_text()
+    lines = log.splitlines()
+    assert not [line for line in lines if "ERROR" in line or "USDT" in line or "Traceback" in line], log[-2000:]
+    assert max((len(line) for line in lines), default=0) < 500 and "\r" not in log

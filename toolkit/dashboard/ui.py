@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import gradio as gr
+import torch
 
 from toolkit.dashboard import model
 from toolkit.dashboard.common import APP_PRIVACY_UNIT, AppSettings, temp_root
@@ -72,6 +73,11 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     public warm start starts training at once, as the server's own job in the line (the header follows it), so
     the first user's job waits for less of it."""
     os.makedirs(temp_root(), exist_ok=True)
+    # The profiler (memory measurement) first runs in a worker thread; kineto's one-time init then logged
+    # "ERROR: External init callback must run in same thread as registerClient". Initialised here, in the
+    # main thread, it stays quiet.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        pass
     model.prepare_in_background(demo.dashboard_settings)
     options = dict(server_name=host, server_port=port, share=share, show_error=True, max_file_size="20mb",
                    ssr_mode=False, footer_links=["gradio", "settings"], css=CSS)
