@@ -516,5 +516,5 @@ def enable_activation_checkpointing(bundle: LlavaBundle) -> None:
     when nothing before the LM trains.
     """
     lm = bundle.model.model.language_model
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     lm.enable_input_require_grads()
