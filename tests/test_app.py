@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit.dashboard import AppSettings, InputError, common, jobs, model
+from toolkit.dashboard import AppSettings, InputError, common, jobs, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
-from toolkit.dashboard.tabs import finetune, memory, sweep, tokens
+from toolkit.dashboard.tabs import finetune, memory, runs, sweep, tokens
 from toolkit.dashboard.ui import build_app, header_markdown
 
 TINY = dict(preset="tiny", warm_start_steps=0, train_limit=32, eval_limit=32, max_steps=50, time_limit=120.0,
@@ -51,7 +51,8 @@ def _run(settings, session="test", **overrides):
     return finetune.finetune(settings, values["method"], values["epsilon"], values["delta"], values["budget_mode"],
                              values["token_prune_ratio"], values["keep_tokens"], values["token_strategy"],
                              values["grad_prune_ratio"], values["steps"], values["batch_size"], values["lr"],
-                             release_stats=values.get("release_stats", False), session=session)
+                             release_stats=values.get("release_stats", False),
+                             compare=values.get("compare", False), session=session)
 
 
 def _only_update(generator) -> dict:
@@ -140,39 +141,94 @@ def test_closing_the_page_cancels_the_job_and_frees_the_session():
     assert jobs.running_job("closed") is None
 
 
-def test_one_heavy_job_at_a_time_and_the_second_says_it_waits():
-    first, second = jobs.claim("heavy-1", "test job"), jobs.claim("heavy-2", "test job")
-    release_first, inside = threading.Event(), []
+def _hold_the_line(session: str):
+    """A running job that holds the line until the returned event is set; returns (event, its update stream)."""
+    job = jobs.claim(session, "test job", units=1)
+    go, inside = threading.Event(), threading.Event()
 
     def hold(job):
-        with jobs.exclusive(job):
-            inside.append(job.session)
-            release_first.wait(10)
+        inside.set()
+        go.wait(30)
 
-    def quick(job):
-        with jobs.exclusive(job):
-            inside.append(job.session)
+    updates = jobs.stream(job, hold, lambda: dict(status="holding"), blank={}, first_status="", poll_s=0.05)
+    while not inside.is_set():
+        next(updates)
+    return go, updates
 
-    first_updates = jobs.stream(first, hold, dict, blank={}, first_status="", poll_s=0.05)
-    next(first_updates), next(first_updates)
-    deadline = time.monotonic() + 10
-    while not inside and time.monotonic() < deadline:
-        next(first_updates)
-    second_updates = jobs.stream(second, quick, lambda: dict(status="measuring"), blank={}, first_status="",
-                                 poll_s=0.05, min_gap_s=0.0)
-    statuses = []
-    while not any("Waiting for the previous job" in s for s in statuses) and len(statuses) < 200:
-        statuses.append(next(second_updates)["status"])
-    assert "Waiting for the previous job" in statuses[-1], statuses
-    assert inside == ["heavy-1"]
-    release_first.set()
-    _drain_stream(first_updates), _drain_stream(second_updates)
-    assert inside == ["heavy-1", "heavy-2"]
+
+def test_one_heavy_job_at_a_time_in_order_and_a_queued_one_sees_its_place(monkeypatch):
+    jobs.forget_durations()
+    go, first = _hold_the_line("line-1")
+    ran = []
+    second = jobs.stream(jobs.claim("line-2", "test job", units=4), lambda job: ran.append("line-2"),
+                         dict, blank={}, first_status="", poll_s=0.05, min_gap_s=0.0)
+    third = jobs.stream(jobs.claim("line-3", "test job", units=4), lambda job: ran.append("line-3"),
+                        dict, blank={}, first_status="", poll_s=0.05, min_gap_s=0.0)
+    status2, status3 = next(second)["status"], next(third)["status"]
+    assert "Queued: your test job is 2nd in line" in status2 and "a test job (another user" in status2
+    assert "3rd in line" in html.unescape(status3)
+    # nothing of this kind has finished yet: the wait is unknown, never a guess
+    assert "Wait unknown: no test job has finished on this server yet" in status2
+    monkeypatch.setattr(jobs, "_PACES", {"test job": __import__("collections").deque([2.0])})  # 2 s per unit
+    status3 = next(third)["status"]
+    assert re.search(r"Estimated wait ≈ \d+ s", status3) and "from the last 1 test job on this server" in status3
+    assert ran == []
+    go.set()
+    _drain_stream(first), _drain_stream(second), _drain_stream(third)
+    assert ran == ["line-2", "line-3"]  # first in, first out
+    assert jobs.LINE.snapshot() == (None, [])
+
+
+def test_a_running_job_reports_its_own_pace_to_those_waiting():
+    go, first = _hold_the_line("pace-1")
+    running = jobs.running_job("pace-1")
+    running.progress(5, 10)
+    waiting = jobs.stream(jobs.claim("pace-2", "test job", units=1), lambda job: None, dict, blank={},
+                          first_status="", poll_s=0.05)
+    status = html.unescape(next(waiting)["status"])
+    assert "5/10 done" in status and "from the running test job's own pace" in status
+    jobs.cancel("pace-2")
+    assert _drain_stream(waiting)[1].started is False
+    go.set()
+    _drain_stream(first)
+
+
+def test_cancel_takes_a_queued_fine_tune_out_of_the_line_before_it_ever_trains(settings, monkeypatch):
+    calls = []
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: calls.append(a))  # must never be reached
+    go, first = _hold_the_line("someone-else")
+    queued = _run(settings, session="queued-user", steps=20)
+    status = next(queued)["status"]
+    assert "Queued: your fine-tune is 2nd in line" in status
+    answer = jobs.cancel("queued-user")
+    assert "Cancelled before it started (cancelled while queued)" in answer and "no ε was spent" in answer
+    final = list(queued)[-1]
+    assert "Cancelled before it started" in final["status"] and "no ε was spent" in final["status"]
+    assert final["result"] == "" and final["settings"] is None
+    assert jobs.running_job("queued-user") is None
+    assert jobs.LINE.snapshot()[1] == []  # it left the line
+    go.set()
+    _drain_stream(first)
+    time.sleep(0.3)
+    assert calls == []  # it never started, even after the line freed
+
+
+def test_a_queued_job_whose_page_closes_leaves_the_line():
+    go, first = _hold_the_line("closing-1")
+    waiting = jobs.stream(jobs.claim("closing-2", "test job"), lambda job: None, dict, blank={}, first_status="",
+                          poll_s=0.05)
+    next(waiting)
+    assert len(jobs.LINE.snapshot()[1]) == 1
+    waiting.close()
+    assert jobs.LINE.snapshot()[1] == [] and jobs.running_job("closing-2") is None
+    go.set()
+    _drain_stream(first)
 
 
 def test_cancel_says_when_nothing_runs_and_when_a_job_cannot_stop():
     assert "Nothing to cancel" in jobs.cancel("nobody")
     job = jobs.claim("measuring", "memory measurement", cancellable=False)
+    job.started = time.monotonic()  # running: a measurement cannot stop midway
     try:
         assert "cannot be cancelled" in jobs.cancel("measuring") and not job.stopping
     finally:
@@ -217,6 +273,33 @@ def test_preparing_the_warm_start_reports_each_step_then_caches_it(tmp_path, mon
     notes.clear()
     model.prepare(settings, notes.append)  # cached: nothing to report
     assert notes == []
+
+
+def test_the_warm_start_is_prepared_at_launch_as_the_first_job_in_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    settings = AppSettings(output_dir=str(tmp_path / "runs"), **dict(TINY, warm_start_steps=3))
+    job = model.prepare_in_background(settings)
+    assert job is not None and job.session == model.WARM_START_SESSION and not job.cancellable
+    assert model.prepare_in_background(settings) is None  # already being prepared
+    deadline = time.monotonic() + 300
+    while jobs.running_job(model.WARM_START_SESSION) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert model.warm_start_cached(settings) and jobs.LINE.snapshot() == (None, [])
+    log = capsys.readouterr().out
+    assert "public warm start of 'tiny': step 3/3" in log and "\r" not in log  # short lines, no progress bar
+    assert model.prepare_in_background(settings) is None  # cached: nothing to do
+
+
+def test_while_the_warm_start_trains_the_header_and_tokens_view_say_so(settings, monkeypatch):
+    settings = AppSettings(output_dir=settings.output_dir, **dict(TINY, warm_start_steps=600))
+    monkeypatch.setitem(model._TRAINING, ("tiny", 600), (30, 600, time.monotonic() - 10))
+    monkeypatch.setattr(model, "warm_start_cached", lambda s: False)
+    progress = model.warm_start_progress(settings)
+    assert progress.startswith("step 30/600 · 10 s, about 19") and "s left" in progress
+    assert "being trained now, once: step 30/600" in header_markdown(settings)
+    out = tokens.tokens_view(settings, 0, None, "dual-priv", BUDGET_RATIO, 0.75, 16)
+    assert "The public warm start is being trained (step 30/600" in html.unescape(out["status"])
+    assert out["overlay"] is None
 
 
 # ----------------------------------------------------------------------------------------------- fine-tune
@@ -298,6 +381,35 @@ def test_finetune_runs_to_completion_and_writes_its_settings(settings):
     assert jobs.running_job("test") is None
 
 
+def test_a_result_within_noise_of_chance_is_flagged_in_plain_words():
+    assert reference.chance_level("parity") == 0.5 and reference.chance_level("digit") == 0.1
+    assert reference.eval_size("parity") == 297 and reference.eval_size("parity", eval_limit=32) == 32
+    assert reference.binomial_se(0.5, 297) == pytest.approx(0.029, abs=1e-3)
+    kind, text = reference.verdict(0.512, 0.5, 297)   # the old default's non-private result
+    assert kind == "warn" and "Within noise of chance" in text and "± 5.8 points" in text and "297" in text
+    kind, text = reference.verdict(0.75, 0.5, 297)
+    assert kind == "ok" and "8.6 standard errors above chance 50%" in text
+    assert reference.verdict(float("nan"), 0.5, 297)[0] == "warn"
+
+
+def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    updates = list(_run(settings, steps=3, compare=True))
+    assert any("Measuring the non-private reference" in u["status"] for u in updates)
+    first = updates[-1]["verdict"]
+    assert "Non-private reference, same 3 steps and batch size 8" in first and "measured live just now" in first
+    assert "standard errors" in first or "Within noise of chance" in first
+    second = list(_run(settings, steps=3, compare=True, method="dp-sgd"))
+    assert not any("Measuring the non-private reference" in u["status"] for u in second)
+    assert "cached for these settings" in second[-1]["verdict"]
+    stored = json.loads((tmp_path / "cache" / "dashboard" / "references.json").read_text())
+    assert len(stored) == 1 and next(iter(stored.values()))["steps"] == 3
+    other = list(_run(settings, steps=4, compare=True, method="non-private"))[-1]["verdict"]
+    assert "this run is that reference" in other  # a non-private run with new settings is its own reference
+    off = list(_run(settings, steps=3))[-1]["verdict"]
+    assert "Non-private reference: off" in off
+
+
 def test_released_training_loss_is_drawn_and_marked_outside_the_guarantee(settings):
     final = list(_run(settings, steps=3, release_stats=True))[-1]
     curve = final["curve"]
@@ -343,6 +455,42 @@ def test_time_limit_stops_the_run(tmp_path):
     assert final["settings"]["epsilon"] == "inf" and "non-private: no guarantee" in final["result"]
 
 
+# ----------------------------------------------------------------------------------------------- runs
+
+def test_every_run_is_kept_compared_pinned_and_exported_as_a_csv_the_sweep_tab_reads(settings):
+    private = list(_run(settings, steps=3))[-1]["summary"]
+    public = list(_run(settings, steps=3, method="non-private"))[-1]["summary"]
+    session = [runs.run_from_summary(private, 1)]
+    session.append(runs.run_from_summary(public, runs.next_number(session)))
+    assert [r["run"] for r in session] == [1, 2] and math.isinf(session[1]["epsilon"])
+    view = runs.runs_view(session)
+    assert list(view.columns) == list(runs.SHOWN.values())
+    assert list(view["ε"]) == ["3", "∞"] and list(view["visual tokens"]) == ["16/64 (dual-priv)", "64/64 (none)"]
+    assert view["accuracy %"].iloc[0] == round(100 * private["accuracy"], 1)
+    session = runs.set_pins(session, [2])
+    assert [r["pinned"] for r in session] == [False, True] and runs.runs_view(session)["pin"].tolist() == ["", "★"]
+    shown = runs.refresh(settings, session)
+    assert "2 run(s) this session, 1 pinned" in shown["status"]
+    figure = shown["figure"]
+    assert {t.name for t in figure.data} == {"Dual-Priv", "Non-private"}
+    assert any(list(t.text) == ["#2"] for t in figure.data)  # the pinned run is numbered in the plot
+    path = runs.export_runs(settings, session)
+    table = pd.read_csv(path)
+    assert list(table.columns) == runs.COLUMNS and table["epsilon"].tolist()[1] == math.inf
+    loaded = sweep.load_sweep_csv(path)  # the privacy–utility tab reads the export back
+    assert "Loaded 2 runs of 2 method(s)" in loaded["status"] and loaded["figure"] is not None
+    assert runs.clear_unpinned(session) == [session[1]]
+    assert runs.refresh(settings, [])["figure"] is None
+
+
+def test_a_sweep_adds_its_cells_to_the_runs():
+    cells = pd.DataFrame(dict(method=["dp-sgd", "non-private"], epsilon=[2.0, "inf"], accuracy=[0.6, 0.7],
+                              epsilon_spent=[1.9, math.inf], steps_done=[5, 5], wall_time_s=[3.0, 2.0], seed=[0, 0]))
+    rows = runs.runs_from_sweep(cells, 4)
+    assert [r["run"] for r in rows] == [4, 5] and [r["source"] for r in rows] == ["sweep", "sweep"]
+    assert math.isinf(rows[1]["epsilon"]) and "· sweep" in runs.runs_view(rows)["method"].iloc[0]
+
+
 # ----------------------------------------------------------------------------------------------- tokens
 
 def test_tokens_view_counts_and_draws_the_tokens_of_a_test_image(settings):
@@ -352,7 +500,7 @@ def test_tokens_view_counts_and_draws_the_tokens_of_a_test_image(settings):
     assert counts["cls"] + counts["kept"] + counts["fused"] == 16
     assert "64 patches -> 16 visual tokens" in html.unescape(out["status"])
     names = [trace.name or "" for trace in out["overlay"].data]
-    assert any(n.startswith("kept") for n in names) and any(n.startswith("contextual") for n in names)
+    assert any(n.startswith("kept") for n in names) and any(n.startswith("cluster 1: ") for n in names)
     assert out["histogram"] is not None
     out = tokens.tokens_view(settings, 0, None, "random", BUDGET_KEEP, None, 10)
     assert out["counts"]["tokens_out"] == 10 and out["counts"]["dropped"] == 54
@@ -363,6 +511,35 @@ def test_tokens_view_of_an_upload(settings, tmp_path):
     Image.new("RGB", (50, 40), (200, 30, 30)).save(image)
     out = tokens.tokens_view(settings, 0, str(image), "dual-priv", BUDGET_RATIO, 0.5, 16)
     assert out["counts"]["tokens_out"] == 32 and "photo.png" in out["counts"]["source"]
+
+
+def test_tokens_view_says_the_decision_in_words_and_explains_the_score(settings):
+    out = tokens.tokens_view(settings, 3, None, "dual-priv", BUDGET_KEEP, None, 16)
+    c = out["counts"]
+    fused_patches = 64 - c["kept"] - c["dropped"]
+    assert (f"Kept {c['kept']} of 64 patches + [CLS]; {c['fused']} contextual tokens fuse the other "
+            f"{fused_patches}. 16 visual tokens reach the LLM instead of 64.") in out["summary"]
+    assert "attention the [CLS] token pays to each patch at layer" in out["summary"]
+    assert out["scores"] is not None and out["original"].size == (32, 32)
+    clusters = [t for t in out["overlay"].data if getattr(t, "legendgroup", None) == "clusters"]
+    assert len(clusters) == c["fused"] and len({t.line.color for t in clusters}) == c["fused"]
+    assert not any(t.name == "attention" for t in out["overlay"].data)  # the image is not under a tint
+    out = tokens.tokens_view(settings, 3, None, "random", BUDGET_KEEP, None, 10)
+    assert "Kept 10 of 64 patches; the other 54 are dropped." in out["summary"]
+    assert out["scores"] is None and "does not score patches" in out["summary"]
+    out = tokens.tokens_view(settings, 3, None, "none", BUDGET_RATIO, 0.75, 16)
+    assert "Kept all 64 patches (no pruning)" in out["summary"] and "nothing is scored" in out["summary"]
+
+
+def test_a_non_square_upload_is_letterboxed_and_the_page_says_so(settings, tmp_path):
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200), (255, 255, 255)).save(image)
+    out = tokens.tokens_view(settings, 0, str(image), "dual-priv", BUDGET_RATIO, 0.75, 16)
+    assert out["original"].size == (300, 200)  # shown as given, beside the overlay
+    assert "letterboxed to 300×300 (black bars above and below, nothing stretched)" in out["summary"]
+    rgb = out["overlay"].data[0].z
+    assert rgb.shape[:2] == (32, 32)
+    assert rgb[0].max() <= 1 and rgb[16].min() >= 250  # black bars at the top, the white photo in the middle
 
 
 @pytest.mark.parametrize("content, words", [
@@ -397,18 +574,48 @@ def test_tokens_view_bad_inputs(settings, args, words):
 
 # ----------------------------------------------------------------------------------------------- memory
 
-def test_memory_table_has_ratio_columns(settings):
-    updates = list(memory.memory(settings, ["dp-sgd", "dual-priv"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2))
+def test_memory_is_measured_repeatedly_and_shown_with_its_spread(settings):
+    updates = list(memory.memory(settings, ["dp-sgd", "dual-priv"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2,
+                                 preset="tiny", repeats=2))
     final = updates[-1]
+    measured = final["measurements"]
+    assert list(measured["method"]) == ["dp-sgd", "dual-priv"] and list(measured["repeats"]) == [2, 2]
+    for column in ("peak_memory_mb", "peak_memory_mb_min", "peak_memory_mb_max", "step_time_s_min",
+                   "memory_vs_dp_sgd", "memory_vs_dp_zo"):
+        assert column in measured.columns
+    assert (measured["peak_memory_mb_min"] <= measured["peak_memory_mb"]).all()
+    assert (measured["peak_memory_mb"] <= measured["peak_memory_mb_max"]).all()
+    assert measured.loc[measured.method == "dp-sgd", "memory_vs_dp_sgd"].iloc[0] == pytest.approx(1.0)
     table = final["table"]
-    assert list(table["method"]) == ["dp-sgd", "dual-priv"]
-    for column in ("peak_memory_mb", "memory_vs_dp_sgd", "memory_vs_dp_zo", "time_vs_dp_sgd", "memory_method"):
-        assert column in table.columns
-    assert table.loc[table.method == "dp-sgd", "memory_vs_dp_sgd"].iloc[0] == pytest.approx(1.0)
-    assert list(table["visual_tokens"]) == [64, 16]
-    assert "How memory was measured" in final["note"] and str(table["memory_method"].iloc[0]) in final["note"]
-    assert len(final["figure"].data[0].x) == 2
+    assert list(table.columns) == memory.TABLE_COLUMNS and len(table.columns) <= 8  # no sideways overflow
+    assert list(table["tokens"]) == [64, 16] and "–" in table["peak MB min–max"].iloc[0]
+    assert "measured 2 time(s), each in a fresh process" in final["note"]
+    assert "Why DP-SGD with LoRA costs about what non-private training does" in final["note"]
+    assert "per-example gradients" in final["note"] and " MB in fp32" in final["note"]
+    assert final["figure"].data[0].error_y.array is not None  # min–max whiskers
+    assert any("repeat 2/2" in u["status"] for u in updates)
     assert jobs.running_job("local") is None
+
+
+def test_memory_offers_presets_by_what_exists_and_the_paper_budget_on_576_tokens():
+    assert memory.memory_presets(cuda=False)[:2] == ["tiny", "llava576"]
+    assert "llava-7b-shape" not in memory.memory_presets(cuda=False)  # shape-only: only with a GPU
+    assert "llava-7b-shape" in memory.memory_presets(cuda=True)
+    assert memory.budget_for_preset("llava576") == (BUDGET_KEEP, 0.75, 64)      # 576 -> 64, as in the paper
+    assert memory.budget_for_preset("tiny") == (BUDGET_RATIO, 0.75, 16)
+    assert model.geometry_bundle("llava-7b-shape").n_patches == 576               # built on "meta": no memory
+
+
+def test_memory_refuses_a_bad_preset_or_repeats_by_name(settings, nothing_starts):
+    update = _only_update(memory.memory(settings, ["dp-sgd"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2,
+                                        preset="huge"))
+    assert "unknown preset 'huge'" in html.unescape(update["status"])
+    update = _only_update(memory.memory(settings, ["dp-sgd"], 2, 3, "dual-priv", BUDGET_KEEP, 0.75, 577, 0.2,
+                                        preset="llava576"))
+    assert "577" in html.unescape(update["status"])  # the budget is checked against the chosen preset's 576
+    update = _only_update(memory.memory(settings, ["dp-sgd"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2,
+                                        preset="tiny", repeats=9))
+    assert "repeats must be an integer in [1, 5]" in html.unescape(update["status"])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -418,7 +625,7 @@ def test_memory_table_has_ratio_columns(settings):
     ((["sgd"], 2, 3), "unknown method(s) ['sgd']"),
 ])
 def test_memory_bad_inputs(settings, nothing_starts, args, words):
-    update = _only_update(memory.memory(settings, *args, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2))
+    update = _only_update(memory.memory(settings, *args, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2, preset="tiny"))
     assert words in html.unescape(update["status"]) and update["table"] is None
 
 
@@ -475,10 +682,19 @@ def test_small_sweep_runs(settings):
     assert 0 < table["epsilon_spent"].iloc[0] <= 2.0
     assert Path(final["download"]).is_file()
     assert final["figure"] is not None
+    assert "Chance is 50%; with 32 test images a guesser lands within ± 17.7 points" in html.unescape(final["status"])
+    assert any(shape.type == "rect" for shape in final["figure"].layout.shapes)  # the noise band is drawn
     assert jobs.running_job("local") is None
 
 
 # ----------------------------------------------------------------------------------------------- the page
+
+def test_defaults_are_a_run_that_learns(settings):
+    demo = build_app(settings=AppSettings(**dict(TINY, max_steps=200)))
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["ft-steps"].value == finetune.DEFAULT_STEPS == 100 and by_id["sw-steps"].value == 100
+    assert by_id["ft-batch"].value == finetune.DEFAULT_BATCH_SIZE and by_id["ft-compare"].value is True
+
 
 def test_build_app_wires_every_control_with_help(settings):
     demo = build_app(settings=settings)
@@ -499,8 +715,8 @@ def test_build_app_wires_every_control_with_help(settings):
 def test_empty_tables_are_headed_by_their_columns(settings):
     demo = build_app(settings=settings)
     tables = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
-    assert set(tables) == {"mem-table", "sw-table"}
-    assert tables["mem-table"].headers == memory.SHOWN_COLUMNS
+    assert set(tables) == {"mem-table", "sw-table", "runs-table"}
+    assert tables["mem-table"].headers == memory.TABLE_COLUMNS
     assert tables["sw-table"].headers == sweep.SHOWN_COLUMNS
     assert tables["sw-table"].postprocess(None).headers == sweep.SHOWN_COLUMNS  # a cleared table keeps them
 

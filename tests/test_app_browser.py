@@ -1,8 +1,11 @@
 """End to end in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright; never downloaded).
 
-Starts ``app.py`` as a subprocess on a free local port with tiny settings (no warm start, 32 records), sets ε and
-the prune ratios, runs a short fine-tune to the end and reads its result, triggers a bad input and sees the
-message, opens the visual tokens view and sees an overlay. Screenshots go to ``artifacts/`` (gitignored).
+Starts ``app.py`` as a subprocess on a free local port with tiny settings (no warm start, 32 records), then as a
+first-time user would: runs the default fine-tune and reads it against chance and the measured non-private
+reference; from a second page, queues a fine-tune behind a running one, sees its place in line, cancels it and sees
+that it never started; compares the runs, pins one, exports the CSV and loads it in the privacy–utility tab; sets ε
+and the prune ratios for a short run; triggers a bad input; opens the visual tokens view. Screenshots go to
+``artifacts/`` (gitignored).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def app_url(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
     ARTIFACTS.mkdir(exist_ok=True)
     port = _free_port()
-    env = dict(os.environ, DUALPRIV_APP_WARM_START_STEPS="0", DUALPRIV_APP_TRAIN_LIMIT="32",
+    env = dict(os.environ, DUALPRIV_APP_WARM_START_STEPS="0", DUALPRIV_APP_BENCH_ISOLATE="0", DUALPRIV_CACHE=str(tmp_path_factory.mktemp("cache")), DUALPRIV_APP_TRAIN_LIMIT="32",
                DUALPRIV_APP_EVAL_LIMIT="32", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")), GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")
@@ -77,19 +80,29 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-            tab.set_default_timeout(30_000)
-            tab.goto(app_url)
-            tab.wait_for_selector("#ft-run")
-            yield tab
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+def _open(browser, url):
+    """A new page (its own Gradio session) on the dashboard."""
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    tab.set_default_timeout(30_000)
+    tab.goto(url)
+    tab.wait_for_selector("#ft-run")
+    return tab
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_url):
+    return _open(browser, app_url)
 
 
 def _set_number(page, elem_id: str, value) -> None:
@@ -98,9 +111,110 @@ def _set_number(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def test_default_run_is_read_against_chance_and_a_measured_reference(page):
+    from playwright.sync_api import expect
+
+    started = time.monotonic()
+    page.locator("#ft-run").click()
+    expect(page.locator("#ft-run")).to_be_disabled()  # no second click on one's own running job
+    verdict = page.locator("#ft-verdict")
+    expect(verdict).to_contain_text("Non-private reference", timeout=150_000)
+    text = verdict.inner_text()
+    # 32 test images on an untrained model: the note must say whether the result is noise
+    assert "chance 50%" in text and "32 test images" in text, text
+    assert "measured live just now" in text, text
+    expect(page.locator("#ft-run")).to_be_enabled()
+    page.locator("#ft-verdict").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "app_default_run.png"), full_page=True)
+    print(f"default fine-tune + its non-private reference in the browser: {time.monotonic() - started:.1f} s")
+
+
+def test_a_queued_job_shows_its_place_and_cancel_means_it_never_starts(browser, app_url, page):
+    from playwright.sync_api import expect
+
+    other = _open(browser, app_url)
+    try:
+        _set_number(page, "ft-steps", 20)
+        _set_number(page, "ft-batch", 16)
+        page.locator("#ft-method label", has_text="DP-SGD").click()   # new settings: its reference runs too
+        page.locator("#ft-run").click()
+        expect(page.locator("#ft-status")).to_contain_text("step", timeout=60_000)
+        other.locator("#ft-run").click()
+        status = other.locator("#ft-status")
+        expect(status).to_contain_text("Queued: your fine-tune is 2nd in line")
+        expect(status).to_contain_text("Ahead: a fine-tune (another user's")
+        other.screenshot(path=str(ARTIFACTS / "app_queued.png"), full_page=False)
+        other.locator("#ft-cancel").click()
+        expect(status).to_contain_text("Cancelled before it started")
+        expect(status).to_contain_text("no ε was spent")
+        expect(other.locator("#ft-run")).to_be_enabled()
+        expect(page.locator("#ft-verdict")).to_contain_text("Non-private reference", timeout=150_000)
+        time.sleep(2)  # the line is free now: a cancelled job must still not start
+        expect(status).to_contain_text("Cancelled before it started")
+        assert "accuracy" not in other.locator("#ft-result").inner_text()
+        other.get_by_role("tab", name="Runs").click()
+        expect(other.locator("#runs-status")).to_contain_text("No run yet")
+    finally:
+        other.close()
+
+
+def test_runs_are_compared_pinned_and_exported_to_the_sweep_tab(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Runs").click()
+    expect(page.locator("#runs-status")).to_contain_text("2 run(s) this session")
+    expect(page.locator("#runs-table")).to_contain_text("Dual-Priv")
+    expect(page.locator("#runs-table")).to_contain_text("DP-SGD")
+    expect(page.locator("#runs-figure .js-plotly-plot")).to_be_visible()
+    page.locator("#runs-pins input").click()
+    page.get_by_role("option").first.click()
+    expect(page.locator("#runs-status")).to_contain_text("1 pinned")
+    page.locator("#runs-export").click()
+    link = page.locator("#runs-download a").first
+    expect(link).to_be_visible()
+    with page.expect_download() as download:
+        link.click()
+    csv_path = ARTIFACTS / "app_runs.csv"
+    download.value.save_as(csv_path)
+    header = csv_path.read_text().splitlines()[0].split(",")
+    assert {"method", "epsilon", "accuracy", "seed"} <= set(header), header
+    page.screenshot(path=str(ARTIFACTS / "app_runs.png"), full_page=True)
+    page.get_by_role("tab", name="Privacy–utility").click()
+    page.locator("#sw-csv input[type=file]").set_input_files(str(csv_path))
+    expect(page.locator("#sw-status")).to_contain_text("Loaded 2 runs of 2 method(s)")
+    expect(page.locator("#sw-figure .js-plotly-plot")).to_be_visible()
+    page.get_by_role("tab", name="Fine-tune").click()
+
+
+def test_memory_of_the_576_token_preset_with_its_spread(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Memory").click()
+    expect(page.locator("#mem-preset input")).to_have_value("llava576")   # the paper's 576 -> 64 comparison
+    expect(page.locator("#mem-keep input")).to_have_value("64")
+    for label in ("Non-private", "DP-ZO"):  # two methods keep the browser test short
+        page.locator("#mem-methods label", has_text=label).click()
+    _set_number(page, "mem-repeats", 2)
+    page.locator("#mem-run").click()
+    expect(page.locator("#mem-status")).to_contain_text("measured 2 method(s) × 2 on llava576", timeout=150_000)
+    table = page.locator("#mem-table")
+    expect(table).to_contain_text("peak MB min–max")
+    expect(table).to_contain_text("576")
+    expect(table).to_contain_text("64")
+    expect(page.locator("#mem-note")).to_contain_text("Why DP-SGD with LoRA costs about what non-private")
+    overflow = page.evaluate("""() => { const t = document.querySelector('#mem-table table');
+                                        const box = document.querySelector('#mem-table');
+                                        return t.scrollWidth - box.clientWidth; }""")
+    assert overflow <= 2, f"the memory table overflows its box by {overflow} px"
+    page.screenshot(path=str(ARTIFACTS / "app_memory.png"), full_page=True)
+    page.get_by_role("tab", name="Fine-tune").click()
+
+
 def test_finetune_bad_input_and_tokens_in_chromium(page):
     from playwright.sync_api import expect
 
+    page.locator("#ft-method label", has_text="Dual-Priv").click()
+    page.locator("#ft-compare input").uncheck()  # the reference of these settings is not needed here
     # 1. a short Dual-Priv fine-tune with ε = 2 and our own prune ratios, to the end
     _set_number(page, "ft-epsilon", 2)
     _set_number(page, "ft-token-ratio", 0.5)
@@ -138,4 +252,8 @@ def test_finetune_bad_input_and_tokens_in_chromium(page):
     expect(page.locator("#tok-status")).to_contain_text("64 patches -> 16 visual tokens")
     expect(page.locator("#tok-overlay .js-plotly-plot")).to_be_visible()
     expect(page.locator("#tok-overlay")).to_contain_text("dual-priv: 64 -> 16 visual tokens")
+    expect(page.locator("#tok-summary")).to_contain_text("16 visual tokens reach the LLM instead of 64")
+    expect(page.locator("#tok-summary")).to_contain_text("[CLS] token pays to each patch")
+    expect(page.locator("#tok-original img")).to_be_visible()   # the image as given, beside the decision
+    expect(page.locator("#tok-overlay")).to_contain_text("contextual clusters")
     page.screenshot(path=str(ARTIFACTS / "app_tokens.png"), full_page=True)

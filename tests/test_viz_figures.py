@@ -148,7 +148,11 @@ def test_peak_memory_figure_labels_each_bar_with_its_ratios():
     bars = fig.data[0]
     assert list(bars.x) == ["DP-SGD", "Dual-Priv", "DP-ZO"] and list(bars.y) == [400.0, 80.0, 40.0]
     assert bars.text[1] == "80.0 MB<br>0.20× DP-SGD<br>2.00× DP-ZO"
-    assert "(cpu;" in fig.layout.title.text and fig.layout.width is None  # fills the app's plot area
+    assert "cpu; one measurement" in fig.layout.title.text and fig.layout.width is None  # fills the plot area
+    spread = table.assign(peak_memory_mb_min=[390.0, 78.0, 39.0], peak_memory_mb_max=[420.0, 81.0, 40.0], repeats=3)
+    whiskers = peak_memory_figure(spread).data[0].error_y
+    assert list(whiskers.array) == [20.0, 1.0, 0.0] and list(whiskers.arrayminus) == [10.0, 2.0, 1.0]
+    assert "median of 3 measurements, whiskers min–max" in peak_memory_figure(spread).layout.title.text
 
 
 def test_training_curve_shows_loss_and_epsilon_against_the_target():

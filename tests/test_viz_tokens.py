@@ -13,7 +13,9 @@ from toolkit.data import make_vqa, preprocess_images
 from toolkit.forward import tower_hidden_states
 from toolkit.models import build_model
 from toolkit.tokens import make_pruner
-from toolkit.viz import ImageExportError, denormalize, save_figure, spatial_histogram_figure, token_overlay_figure
+from toolkit.viz import (
+    ImageExportError, denormalize, save_figure, score_map_figure, spatial_histogram_figure, token_overlay_figure,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,12 @@ def test_overlay_shows_heatmap_kept_clusters_and_counts(example):
     fig = token_overlay_figure(out, pixels[1], bundle.image_mean, bundle.image_std)
     names = _names(fig)
     assert names[:2] == ["image", "attention"]
-    assert "kept (12)" in names and "contextual clusters (3)" in names and "cluster centres" in names
-    assert sum(getattr(trace, "legendgroup", None) == "clusters" for trace in fig.data) == 3  # one colour per cluster
+    assert "kept (12)" in names and "cluster centres" in names
+    clusters = [trace for trace in fig.data if getattr(trace, "legendgroup", None) == "clusters"]
+    assert len(clusters) == 3 and clusters[0].legendgrouptitle.text == "contextual clusters (3)"
+    assert all(t.showlegend is not False and t.name.startswith(f"cluster {i + 1}: ") for i, t in enumerate(clusters))
+    # each legend entry is drawn in its cluster's own colour, and the three colours differ
+    assert len({t.line.color for t in clusters}) == 3
     assert "64 -> 16 visual tokens" in fig.layout.title.text and "[CLS] + 12 kept + 3 fused" in fig.layout.title.text
     assert fig.data[1].z.shape == (8, 8)  # the heatmap is the patch grid
     json.loads(fig.to_json())  # serialisable: renders in a browser
@@ -61,9 +67,20 @@ def test_overlay_of_pooling_and_of_a_tower_without_cls():
     hidden = tower_hidden_states(siglip, pixels)
     pooled = make_pruner("pool", siglip, keep=4)(hidden)
     fig = token_overlay_figure(pooled, pixels[0], siglip.image_mean, siglip.image_std)
-    assert "contextual clusters (4)" in _names(fig) and "4 fused; 0 dropped" in fig.layout.title.text
+    titles = [t.legendgrouptitle.text for t in fig.data if getattr(t, "legendgroup", None) == "clusters"]
+    assert titles[0] == "contextual clusters (4)" and "4 fused; 0 dropped" in fig.layout.title.text
     scored = make_pruner("mean-attention", siglip, keep=8)(hidden)
     assert "attention" in _names(token_overlay_figure(scored, pixels[0], siglip.image_mean, siglip.image_std))
+
+
+def test_score_map_shows_every_patch_score_and_outlines_the_kept(example):
+    bundle, _, _, hidden = example
+    out = make_pruner("dual-priv", bundle, keep=16, n_contextual=3)(hidden).example(0)
+    fig = score_map_figure(out, "cls-attention")
+    assert fig.data[0].z.shape == (8, 8) and fig.data[0].colorbar.title.text == "[CLS] attention"
+    assert fig.data[1].name == "kept (12)" and "layer" in fig.layout.title.text
+    with pytest.raises(ValueError, match="does not score patches"):
+        score_map_figure(make_pruner("random", bundle, keep=10)(hidden).example(0))
 
 
 def test_spatial_histogram_counts_kept_patches_per_row_and_column(example):

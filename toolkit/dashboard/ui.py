@@ -8,7 +8,7 @@ import gradio as gr
 
 from toolkit.dashboard import model
 from toolkit.dashboard.common import APP_PRIVACY_UNIT, AppSettings, temp_root
-from toolkit.dashboard.tabs import finetune, memory, sweep, tokens
+from toolkit.dashboard.tabs import finetune, memory, runs, sweep, tokens
 
 CSS = """
 .dp-msg {padding: 6px 10px; border-radius: 6px; margin: 2px 0;}
@@ -18,7 +18,9 @@ CSS = """
 .dp-info {background: #e1effe; color: #1e429f;}
 .dp-progress progress {width: 60%; height: 14px; vertical-align: middle;}
 .dp-progress span {margin-left: 8px;}
+.dp-queued {border: 1px solid #a4cafe;}
 """
+HEADER_REFRESH_S = 2.0
 
 
 def header_markdown(settings: AppSettings) -> str:
@@ -46,12 +48,19 @@ def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "ti
         return header_markdown(s)
 
     # delete_cache: files the app created (uploads, downloads) older than a day are removed every hour
+    def tick():  # while the warm start is missing, the header follows its training; then the timer stops
+        return header(), gr.Timer(active=not model.warm_start_cached(s))
+
     with gr.Blocks(title="Dual-Priv Pruning dashboard", analytics_enabled=False,
                    delete_cache=(3600, 86400)) as demo:
         heading = gr.Markdown(header(), elem_id="header")
-        may_train_warm_start = finetune.build(s) + tokens.build(s) + memory.build(s) + sweep.build(s)
+        runs_state = gr.State([])  # the session's runs (one dict each): written by jobs, read by the Runs tab
+        may_train_warm_start = (finetune.build(s, runs_state) + runs.build(s, runs_state) + tokens.build(s)
+                                + memory.build(s) + sweep.build(s, runs_state))
         for event in may_train_warm_start:  # the header then says the warm start is cached
             event.then(header, None, heading, queue=False, show_progress="hidden", api_name=False)
+        timer = gr.Timer(HEADER_REFRESH_S, active=not model.warm_start_cached(s))
+        timer.tick(tick, None, [heading, timer], queue=False, show_progress="hidden", api_name=False)
         demo.load(header, None, heading, queue=False, show_progress="hidden", api_name=False)
     demo.queue(default_concurrency_limit=1)
     demo.dashboard_settings = s
@@ -59,8 +68,11 @@ def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "ti
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
-    """Serve ``demo``: local by default, uploads capped at 20 MB and kept in the temporary directory."""
+    """Serve ``demo``: local by default, uploads capped at 20 MB and kept in the temporary directory. A missing
+    public warm start starts training at once, as the server's own job in the line (the header follows it), so
+    the first user's job waits for less of it."""
     os.makedirs(temp_root(), exist_ok=True)
+    model.prepare_in_background(demo.dashboard_settings)
     options = dict(server_name=host, server_port=port, share=share, show_error=True, max_file_size="20mb",
                    ssr_mode=False, footer_links=["gradio", "settings"], css=CSS)
     options.update(kwargs)

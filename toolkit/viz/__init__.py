@@ -8,8 +8,10 @@ module                      figures
                             :func:`scaling_figure` (from a bench or sweep table)
 :mod:`.ablation`            :func:`ablation_figure` (+ :func:`ablation_flags`, :func:`ablation_contributions`),
                             :func:`tokens_accuracy_figure`, :func:`lora_rank_figure`
-:mod:`.tokens`              :func:`token_overlay_figure`, :func:`spatial_histogram_figure` (one pruning decision)
+:mod:`.tokens`              :func:`token_overlay_figure`, :func:`score_map_figure`, :func:`spatial_histogram_figure`
+                            (one pruning decision)
 :mod:`.training`            :func:`training_curve_figure` (loss and ε spent per step)
+:mod:`.runs`                :func:`runs_comparison_figure` (a session's runs: accuracy vs ε and vs time)
 :mod:`.export`              :func:`save_figure` (.html always; .png/.svg/.pdf need kaleido + Chromium),
                             :class:`ImageExportError`
 :mod:`.style`               method colours/labels (from :mod:`toolkit.vocabulary`), titles, chance line
@@ -36,12 +38,14 @@ from toolkit.viz.ablation import (
 from toolkit.viz.export import ImageExportError, save_figure
 from toolkit.viz.memory import flops_memory_figure, memory_time_figure, peak_memory_figure, scaling_figure
 from toolkit.viz.privacy_utility import privacy_utility_figure
-from toolkit.viz.tokens import denormalize, spatial_histogram_figure, token_overlay_figure
+from toolkit.viz.runs import runs_comparison_figure
+from toolkit.viz.tokens import denormalize, score_map_figure, spatial_histogram_figure, token_overlay_figure
 from toolkit.viz.training import training_curve_figure
 
 __all__ = [
     "privacy_utility_figure", "memory_time_figure", "peak_memory_figure", "flops_memory_figure", "scaling_figure",
     "ablation_figure", "ablation_flags", "ablation_contributions", "MECHANISMS", "tokens_accuracy_figure",
-    "lora_rank_figure", "token_overlay_figure", "spatial_histogram_figure", "denormalize", "training_curve_figure",
-    "save_figure", "ImageExportError",
+    "lora_rank_figure", "token_overlay_figure", "score_map_figure", "spatial_histogram_figure", "denormalize",
+    "training_curve_figure",
+    "runs_comparison_figure", "save_figure", "ImageExportError",
 ]

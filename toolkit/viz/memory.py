@@ -58,7 +58,9 @@ def memory_time_figure(df: pd.DataFrame, reference: str = "dp-sgd") -> go.Figure
 def peak_memory_figure(table: pd.DataFrame) -> go.Figure:
     """Bars of peak memory per method (one row each, as :func:`toolkit.bench.run_bench` returns), each labelled
     with its ratio to DP-SGD and to DP-ZO when the table has them (``memory_vs_dp_sgd``, ``memory_vs_dp_zo``).
-    Fills its container's width."""
+    With ``peak_memory_mb_min`` / ``peak_memory_mb_max`` (repeated measurements; the bar is then their median)
+    a whisker shows the min–max spread and the subtitle says over how many ``repeats``. Fills its container's
+    width."""
     require_columns(table, ["method", "peak_memory_mb"], "peak_memory_figure")
     labels = []
     for _, row in table.iterrows():
@@ -69,14 +71,23 @@ def peak_memory_figure(table: pd.DataFrame) -> go.Figure:
                 parts.append(f"{value:.2f}× {method_label(reference)}")
         labels.append("<br>".join(parts))
     methods = list(table["method"])
+    spread = {"peak_memory_mb_min", "peak_memory_mb_max"} <= set(table.columns)
+    error = None
+    if spread:
+        error = dict(type="data", symmetric=False, color="#333333", thickness=1.5, width=8,
+                     array=(table["peak_memory_mb_max"] - table["peak_memory_mb"]).clip(lower=0).tolist(),
+                     arrayminus=(table["peak_memory_mb"] - table["peak_memory_mb_min"]).clip(lower=0).tolist())
     fig = go.Figure(go.Bar(x=[method_label(m) for m in methods], y=list(table["peak_memory_mb"]), text=labels,
                            textposition="outside", marker_color=[method_colour(m) for m in methods],
-                           cliponaxis=False))
+                           cliponaxis=False, error_y=error))
     device = str(table["device"].iloc[0]) if "device" in table else ""
-    top = float(table["peak_memory_mb"].max())
-    fig.update_layout(title=f"Peak memory of one training step ({device}; see the note below)",
-                      yaxis_title="peak memory (MB)", height=420, margin=dict(l=50, r=20, t=60, b=40),
-                      template="plotly_white", yaxis=dict(range=[0, top * 1.3 if top > 0 else 1]))
+    preset = f"preset {table['preset'].iloc[0]}, " if "preset" in table else ""
+    repeats = int(table["repeats"].iloc[0]) if "repeats" in table else 1
+    how = (f"median of {repeats} measurements, whiskers min–max" if spread and repeats > 1 else "one measurement")
+    top = float((table["peak_memory_mb_max"] if spread else table["peak_memory_mb"]).max())
+    fig.update_layout(title=title("Peak memory of one training step", f"{preset}{device}; {how}; see the note below"),
+                      yaxis_title="peak memory (MB)", height=440, margin=dict(l=50, r=20, t=80, b=40),
+                      template="plotly_white", yaxis=dict(range=[0, top * 1.35 if top > 0 else 1]))
     return fig
 
 

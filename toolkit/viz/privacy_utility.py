@@ -17,13 +17,15 @@ from toolkit.viz.style import (
 from toolkit.vocabulary import format_epsilon, method_label
 
 
-def privacy_utility_figure(df: pd.DataFrame, metric: str = "accuracy", width: int | None = 760) -> go.Figure:
+def privacy_utility_figure(df: pd.DataFrame, metric: str = "accuracy", width: int | None = 760,
+                           n_eval: int | None = None) -> go.Figure:
     """Accuracy (%) vs the target ε, one line per method; error bars: ±1 s.d. over seeds.
 
     Args:
         df: one row per run with ``method``, ``epsilon`` (a number, ``inf`` or the string ``"inf"``) and
             ``metric``; ``seed``, ``epsilon_spent``, ``delta`` and ``task`` are used when present.
         width: in pixels; None lets the figure fill its container.
+        n_eval: test records per run; when given, the chance line gets its ± 2 standard-error noise band.
 
     ε is on a log axis; ε = ∞ (no noise; the only point of ``non-private``, which ignores ε) sits at the right
     end, and the non-private level is also drawn as a dashed line for reference. Hover shows mean, s.d.,
@@ -62,7 +64,7 @@ def privacy_utility_figure(df: pd.DataFrame, metric: str = "accuracy", width: in
         if method == "non-private":
             fig.add_hline(y=float(s["mean"].iloc[-1]) * 100, line_dash="dash", line_color=method_colour(method),
                           opacity=0.6)
-    add_chance_line(fig, data)
+    add_chance_line(fig, data, n_eval=n_eval)
     fig.update_xaxes(type="log", tickvals=finite + [inf_x], ticktext=[format_epsilon(e) for e in finite] + ["∞"],
                      title="target ε (log scale; smaller = more private)")
     fig.update_yaxes(title=f"{metric} (%)" if metric == "accuracy" else metric)

@@ -82,12 +82,20 @@ def chance_level(df: pd.DataFrame) -> float | None:
     return 1.0 / len(TASKS[tasks[0]][3])
 
 
-def add_chance_line(fig, df: pd.DataFrame, **where) -> None:
-    """A dotted horizontal line at the chance accuracy (in %), when :func:`chance_level` knows it."""
+def add_chance_line(fig, df: pd.DataFrame, n_eval: int | None = None, **where) -> None:
+    """A dotted horizontal line at the chance accuracy (in %), when :func:`chance_level` knows it; with ``n_eval``
+    (test records per run) also a grey band of ± 2 binomial standard errors around it: a point inside the band is
+    not distinguishable from guessing."""
     chance = chance_level(df)
-    if chance is not None:
-        fig.add_hline(y=100 * chance, line_dash="dot", line_color="#999999",
-                      annotation_text=f"chance {100 * chance:.0f}%", annotation_position="bottom right", **where)
+    if chance is None:
+        return
+    fig.add_hline(y=100 * chance, line_dash="dot", line_color="#999999",
+                  annotation_text=f"chance {100 * chance:.0f}%", annotation_position="bottom right", **where)
+    if n_eval:
+        band = 100 * 2 * np.sqrt(chance * (1 - chance) / n_eval)
+        fig.add_hrect(y0=100 * chance - band, y1=100 * chance + band, fillcolor="#999999", opacity=0.15,
+                      line_width=0, annotation_text=f"noise of a guesser (± 2 s.e., {n_eval} test records)",
+                      annotation_position="top left", annotation_font_size=10, **where)
 
 
 def ratio_text(values: pd.Series, methods: list[str], reference: str, unit: str, fmt: str) -> list[str]:

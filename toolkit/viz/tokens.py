@@ -1,9 +1,12 @@
 """Pictures of one pruning decision (mechanism 1): pure functions from one example's
 :class:`toolkit.tokens.PruneOutput` to plotly figures.
 
-* :func:`token_overlay_figure`: on the exact preprocessed image (normalisation undone), the attention heatmap,
-  the patches kept as themselves (outlined), each contextual cluster in its own colour (its centre marked),
-  and the dropped patches dimmed; the title counts "576 -> 64".
+* :func:`token_overlay_figure`: on the exact preprocessed image (normalisation undone), the attention heatmap
+  (optional), the patches kept as themselves (outlined), each contextual cluster outlined and lightly filled in its
+  own colour with its own legend entry in that colour (its centre marked), and the dropped patches dimmed; the
+  title counts "576 -> 64".
+* :func:`score_map_figure`: the pruning score of every patch on the grid, the kept patches outlined: the score
+  apart from the image, so neither hides the other.
 * :func:`spatial_histogram_figure`: how many kept patches fall in each grid row and column, against the flat
   line a spatially unbiased rule would give (exposes e.g. a bias toward the bottom rows).
 * :func:`denormalize`: the image exactly as the tower saw it, from its normalised pixel values.
@@ -20,7 +23,8 @@ from plotly.subplots import make_subplots
 from toolkit.viz.style import with_alpha
 
 KEPT_COLOUR = "#00e5ff"
-DROPPED_FILL = "rgba(0, 0, 0, 0.7)"
+DROPPED_FILL = "rgba(0, 0, 0, 0.55)"   # dimmed, still visible: what was dropped stays readable
+CLUSTER_FILL_ALPHA = 0.25                # light: the image shows through the cluster colours
 CLUSTER_PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
                    "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3")
 
@@ -122,10 +126,13 @@ def token_overlay_figure(output, image, image_mean=None, image_std=None, show_sc
         members = torch.nonzero(clusters == cluster).flatten().tolist()
         colour = CLUSTER_PALETTE[cluster % len(CLUSTER_PALETTE)]
         xs, ys = _rectangles(members, cols, patch_h, patch_w)
+        # one legend entry per cluster, drawn in the cluster's own colour (a single entry showed one colour only)
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines", fill="toself", fillcolor=with_alpha(colour, 0.4), line=dict(width=0),
-            legendgroup="clusters", showlegend=cluster == 0, name=f"contextual clusters ({n_fused})",
-            hovertemplate=f"cluster {cluster}: {len(members)} patches<extra></extra>",
+            x=xs, y=ys, mode="lines", fill="toself", fillcolor=with_alpha(colour, CLUSTER_FILL_ALPHA),
+            line=dict(width=1.5, color=colour), legendgroup="clusters",
+            legendgrouptitle_text=f"contextual clusters ({n_fused})" if cluster == 0 else None,
+            name=f"cluster {cluster + 1}: {len(members)} patches",
+            hovertemplate=f"cluster {cluster + 1}: {len(members)} patches fused into one token<extra></extra>",
         ))
     centres = output.centre_indices[0].tolist()
     if centres:
@@ -148,6 +155,41 @@ def token_overlay_figure(output, image, image_mean=None, image_std=None, show_sc
     )
     fig.update_xaxes(range=[0, width], showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(range=[height, 0], showticklabels=False, showgrid=False, zeroline=False,
+                     scaleanchor="x", scaleratio=1)
+    return fig
+
+
+SCORE_LABELS = {"cls-attention": "[CLS] attention", "mean-attention": "mean attention received"}
+
+
+def score_map_figure(output, score_kind: str | None = None, title: str | None = None) -> go.Figure:
+    """The pruning score of every patch of one example on its grid (a heatmap, row 0 at the top), the patches kept
+    as themselves outlined. ``score_kind`` names the score in the colour bar (e.g. ``"cls-attention"``).
+    Refuses an output without scores (a strategy that does not score patches)."""
+    _single(output)
+    if output.scores is None:
+        raise ValueError(f"strategy {output.strategy!r} does not score patches: there is no score map to draw")
+    rows, cols = output.grid
+    scores = output.scores[0].detach().float().cpu().view(rows, cols).numpy()
+    label = SCORE_LABELS.get(score_kind, "score")
+    fig = go.Figure(go.Heatmap(
+        z=scores, x=np.arange(cols), y=np.arange(rows), colorscale="Inferno", name="score",
+        customdata=np.arange(output.n_in).reshape(rows, cols), colorbar=dict(title=label, thickness=12),
+        hovertemplate="patch %{customdata} (row %{y}, column %{x})<br>" + label + " %{z:.4g}<extra></extra>",
+    ))
+    kept = output.kept_indices[0].tolist()
+    if kept:
+        xs, ys = _rectangles(kept, cols, 1.0, 1.0)
+        fig.add_trace(go.Scatter(x=[None if x is None else x - 0.5 for x in xs],
+                                 y=[None if y is None else y - 0.5 for y in ys], mode="lines",
+                                 line=dict(color=KEPT_COLOUR, width=2), name=f"kept ({len(kept)})",
+                                 hoverinfo="skip"))
+    layer = f" at layer {output.layer}" if output.layer is not None else ""
+    fig.update_layout(title=title or f"{label} per patch{layer} (kept patches outlined)", width=460, height=440,
+                      margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.02),
+                      plot_bgcolor="white")
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, cols - 0.5])
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, range=[rows - 0.5, -0.5],
                      scaleanchor="x", scaleratio=1)
     return fig
 

@@ -1,8 +1,13 @@
-"""The Fine-tune tab: one run of any method with a live loss and ε curve, cancel, the app's time limit, and the
-run's settings and result as a JSON download.
+"""The Fine-tune tab: one run of any method with a live loss and ε curve, cancel, the app's time limit, the result
+read against chance and a non-private reference, and the run's settings and result as a JSON download.
 
 The run itself is ``toolkit.train.train``; this module turns the UI's values into a validated ``TrainConfig``
-(:func:`build_train_config`) and follows the run through :mod:`toolkit.dashboard.jobs` (:func:`finetune`).
+(:func:`build_train_config`) and follows the run through :mod:`toolkit.dashboard.jobs` (:func:`finetune`). The
+reading of the result (chance level, binomial noise, the measured non-private reference) is
+:mod:`toolkit.dashboard.reference`.
+
+Defaults: 100 steps of batch 32 at the method's default learning rate. Measured on the tiny preset with its warm
+start (see ``docs/DASHBOARD.md``): 20 steps ended within noise of chance; 100 steps learn visibly in seconds.
 """
 from __future__ import annotations
 
@@ -15,13 +20,14 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
-from toolkit.dashboard import jobs, model
+from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.budget import AUTO_STRATEGY, budget_controls, token_budget
 from toolkit.dashboard.common import (
     APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError,
     failure_html, format_value, json_safe, message_html, progress_html, routed, ui_batch_size, ui_choice,
     ui_fraction, ui_number, ui_steps, warn,
 )
+from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.tokens import STRATEGIES
 from toolkit.train import TrainConfig, train
 from toolkit.viz import training_curve_figure
@@ -45,7 +51,12 @@ HELP = dict(
                   "the DP guarantee: ε does not change with it (the guarantee comes from DP-SGD's gradient noise)."),
     steps="Optimizer steps; this app allows at most {max_steps}, and stops a run after {time_limit:g} s.",
     lr="Learning rate; leave empty for the method's default (5e-3 DP-SGD/Dual-Priv, 1e-3 non-private, 2e-3 DP-ZO).",
+    compare=("After the run, also fine-tune non-privately with the same steps and batch size (every visual token) "
+             "to show what the task reaches without privacy. Measured once per settings on this server, then "
+             "cached; the first time it costs about as long as a non-private run."),
 )
+DEFAULT_STEPS = 100       # 20 steps ended within noise of chance (measured); 100 learn visibly in seconds
+DEFAULT_BATCH_SIZE = 32
 
 
 def build_train_config(settings: AppSettings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
@@ -98,7 +109,7 @@ def result_markdown(summary: dict, reason: str | None) -> str:
                              f"(δ = {summary['delta']:g})" if private else "∞ (non-private: no guarantee)"),
         ("privacy unit", APP_PRIVACY_UNIT if private else "–"),
         ("noise multiplier σ", format_value(summary["noise_multiplier"])),
-        ("peak memory", f"{format_value(summary['peak_memory_mb'], 4)} MB ({summary['memory_method']})"),
+        ("peak memory", peak_memory_text(summary)),
         ("step time (median)", f"{format_value(summary['step_time_s'])} s"),
         ("visual tokens fed to the LLM", f"{summary['visual_tokens']} of {summary['visual_tokens_in']} "
                                          f"({summary['token_strategy']})"),
@@ -112,6 +123,28 @@ def result_markdown(summary: dict, reason: str | None) -> str:
     return "\n".join(lines)
 
 
+def peak_memory_text(summary: dict) -> str:
+    """Peak memory for the result table; a run stopped before its profiled step says so instead of "n/a MB"."""
+    peak = summary.get("peak_memory_mb")
+    if peak is None or (isinstance(peak, float) and math.isnan(peak)):
+        return "not measured (the run stopped before step 3, the step whose memory is profiled)"
+    return f"{format_value(peak, 4)} MB ({summary['memory_method']})"
+
+
+def comparison_html(config: TrainConfig, summary: dict, ref_entry: dict | None, ref_note: str) -> str:
+    """The result read against chance (binomial noise on the test set) and the non-private reference: a status
+    line, a warning when the accuracy is within noise of chance."""
+    n = reference.eval_size(config.task, config.eval_split, config.eval_limit)
+    kind, sentence = reference.verdict(summary["accuracy"], reference.chance_level(config.task), n)
+    if ref_entry is not None:
+        ref = (f"Non-private reference, same {ref_entry['steps']} steps and batch size {config.expected_batch_size}: "
+               f"{100 * ref_entry['accuracy']:.1f}% (measured on this server on {ref_entry['measured_at']} in "
+               f"{ref_entry['wall_time_s']:g} s, one run; {ref_note}).")
+    else:
+        ref = f"Non-private reference: {ref_note}."
+    return message_html(f"{sentence} {ref}", kind)
+
+
 def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) -> str:
     """Write the run's summary, config and history as strict JSON under the app's results folder; its path."""
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=settings.results_dir()))
@@ -121,18 +154,49 @@ def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) 
     return str(path)
 
 
+def measure_reference(job: jobs.Job, settings: AppSettings, config: TrainConfig, result) -> tuple[dict | None, str]:
+    """Worker side, after the user's run: the non-private reference of ``config``'s settings, from the cache, from
+    the run itself (a non-private run with those settings), or measured now with its own progress line.
+    Returns ``(entry or None, a note on where it comes from)``."""
+    ref_config = reference.reference_config(config)
+    store = reference.ReferenceStore()
+    if reference.same_settings(config, ref_config) and not result.cancelled:
+        return store.put(ref_config, result.summary()), "this run is that reference, now cached for these settings"
+    cached = store.get(ref_config)
+    if cached is not None:
+        return cached, "cached for these settings"
+    if job.stopping:
+        return None, f"not measured ({job.reason})"
+    text = "Measuring the non-private reference for these settings (once, then cached)"
+    job.note(message_html(f"{text}…"))
+
+    def on_row(row: dict) -> None:
+        job.progress(row["steps"] + row["step"], job.units)
+        job.note(progress_html(row["step"], row["steps"], f"{text}: step {row['step']}/{row['steps']}"))
+
+    ref = train(ref_config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
+    job.note(None)
+    if ref.cancelled:
+        return None, f"not measured ({job.reason or 'stopped'})"
+    return store.put(ref_config, ref.summary()), f"measured live just now for {ref.wall_time_s:.0f} s, then cached"
+
+
 def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
              token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise: bool = False,
-             release_stats: bool = False, secure_mode: bool = False, session: str = "local") -> Iterator[dict]:
+             release_stats: bool = False, secure_mode: bool = False, compare: bool = False,
+             session: str = "local") -> Iterator[dict]:
     """Generator: validate, then fine-tune in a worker thread, yielding dicts with keys ``status`` (HTML:
-    message + progress bar), ``curve`` (plotly figure of loss and ε spent), ``result`` (Markdown),
-    ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None)."""
-    blank = dict(curve=None, result="", settings=None, download=None)
+    message + progress bar), ``curve`` (plotly figure of loss and ε spent), ``verdict`` (HTML: the accuracy read
+    against chance and, with ``compare``, the non-private reference of these settings), ``result`` (Markdown),
+    ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None); the last update of a
+    finished run also has ``summary`` (``TrainResult.summary()``, for the session's runs table)."""
+    blank = dict(curve=None, verdict="", result="", settings=None, download=None)
     try:
         config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
                                     token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise,
                                     release_stats, secure_mode)
-        job = jobs.claim(session, "fine-tune")
+        job = jobs.claim(session, "fine-tune", units=config.steps * (2 if compare else 1),
+                         pace_key=f"fine-tune step of {settings.preset}")
     except InputError as err:
         yield dict(blank, status=warn(f"Not started: {err}"))
         return
@@ -142,10 +206,15 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     rows: list[dict] = []
 
     def work(job: jobs.Job):
-        model.prepare(settings, job.note)  # the public warm start, trained on first use
-        with jobs.exclusive(job):
-            on_row = lambda row: job.emit("row", dict(row))  # noqa: E731
-            return train(config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
+        job.exclude(model.prepare(settings, job.note))  # the warm start, on first use: its own progress line
+
+        def on_row(row: dict) -> None:
+            job.emit("row", dict(row))
+            job.progress(row["step"], job.units)
+
+        result = train(config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
+        ref = measure_reference(job, settings, config, result) if compare else (None, "off (not requested)")
+        return result, ref
 
     def render() -> dict:
         if not rows:
@@ -165,12 +234,15 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     outcome = yield from jobs.stream(
         job, work, render, blank=blank, on_event=lambda kind, row: rows.append(row),
         first_status=message_html(f"Starting {label}: loading the model and encoding the data…"))
+    if not outcome.started:
+        yield dict(blank, status=jobs.never_started_html(job))
+        return
     if outcome.error is not None:
         # A ValueError is about the settings (e.g. too few records for the batch): worth a toast too.
         yield dict(blank, status=failure_html("The run", outcome.error, toast=isinstance(outcome.error, ValueError)),
                    curve=training_curve_figure(rows, target) if rows else None)
         return
-    result = outcome.value
+    result, (ref_entry, ref_note) = outcome.value
     summary = result.summary()
     path = write_settings(settings, summary, result.history)
     done = (f"Stopped early ({job.reason}) after {result.steps} steps" if result.cancelled
@@ -178,11 +250,14 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     accuracy = "n/a" if math.isnan(result.accuracy) else f"{100 * result.accuracy:.1f}%"
     status = progress_html(result.steps, config.steps, f"{done} in {result.wall_time_s:.1f} s · accuracy {accuracy}")
     yield dict(status=status, curve=training_curve_figure(result.history if len(result.history) else rows, target),
-               result=result_markdown(summary, job.reason), settings=json_safe(summary), download=path)
+               verdict=comparison_html(config, summary, ref_entry, ref_note),
+               result=result_markdown(summary, job.reason), settings=json_safe(summary), download=path,
+               summary=summary)
 
 
-def build(settings: AppSettings) -> list:
-    """The Fine-tune tab (inside the app's ``gr.Blocks``); returns its events that may train the warm start."""
+def build(settings: AppSettings, runs_state: gr.State) -> list:
+    """The Fine-tune tab (inside the app's ``gr.Blocks``); a finished run is added to ``runs_state`` (the
+    session's runs). Returns its events that may train the warm start."""
     s = settings
     with gr.Tab("Fine-tune", id="finetune"):
         with gr.Row():
@@ -208,37 +283,46 @@ def build(settings: AppSettings) -> list:
                     secure_mode = gr.Checkbox(False, label="Secure noise (slower)", info=HELP["secure_mode"],
                                               elem_id="ft-secure")
                 with gr.Row():
-                    steps = gr.Number(min(20, s.max_steps), precision=0, label="Steps",
+                    steps = gr.Number(min(DEFAULT_STEPS, s.max_steps), precision=0, label="Steps",
                                       info=HELP["steps"].format(max_steps=s.max_steps, time_limit=s.time_limit),
                                       elem_id="ft-steps")
-                    batch_size = gr.Number(32, precision=0, label="Batch size", info=SHARED_HELP["batch_size"],
-                                           elem_id="ft-batch")
+                    batch_size = gr.Number(DEFAULT_BATCH_SIZE, precision=0, label="Batch size",
+                                           info=SHARED_HELP["batch_size"], elem_id="ft-batch")
                     lr = gr.Textbox("", label="Learning rate", placeholder="method default", info=HELP["lr"],
                                     elem_id="ft-lr")
+                compare = gr.Checkbox(True, label="Compare with a non-private reference (measured once, cached)",
+                                      info=HELP["compare"], elem_id="ft-compare")
                 with gr.Row():
                     run_button = gr.Button("Run", variant="primary", elem_id="ft-run")
                     cancel_button = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Choose the settings and press Run."), elem_id="ft-status")
                 curve = gr.Plot(label="Loss and ε spent per step", elem_id="ft-curve")
+                verdict = gr.HTML(elem_id="ft-verdict")
                 result = gr.Markdown(elem_id="ft-result")
                 with gr.Accordion("Run settings (JSON)", open=False):
                     settings_json = gr.JSON(label="Settings and result", elem_id="ft-settings")
                 download = gr.File(label="Download the run settings (JSON)", interactive=False, height=90,
                                    elem_id="ft-download")
-    outputs = dict(status=status, curve=curve, result=result, settings=settings_json, download=download)
+    outputs = dict(status=status, curve=curve, verdict=verdict, result=result, settings=settings_json,
+                   download=download)
 
     def run(method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v, batch_v, lr_v,
-            fusion_v, release_v, secure_v, request: gr.Request):
+            fusion_v, release_v, secure_v, compare_v, runs_v, request: gr.Request):
         for update in finetune(s, method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v,
-                               batch_v, lr_v, fusion_v, release_v, secure_v, session=jobs.session_id(request)):
-            yield routed(update, outputs)
+                               batch_v, lr_v, fusion_v, release_v, secure_v, compare=compare_v,
+                               session=jobs.session_id(request)):
+            summary = update.pop("summary", None)
+            shown = routed(update, outputs)
+            if summary is not None:
+                runs_v = list(runs_v or [])
+                shown[runs_state] = runs_v + [session_runs.run_from_summary(summary, session_runs.next_number(runs_v))]
+            yield shown
 
-    run_event = run_button.click(
-        run, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy, grad_ratio, steps,
-              batch_size, lr, fusion_noise, release_stats, secure_mode], list(outputs.values()),
-        concurrency_id=jobs.HEAVY_QUEUE,
-        concurrency_limit=1, show_progress="minimal", api_name="finetune")
+    run_event = jobs.wire_run_button(
+        run_button, run, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy, grad_ratio,
+                          steps, batch_size, lr, fusion_noise, release_stats, secure_mode, compare, runs_state],
+        list(outputs.values()) + [runs_state], api_name="finetune")
     cancel_button.click(jobs.cancel_from_page, None, status, concurrency_limit=None, show_progress="hidden",
                         api_name="cancel")
     return [run_event]

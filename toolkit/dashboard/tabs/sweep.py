@@ -14,16 +14,18 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
-from toolkit.dashboard import jobs, model
+from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.common import (
     HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, failure_html, message_html, progress_html,
     round_table, routed, ui_batch_size, ui_integer, ui_steps, warn,
 )
+from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.sweeps import Sweep, export_csv, plan_sweep, run_sweep
 from toolkit.viz import privacy_utility_figure
 from toolkit.vocabulary import METHODS, format_epsilon, parse_epsilon, parse_epsilons
 
 REQUIRED_COLUMNS = ("method", "epsilon", "accuracy")
+DEFAULT_STEPS = 100  # the old 20 left every point within noise of chance: a curve of noise
 SHOWN_COLUMNS = ["method", "epsilon", "seed", "accuracy", "epsilon_spent", "steps_done", "visual_tokens",
                  "grad_prune_ratio", "peak_memory_mb", "wall_time_s"]  # the CSV download has all of them
 MAX_SEEDS = 5
@@ -32,7 +34,7 @@ HELP = dict(
     methods="Methods of the sweep; non-private runs once per seed (ε = ∞).",
     epsilons="Comma-separated ε values, each > 0 (e.g. 1, 3, 8).",
     seeds=f"Seeds per (method, ε): the curve shows their mean and spread (1 to {MAX_SEEDS}).",
-    steps="Steps of every run of the sweep.",
+    steps="Steps of every run of the sweep (100: each run learns visibly; far fewer ends near chance).",
     csv="A CSV with columns method, epsilon, seed, accuracy (as written by a toolkit sweep).",
 )
 
@@ -88,7 +90,8 @@ def load_sweep_csv(path) -> dict:
 def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
           session: str = "local") -> Iterator[dict]:
     """Generator: a small privacy–utility sweep with ``toolkit.sweeps.run_sweep`` (method x ε x seeds);
-    yields ``status``, ``figure``, ``table`` and ``download`` (the sweep CSV the toolkit wrote)."""
+    yields ``status``, ``figure``, ``table`` and ``download`` (the sweep CSV the toolkit wrote); the last update of
+    a sweep that finished runs also has ``results`` (its full table, for the session's runs table)."""
     blank = dict(figure=None, table=None, download=None)
     try:
         chosen = [m for m in METHODS if m in (methods or [])]
@@ -114,23 +117,23 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
         if runs > settings.max_sweep_runs:
             raise InputError(f"this sweep has {runs} runs; the app allows {settings.max_sweep_runs} "
                              "(choose fewer methods, ε values or seeds)")
-        job = jobs.claim(session, "sweep")
+        job = jobs.claim(session, "sweep", units=runs * n_steps, pace_key=f"sweep step of {settings.preset}")
     except InputError as err:
         yield dict(blank, status=warn(f"Not started: {err}"))
         return
     cells_done = [0]
 
     def work(job: jobs.Job):
-        model.prepare(settings, job.note)  # the public warm start, trained on first use
+        job.exclude(model.prepare(settings, job.note))  # the warm start, on first use: its own progress line
         out_dir = tempfile.mkdtemp(prefix="sweep-", dir=settings.results_dir())
 
         def on_cell(event: dict):
             job.emit("cell", event)
+            job.progress((event["index"] + 1) * n_steps, job.units)
             return False if job.stopping else None
 
-        with jobs.exclusive(job):
-            table = run_sweep(planned, out_dir, progress=False, callback=on_cell,
-                              step_callback=jobs.stopping_callback(job, settings.time_limit))
+        table = run_sweep(planned, out_dir, progress=False, callback=on_cell,
+                          step_callback=jobs.stopping_callback(job, settings.time_limit))
         csv_path = export_csv(table, Path(out_dir) / f"{planned.name}.csv") if not table.empty else None
         return table, csv_path
 
@@ -143,6 +146,9 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
 
     outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=on_event,
                                      first_status=message_html(f"Running {runs} fine-tunes of {n_steps} steps…"))
+    if not outcome.started:
+        yield dict(blank, status=jobs.never_started_html(job))
+        return
     if outcome.error is not None:
         yield dict(blank, status=failure_html("The sweep", outcome.error))
         return
@@ -151,15 +157,26 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
         yield dict(blank, status=message_html(f"No run finished ({job.reason or 'stopped'}).", "warn"))
         return
     stopped = f" Stopped early ({job.reason})." if job.reason else ""
-    yield dict(status=message_html(f"Sweep done: {len(table)} of {runs} runs in {job.elapsed():.0f} s.{stopped}",
-                                   "ok"),
-               figure=privacy_utility_figure(check_sweep_table(table), width=None), table=sweep_view(table),
-               download=str(csv_path) if csv_path is not None else None)
+    n_eval = reference.eval_size(settings.task, eval_limit=settings.eval_limit)
+    yield dict(status=message_html(f"Sweep done: {len(table)} of {runs} runs in {job.elapsed():.0f} s.{stopped} "
+                                   f"{noise_note(table, settings.task, n_eval)}", "ok"),
+               figure=privacy_utility_figure(check_sweep_table(table), width=None, n_eval=n_eval),
+               table=sweep_view(table), download=str(csv_path) if csv_path is not None else None, results=table)
 
 
-def build(settings: AppSettings) -> list:
-    """The Privacy–utility tab (inside the app's ``gr.Blocks``); returns its events that may train the warm
-    start."""
+def noise_note(table: pd.DataFrame, task: str, n_eval: int) -> str:
+    """One sentence: the chance level, its noise band on ``n_eval`` test records, and how many points lie in it."""
+    chance = reference.chance_level(task)
+    band = reference.NOISE_SE * reference.binomial_se(chance, n_eval)
+    inside = int((abs(pd.to_numeric(table["accuracy"], errors="coerce") - chance) < band).sum())
+    return (f"Chance is {100 * chance:.0f}%; with {n_eval} test images a guesser lands within ± {100 * band:.1f} "
+            f"points of it (the grey band), so {inside} of {len(table)} point(s) inside the band are "
+            "indistinguishable from guessing.")
+
+
+def build(settings: AppSettings, runs_state: gr.State) -> list:
+    """The Privacy–utility tab (inside the app's ``gr.Blocks``); a sweep's runs are added to ``runs_state``.
+    Returns its events that may train the warm start."""
     s = settings
     with gr.Tab("Privacy–utility", id="sweep"):
         with gr.Row():
@@ -169,8 +186,8 @@ def build(settings: AppSettings) -> list:
                 epsilons = gr.Textbox("1, 3, 8", label="ε values", info=HELP["epsilons"], elem_id="sw-eps")
                 with gr.Row():
                     seeds = gr.Number(1, precision=0, label="Seeds", info=HELP["seeds"], elem_id="sw-seeds")
-                    steps = gr.Number(min(20, s.max_steps), precision=0, label="Steps per run", info=HELP["steps"],
-                                      elem_id="sw-steps")
+                    steps = gr.Number(min(DEFAULT_STEPS, s.max_steps), precision=0, label="Steps per run",
+                                      info=HELP["steps"], elem_id="sw-steps")
                     batch = gr.Number(32, precision=0, label="Batch size", info=SHARED_HELP["batch_size"],
                                       elem_id="sw-batch")
                 with gr.Row():
@@ -186,16 +203,20 @@ def build(settings: AppSettings) -> list:
                                    elem_id="sw-download")
     outputs = dict(status=status, figure=figure, table=table, download=download)
 
-    def run(methods_v, eps_v, seeds_v, steps_v, batch_v, request: gr.Request):
+    def run(methods_v, eps_v, seeds_v, steps_v, batch_v, runs_v, request: gr.Request):
         for update in sweep(s, methods_v, eps_v, seeds_v, steps_v, batch_v, session=jobs.session_id(request)):
-            yield routed(update, outputs)
+            results = update.pop("results", None)
+            shown = routed(update, outputs)
+            if results is not None:
+                runs_v = list(runs_v or [])
+                shown[runs_state] = runs_v + session_runs.runs_from_sweep(results, session_runs.next_number(runs_v))
+            yield shown
 
     def load(path_v):
         return routed(load_sweep_csv(path_v), outputs)
 
-    run_event = run_button.click(run, [methods, epsilons, seeds, steps, batch], list(outputs.values()),
-                                 concurrency_id=jobs.HEAVY_QUEUE, concurrency_limit=1, show_progress="minimal",
-                                 api_name="sweep")
+    run_event = jobs.wire_run_button(run_button, run, [methods, epsilons, seeds, steps, batch, runs_state],
+                                     list(outputs.values()) + [runs_state], api_name="sweep")
     cancel_button.click(jobs.cancel_from_page, None, status, concurrency_limit=None, show_progress="hidden",
                         api_name=False)
     csv.upload(load, csv, [status, figure, table], concurrency_limit=1, api_name="load_sweep")

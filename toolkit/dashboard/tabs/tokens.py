@@ -1,6 +1,8 @@
-"""The Visual tokens tab: prune one image's visual tokens with a strategy and budget, and draw the decision (the
-overlay on the image and where the kept patches lie). The image is a test example of the embedded data or an
-upload; the pruner is ``toolkit.tokens.make_pruner`` on the app's (warm-started) model.
+"""The Visual tokens tab: prune one image's visual tokens with a strategy and budget, and show the decision: the
+image as given beside the score map, the decision drawn on the model's input (kept patches outlined, each
+contextual cluster in its legend's colour), where the kept patches lie, and the counts in a sentence. The image is
+a test example of the embedded data or an upload (letterboxed to the square input, said in words); the pruner is
+``toolkit.tokens.make_pruner`` on the app's (warm-started) model.
 """
 from __future__ import annotations
 
@@ -8,46 +10,29 @@ import functools
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
 
 from toolkit.dashboard import model
 from toolkit.dashboard.budget import budget_controls, token_budget
 from toolkit.dashboard.common import AppSettings, InputError, message_html, routed, ui_integer, warn
+from toolkit.dashboard.images import fit_note, letterbox, load_upload
 from toolkit.data import make_vqa, preprocess_images
 from toolkit.tokens import STRATEGIES, make_pruner
-from toolkit.viz import spatial_histogram_figure, token_overlay_figure
-
-MAX_UPLOAD_PIXELS = 40_000_000
-IMAGE_FORMATS = "PNG, JPEG, BMP, GIF or WebP"
+from toolkit.viz import score_map_figure, spatial_histogram_figure, token_overlay_figure
 
 HELP = dict(
     strategy=("dual-priv: the patches [CLS] attends to most + contextual tokens fused from the rest; random / "
               "uniform / pool / divprune / mean-attention: baselines; none: every token."),
     example="Index of an image in the embedded digit test split (0 to {last}).",
-    upload="Or upload an image (PNG, JPEG, ...): it is resized to the model's input; it overrides the example.",
+    upload=("Or upload an image (PNG, JPEG, ...): it overrides the test image. A non-square image is letterboxed "
+            "(black bars, nothing stretched) to the model's square input, and the page says so."),
 )
-
-
-def load_upload(path) -> Image.Image:
-    """An uploaded file as an RGB PIL image, or :class:`InputError` (missing, not an image, too large)."""
-    path = getattr(path, "name", path)
-    if not path or not Path(path).is_file():
-        raise InputError("the uploaded file is missing: upload it again")
-    name = Path(path).name
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > MAX_UPLOAD_PIXELS:
-                raise InputError(f"the uploaded image is too large ({width}x{height} pixels; at most "
-                                 f"{MAX_UPLOAD_PIXELS:,} pixels)")
-            img.load()
-            return img.convert("RGB")
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        # What PIL says (e.g. "cannot identify image file '/tmp/…'") names a server path: say it for people.
-        raise InputError(f"the uploaded file {name!r} is not an image that can be read; upload a "
-                         f"{IMAGE_FORMATS} image") from None
+SCORE_MEANING = {
+    "cls-attention": ("Score = how much attention the [CLS] token pays to each patch at layer {layer} of the vision "
+                      "tower (mean over heads): the highest-scored patches are kept as themselves."),
+    "mean-attention": ("Score = the mean attention each patch receives from all patches at layer {layer} of the "
+                       "vision tower: the highest-scored patches are kept as themselves."),
+}
+NO_SCORE = "This strategy does not score patches (it chooses by position, chance or diversity): no score map."
 
 
 @functools.lru_cache(maxsize=2)
@@ -60,11 +45,36 @@ def example_count(settings: AppSettings) -> int:
     return len(test_images(model.geometry_bundle(settings.preset).image_size))
 
 
+def counts_sentence(info: dict) -> str:
+    """The pruning decision in words, e.g. "Kept 12 of 64 patches + [CLS]; 3 contextual tokens fuse the other 52."."""
+    n_in, n_kept, n_fused, n_dropped = info["n_in"], info["n_kept"], info["n_contextual"], info["n_dropped"]
+    cls = " + [CLS]" if info["cls_slot"] is not None else ""
+    if info["strategy"] == "none" or (n_kept == n_in and not n_fused):
+        return f"Kept all {n_in} patches{cls} (no pruning): {info['n_out']} visual tokens reach the LLM."
+    parts = [f"Kept {n_kept} of {n_in} patches{cls}"]
+    fused_patches = n_in - n_kept - n_dropped
+    if n_fused:
+        parts.append(f"{n_fused} contextual token{'s' if n_fused != 1 else ''} fuse the other {fused_patches}")
+    if n_dropped:
+        parts.append(f"{'the other ' if not n_fused else ''}{n_dropped} {'are' if n_dropped != 1 else 'is'} dropped")
+    return "; ".join(parts) + f". {info['n_out']} visual tokens reach the LLM instead of {n_in}."
+
+
+def score_sentence(strategy: str, layer) -> str:
+    """One line on what the strategy's score means (or that it has none)."""
+    if STRATEGIES[strategy].keeps_all:
+        return "Every patch is kept, so nothing is scored."
+    kind = STRATEGIES[strategy].score
+    return SCORE_MEANING[kind].format(layer=layer) if kind in SCORE_MEANING else NO_SCORE
+
+
 def tokens_view(settings: AppSettings, example, upload, strategy, budget_mode, token_prune_ratio,
                 keep_tokens) -> dict:
-    """Prune one image's visual tokens and draw the decision. Returns ``overlay`` and ``histogram`` (plotly
-    figures), ``counts`` (dict) and ``status`` (HTML); on a bad input the figures and counts are None."""
-    blank = dict(overlay=None, histogram=None, counts=None)
+    """Prune one image's visual tokens and draw the decision. Returns ``original`` (the image as given),
+    ``overlay``, ``scores`` (None for a strategy without scores) and ``histogram`` (plotly figures), ``summary``
+    (Markdown: the decision in words, how the image was fitted, what the score means), ``counts`` (dict) and
+    ``status`` (HTML); on a bad input everything but the status is None."""
+    blank = dict(original=None, overlay=None, scores=None, histogram=None, summary="", counts=None)
     try:
         budget = token_budget(settings, strategy, budget_mode, token_prune_ratio, keep_tokens)
         if upload:
@@ -78,19 +88,28 @@ def tokens_view(settings: AppSettings, example, upload, strategy, budget_mode, t
             source = f"test example {index} (digit {record.answer})"
     except InputError as err:
         return dict(blank, status=warn(f"Nothing shown: {err}"))
+    training = model.warm_start_progress(settings)
+    if training is not None:  # the launch's warm start is training: say so rather than block the page on it
+        return dict(blank, status=message_html(f"The public warm start is being trained ({training}); this view "
+                                               "runs its vision tower, so it shows tokens once that is done.", "info"))
     bundle = model.get_bundle(settings)
     pruner = make_pruner(strategy, bundle, **budget)
-    pixels = preprocess_images([image], bundle.image_size, bundle.image_mean, bundle.image_std)
+    pixels = preprocess_images([letterbox(image)], bundle.image_size, bundle.image_mean, bundle.image_std)
     output = pruner.from_pixels(bundle, pixels).example(0)
     info = output.to_dict(0)
     counts = dict(source=source, strategy=strategy, patches_in=info["n_in"], tokens_out=info["n_out"],
                   cls=info["cls_slot"] is not None, kept=info["n_kept"], fused=info["n_contextual"],
-                  dropped=info["n_dropped"], scoring_layer=info["layer"])
+                  dropped=info["n_dropped"], scoring_layer=info["layer"], size=list(image.size))
     text = (f"{source}: {info['n_in']} patches -> {info['n_out']} visual tokens "
             f"({'[CLS] + ' if counts['cls'] else ''}{info['n_kept']} kept, {info['n_contextual']} fused, "
             f"{info['n_dropped']} dropped)")
-    return dict(overlay=token_overlay_figure(output, pixels[0], bundle.image_mean, bundle.image_std),
-                histogram=spatial_histogram_figure(output), counts=counts, status=message_html(text, "ok"))
+    summary = "\n\n".join([f"**{counts_sentence(info)}**", fit_note(image.size, bundle.image_size),
+                            score_sentence(strategy, info["layer"])])
+    # the overlay without the heatmap: the score has its own map, so the image is not hidden under a tint
+    overlay = token_overlay_figure(output, pixels[0], bundle.image_mean, bundle.image_std, show_scores=False)
+    scores = score_map_figure(output, STRATEGIES[strategy].score) if output.scores is not None else None
+    return dict(original=image, overlay=overlay, scores=scores, histogram=spatial_histogram_figure(output),
+                summary=summary, counts=counts, status=message_html(text, "ok"))
 
 
 def build(settings: AppSettings) -> list:
@@ -115,14 +134,21 @@ def build(settings: AppSettings) -> list:
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Pick an image and a budget, then press Show tokens."),
                                  elem_id="tok-status")
-                overlay = gr.Plot(label="Pruning decision", elem_id="tok-overlay")
-                counts = gr.JSON(label="Counts", elem_id="tok-counts")
+                summary = gr.Markdown(elem_id="tok-summary")
+                with gr.Row():
+                    original = gr.Image(label="The image as given", type="pil", interactive=False, height=300,
+                                        elem_id="tok-original")
+                    scores = gr.Plot(label="Pruning score per patch", elem_id="tok-scores")
+                overlay = gr.Plot(label="Pruning decision on the model's input", elem_id="tok-overlay")
                 histogram = gr.Plot(label="Where the kept patches lie", elem_id="tok-hist")
-    outputs = dict(status=status, overlay=overlay, histogram=histogram, counts=counts)
+    outputs = dict(status=status, summary=summary, original=original, scores=scores, overlay=overlay,
+                   histogram=histogram)
 
     def show(example_v, upload_v, strategy_v, mode_v, ratio_v, keep_v, progress=gr.Progress(track_tqdm=True)):
         # track_tqdm: the first view may train the public warm start; its tqdm bar shows in the page
-        return routed(tokens_view(s, example_v, upload_v, strategy_v, mode_v, ratio_v, keep_v), outputs)
+        view = tokens_view(s, example_v, upload_v, strategy_v, mode_v, ratio_v, keep_v)
+        view.pop("counts")  # the summary says it in words
+        return routed(view, outputs)
 
     inputs = [example, upload, strategy, mode, ratio, keep]
     events = [show_button.click(show, inputs, list(outputs.values()), concurrency_limit=1, api_name="tokens"),
