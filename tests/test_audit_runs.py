@@ -12,8 +12,10 @@ import math
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-from toolkit.audit import AUDIT_DEFAULTS, run_audit
+from toolkit.audit import AUDIT_DEFAULTS, check_answers_known, run_audit
 from toolkit.cli import main
 from toolkit.config import TrainConfig
 from toolkit.privacy import update_pruning
@@ -91,7 +93,6 @@ def test_declared_size_hides_how_many_canaries_joined():
     (dict(canaries=16, k=9), "2k <= canaries"),
     (dict(canaries=16, k=0), "k \\(guesses per side\\)"),
     (dict(canaries=16, confidence=1.5), "confidence"),
-    (dict(canaries=16, answers=("zebra", "walrus")), "unknown to the tokenizer"),
 ])
 def test_bad_audit_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -106,6 +107,7 @@ def test_bad_epsilon_is_refused():
 def test_cli_writes_the_audit_as_json(tmp_path, capsys):
     out = tmp_path / "audit.json"
     code = main(["audit", "--method", "dp-sgd", "--epsilon", "inf", "--steps", "2", "--canaries", "16",
+                 "--warm-start-steps", "0",
                  "--k", "2", "--canary-seed", "0", "--noise-seed", "0", "--progress", "false", "--json", str(out)])
     assert code == 0
     record = json.loads(out.read_text())
@@ -123,3 +125,13 @@ def test_cli_writes_the_audit_as_json(tmp_path, capsys):
 def test_cli_reports_bad_input(flags, message, capsys):
     assert main(["audit", "--method", "dp-sgd", "--progress", "false", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_canary_answers_a_word_level_tokenizer_cannot_spell_are_refused():
+    """A local checkpoint's tokenizer may lack a canary answer: every such canary would read as <unk>."""
+    core = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "zebra": 1}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    check_answers_known(tokenizer, ("zebra",))
+    with pytest.raises(ValueError, match="unknown to the tokenizer"):
+        check_answers_known(tokenizer, ("zebra", "walrus"))

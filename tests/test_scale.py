@@ -347,3 +347,26 @@ def test_blockwise_fp32_clipping_equals_the_float64_reference(monkeypatch):
         expected = torch.einsum("i,i...", factors.double(), g.double())
         scale = torch.einsum("i,i...", factors.double(), g.double().abs())
         assert got.shape == g.shape[1:] and bool(((got.double() - expected).abs() <= 1e-6 * scale + 1e-15).all())
+
+
+def test_dtype_resolution_and_a_clear_warning_when_the_cpu_emulates_bf16(monkeypatch):
+    import toolkit.precision as precision
+
+    cpu = torch.device("cpu")
+    assert precision.resolve_dtype("auto", cpu) == torch.float32
+    assert precision.resolve_dtype("float32", cpu) == torch.float32
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        assert precision.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        precision.resolve_dtype("float16", cpu)
+
+
+def test_a_rank_with_an_empty_share_contributes_a_zero_clipped_sum():
+    """An empty Poisson batch (or a data-parallel rank whose share is empty) clips to an exact zero sum."""
+    import toolkit.privacy.update_pruning as up
+
+    grads = [torch.zeros(0, 3, 4, dtype=torch.bfloat16), torch.zeros(0, 5, dtype=torch.bfloat16)]
+    factors = up.per_example_clip_factors(grads, 1.0)
+    assert factors.shape == (0,)
+    assert torch.equal(up.clipped_sum(grads[0], factors, torch.float32), torch.zeros(3, 4))

@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from PIL import Image
 from scipy import special, stats
@@ -473,8 +474,6 @@ def audit_figure(results):
     right); nothing above it can ever be shown, so a target ε above the ceiling is out of the audit's reach.
     Runs with a ``label`` (e.g. "noise removed") are drawn as crosses.
     """
-    import plotly.graph_objects as go
-
     table = audit_table(results)
     table["target"] = table["epsilon_target"]
     table["violation"] = table["epsilon_lower_bound"] > table["epsilon_reported"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from toolkit.vocabulary import PRIVACY_UNIT
 
@@ -108,8 +109,6 @@ class VQADataset(torch.utils.data.Dataset):
 
 def _digits():
     """The 1,797 scikit-learn digit glyphs (8x8, values 0..16) and their labels."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     return digits.images, digits.target
 

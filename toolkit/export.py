@@ -47,7 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration
 
 import toolkit
 from toolkit.config import TrainConfig
@@ -99,8 +102,6 @@ def resolve_format(export_format: str, model) -> str:
 
 def lora_modules(model) -> dict:
     """name -> peft LoRA layer, for every layer holding a LoRA adapter."""
-    from peft.tuners.lora import LoraLayer
-
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
@@ -126,8 +127,6 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 def merged_model(model):
     """A new plain ``LlavaForConditionalGeneration`` holding :func:`merged_state_dict` (built on the meta device,
     then given the merged tensors: no second random initialisation of a large model)."""
-    from transformers import LlavaForConditionalGeneration
-
     state = merged_state_dict(model)
     with torch.device("meta"):
         fresh = LlavaForConditionalGeneration(model.config)
@@ -160,8 +159,6 @@ def lora_settings(model) -> dict:
 
 
 def _lora_config(settings: dict, modules_to_save, base: str | None):
-    from peft import LoraConfig
-
     return LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], target_modules=settings["target_modules"],
                       lora_dropout=0.0, bias="none", modules_to_save=list(modules_to_save) or None,
                       base_model_name_or_path=base)
@@ -381,8 +378,6 @@ def load_trained(path: str | os.PathLike) -> Exported:
 
 
 def _load_adapter(path: Path, meta: dict) -> LlavaBundle:
-    from peft import inject_adapter_in_model
-
     base = meta["base_model"]
     base_path = path / base["path"] if base["kind"] == "copy" else Path(base["path"])
     bundle = load_model(base_path)

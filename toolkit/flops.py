@@ -50,6 +50,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from toolkit.data import TASKS, Collator
+from toolkit.models import PRESETS, build_tokenizer
+
 METHOD_NAMES = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
 
 
@@ -87,8 +90,6 @@ class ModelDims:
 @functools.lru_cache(maxsize=None)
 def preset_dims(preset: str) -> ModelDims:
     """Dims of a model preset (``toolkit.models.PRESETS``), from its spec and tokenizer, without building it."""
-    from toolkit.models import PRESETS, build_tokenizer
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     s = PRESETS[preset]
@@ -104,9 +105,6 @@ def preset_dims(preset: str) -> ModelDims:
 def text_length(task: str = "parity", template: str = "user : <image> {question} assistant :") -> int:
     """Text tokens of one record of an embedded task (prompt + answer + end), the image block excluded; the
     longest answer of the task's candidates is used."""
-    from toolkit.data import TASKS, Collator
-    from toolkit.models import build_tokenizer
-
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
     question, _, _, candidates = TASKS[task]

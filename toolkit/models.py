@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, PreTrainedTokenizerFast, SiglipVisionConfig)
+from transformers.utils import logging as hf_logging
 from torch import nn
 
 from toolkit.data import preprocess_images
@@ -154,10 +160,8 @@ def build_tokenizer():
         >>> tok.decode(tok(" Schloß Neuschwanstein", add_special_tokens=False)["input_ids"])
         ' Schloß Neuschwanstein'
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE())
+    core = Tokenizer(tokenizer_models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -172,8 +176,6 @@ def build_tokenizer():
 
 
 def _vision_config(spec: dict):
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
-
     common = dict(
         hidden_size=spec["vision_hidden"], intermediate_size=spec.get("vision_intermediate", spec["vision_hidden"] * 2),
         num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
@@ -196,8 +198,6 @@ def build_model(preset: str = "tiny", seed: int = 0, *, dtype: torch.dtype | Non
     shallower real-width model for per-layer memory measurements (``vision_layers`` >= 2, since LLaVA takes
     features from the second-to-last layer). ``device="meta"`` builds shapes only (no memory, no values).
     """
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = dict(PRESETS[preset])
@@ -289,8 +289,6 @@ def save_model(bundle: LlavaBundle, path: str | os.PathLike) -> Path:
 def quiet_transformers():
     """Silence transformers' warnings (its missing/unexpected-weights table among them) while loading: the
     toolkit checks the loading report itself and raises instead."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -326,8 +324,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Lla
         ModelLoadError: the path does not exist, is not a directory, holds no LLaVA-family model or no weights,
             or its weights do not cover the model exactly (a weight left uninitialised is an error, not a warning).
     """
-    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
@@ -386,8 +382,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Lla
 
 def _image_processor(path: Path):
     """The checkpoint's image processor (PIL backend: no torchvision needed), or None without a config."""
-    from transformers import AutoImageProcessor
-
     if not (path / "preprocessor_config.json").is_file():
         return None
     try:
@@ -458,8 +452,6 @@ def apply_trainable(bundle: LlavaBundle, mode: str = "lora", lora_rank: int = 8,
     freeze_all(model)
     lm = model.model.language_model
     if mode.startswith("lora"):
-        from peft import LoraConfig, inject_adapter_in_model
-
         if not any("lora_A" in n for n, _ in lm.named_modules()):
             config = LoraConfig(
                 r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
@@ -516,5 +508,5 @@ def enable_activation_checkpointing(bundle: LlavaBundle) -> None:
     when nothing before the LM trains.
     """
     lm = bundle.model.model.language_model
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     lm.enable_input_require_grads()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_sample_images
 
 QUESTIONS = {"photo": "which photo is this ?", "side": "which side of the photo is this ?"}
 PHOTO_NAMES = ("temple", "flower")   # sklearn's china.jpg and flower.jpg
@@ -36,8 +37,6 @@ FORMATS = ("png", "jpg")
 
 def sample_photos() -> list[np.ndarray]:
     """scikit-learn's two bundled photographs, ``[427, 640, 3]`` uint8 each (temple, flower)."""
-    from sklearn.datasets import load_sample_images
-
     return [np.asarray(image) for image in load_sample_images().images]
 
 

@@ -16,6 +16,7 @@ caller (tests, notebooks, app). Example::
 from __future__ import annotations
 
 import hashlib
+import shutil
 import math
 import os
 import time
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from toolkit.data import Collator, _digits, make_vqa, preprocess_images, render_digits
 from toolkit.forward import LlavaLM, per_example_loss, select_features
@@ -77,7 +79,6 @@ def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, ba
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_model(bundle, tmp)
     if path.exists():  # another process won the race: keep theirs
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -103,8 +104,6 @@ def starting_model(model_dir: str | None = None, preset: str = "tiny", warm_star
 
 def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, progress: bool,
                   callback: Callable[[int, int], None] | None = None) -> None:
-    from tqdm.auto import tqdm
-
     data = make_vqa("digit", "public", image_size=bundle.image_size, seed=seed)
     glyphs, targets = _digits()
     sources = [r.source_ids[0] for r in data]

@@ -245,7 +245,7 @@ def per_example_clip_factors(grad_samples: list[torch.Tensor], max_grad_norm: fl
         return torch.zeros((0,), device=device, dtype=dtype)
     squares = torch.zeros(len(grad_samples[0]), device=device, dtype=dtype)
     for g in grad_samples:
-        flat = g.reshape(len(g), -1)
+        flat = g.reshape(g.shape[0], math.prod(g.shape[1:]))
         for cols in _column_blocks(flat):
             squares += flat[:, cols].to(dtype).pow(2).sum(dim=1).to(device)
     return (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
@@ -253,7 +253,8 @@ def per_example_clip_factors(grad_samples: list[torch.Tensor], max_grad_norm: fl
 
 def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``Σ_i c_i g_i`` in ``dtype`` (≥ fp32), shaped like one example's gradient; blockwise (see above)."""
-    flat = grad_sample.reshape(len(grad_sample), math.prod(grad_sample.shape[1:]))  # explicit: B may be 0
+    # explicit width: an empty batch (Poisson) has 0 rows, where reshape(0, -1) is ambiguous
+    flat = grad_sample.reshape(grad_sample.shape[0], math.prod(grad_sample.shape[1:]))
     factors = factors.to(device=flat.device, dtype=dtype)
     out = torch.empty(flat.shape[1], device=flat.device, dtype=dtype)
     for cols in _column_blocks(flat):

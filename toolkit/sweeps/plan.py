@@ -27,7 +27,7 @@ from toolkit.vocabulary import DP_SGD_METHODS, INFINITY_WORDS, PRIVATE_METHODS, 
 # Bump when the canonical form in config_key changes: every key changes, finished cells re-run (the safe side).
 HASH_VERSION = 1
 # TrainConfig fields that cannot change a result, so they do not enter the cell key.
-UNKEYED_FIELDS = ("progress", "checkpoint_path", "eval_batch_size")
+UNKEYED_FIELDS = ("progress", "checkpoint_path", "eval_batch_size", "output_dir", "feature_cache")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 BUNDLE_KEYS = ("label", "tags")
 QUICK_KEYS = ("base", "grid", "seeds")
