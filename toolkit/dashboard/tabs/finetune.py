@@ -7,7 +7,7 @@ reading of the result (chance level, binomial noise, the measured non-private re
 :mod:`toolkit.dashboard.reference`.
 
 Defaults: 100 steps of batch 32 at the method's default learning rate. Measured on the tiny preset with its warm
-start (see ``docs/DASHBOARD.md``): 20 steps ended within noise of chance; 100 steps learn visibly in seconds.
+start: 20 steps ended within noise of chance; 100 steps learn visibly in seconds.
 """
 from __future__ import annotations
 
