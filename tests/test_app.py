@@ -696,6 +696,7 @@ def test_defaults_are_a_run_that_learns(settings):
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert by_id["ft-steps"].value == finetune.DEFAULT_STEPS == 100 and by_id["sw-steps"].value == 100
     assert by_id["ft-batch"].value == finetune.DEFAULT_BATCH_SIZE and by_id["ft-compare"].value is True
+    assert by_id["sw-eps"].value == sweep.DEFAULT_EPSILONS == "0.3, 1, 3" and by_id["mem-preset"].value == "llava576"
 
 
 def test_build_app_wires_every_control_with_help(settings):
