@@ -250,7 +250,7 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     # scale (issue 11): one dtype for frozen and trainable parts (after LoRA injection, so adapters get it too);
     # DP clipping and noise stay in >= fp32 whatever it is (toolkit.privacy.update_pruning)
     bundle.model.to(resolve_dtype(c.dtype, device))
-    if c.activation_checkpointing:
+    if c.activation_checkpointing and c.method != "dp-zo":  # DP-ZO has no backward: nothing to recompute
         enable_activation_checkpointing(bundle)
     broadcast_trainable(bundle.model, dist)  # every rank starts from rank 0's weights
     if train_set is None:
