@@ -182,13 +182,19 @@ def test_one_heavy_job_at_a_time_in_order_and_a_queued_one_sees_its_place(monkey
 
 
 def test_a_running_job_reports_its_own_pace_to_those_waiting():
+    jobs.forget_durations()
     go, first = _hold_the_line("pace-1")
     running = jobs.running_job("pace-1")
-    running.progress(5, 10)
+    running.progress(1, 10)   # the first unit includes loading: no estimate from it alone
     waiting = jobs.stream(jobs.claim("pace-2", "test job", units=1), lambda job: None, dict, blank={},
-                          first_status="", poll_s=0.05)
+                          first_status="", poll_s=0.05, min_gap_s=0.0)
     status = html.unescape(next(waiting)["status"])
-    assert "5/10 done" in status and "from the running test job's own pace" in status
+    assert "1/10 done" in status and "Wait unknown" in status
+    time.sleep(0.3)
+    running.progress(1 + jobs.MIN_PACE_UNITS, 10)  # then its pace since the first unit: ≈ 0.1 s per unit
+    status = html.unescape(next(waiting)["status"])
+    assert "4/10 done" in status and "from the running test job's own pace" in status
+    assert re.search(r"Estimated wait (under 1 s|≈ [0-9] s)", status), status
     jobs.cancel("pace-2")
     assert _drain_stream(waiting)[1].started is False
     go.set()
@@ -397,7 +403,9 @@ def test_a_result_within_noise_of_chance_is_flagged_in_plain_words():
 def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_path, monkeypatch):
     monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
     updates = list(_run(settings, steps=3, compare=True))
-    assert any("Measuring the non-private reference" in u["status"] for u in updates)
+    # the run's own result is on the page while its reference is being measured
+    assert any("Measuring the non-private reference" in u["status"] and "accuracy" in u["result"]
+               and "Non-private reference: coming" in u["verdict"] for u in updates)
     first = updates[-1]["verdict"]
     assert "Non-private reference, same 3 steps and batch size 8" in first and "measured live just now" in first
     assert "standard errors" in first or "Within noise of chance" in first

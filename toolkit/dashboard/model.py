@@ -60,10 +60,13 @@ def warm_start_note(settings: AppSettings) -> str:
     """One line for the page header: the preset and whether its warm start is cached, being trained, or not yet."""
     if settings.warm_start_steps == 0:
         return f"model: preset {settings.preset!r}, no public warm start (untrained start)"
+    progress = warm_start_progress(settings)
     if warm_start_cached(settings):
         state = "cached"
-    elif warm_start_progress(settings) is not None:
-        state = f"being trained now, once: {warm_start_progress(settings)}"
+    elif progress is not None:
+        state = f"being trained now, once: {progress}"
+    elif jobs.running_job(WARM_START_SESSION) is not None:
+        state = "being prepared now, once: starting"
     else:
         state = "not trained yet; the first job trains it, once"
     return f"model: preset {settings.preset!r} with its public warm start ({state})"
@@ -138,8 +141,8 @@ def prepare_in_background(settings: AppSettings) -> jobs.Job | None:
         tenth = done * 10 // max(total_steps, 1)
         if tenth not in logged:  # a short line per tenth in the server log (never a carriage-return bar)
             logged.add(tenth)
-            print(f"public warm start of {settings.preset!r}: {warm_start_progress(settings) or f'step {done}/{total}'}",
-                  flush=True)
+            state = warm_start_progress(settings) or f"step {done}/{total}"
+            print(f"public warm start of {settings.preset!r}: {state}", flush=True)
 
     jobs.run_detached(job, lambda job: prepare(settings, lambda _: None, progress=progress))
     return job
