@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit.dashboard import AppSettings, InputError, common, datasets, jobs, model, reference
+from toolkit.dashboard import AppSettings, InputError, common, datasets, images, jobs, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
 from toolkit.dashboard.tabs import audit, finetune, memory, runs, sweep, tokens, yourdata
 from toolkit.dashboard.ui import build_app, header_markdown
@@ -300,13 +300,18 @@ def test_the_warm_start_is_prepared_at_launch_as_the_first_job_in_line(tmp_path,
 
 def test_while_the_warm_start_trains_the_header_and_tokens_view_say_so(settings, monkeypatch):
     settings = AppSettings(output_dir=settings.output_dir, **dict(TINY, warm_start_steps=600))
-    monkeypatch.setitem(model._TRAINING, ("tiny", 600), (30, 600, time.monotonic() - 10))
+    pace = jobs.Pace()
+    pace.update(1, 600)
+    pace._first, pace.done = (1.0, time.monotonic() - 10), (4.0, 600.0)   # 3 steps: too few for an estimate
+    monkeypatch.setitem(model._TRAINING, ("tiny", 600), (pace, time.monotonic() - 12))
     monkeypatch.setattr(model, "warm_start_cached", lambda s: False)
+    assert model.warm_start_progress(settings) == "step 4/600 · 12 s"            # no guess from 3 slow steps
+    pace.done = (31.0, 600.0)                                                    # 30 steps in 10 s: 1/3 s each
     progress = model.warm_start_progress(settings)
-    assert progress.startswith("step 30/600 · 10 s, about 19") and "s left" in progress
-    assert "being trained now, once: step 30/600" in header_markdown(settings)
+    assert progress.startswith("step 31/600 · 12 s, about 19") and progress.endswith("s left")
+    assert "being trained now, once: step 31/600" in header_markdown(settings)
     out = tokens.tokens_view(settings, 0, None, "dual-priv", BUDGET_RATIO, 0.75, 16)
-    assert "The public warm start is being trained (step 30/600" in html.unescape(out["status"])
+    assert "The public warm start is being trained (step 31/600" in html.unescape(out["status"])
     assert out["overlay"] is None
 
 
@@ -539,6 +544,15 @@ def test_tokens_view_says_the_decision_in_words_and_explains_the_score(settings)
     assert out["scores"] is None and "does not score patches" in out["summary"]
     out = tokens.tokens_view(settings, 3, None, "none", BUDGET_RATIO, 0.75, 16)
     assert "Kept all 64 patches (no pruning)" in out["summary"] and "nothing is scored" in out["summary"]
+
+
+def test_small_images_are_shown_enlarged_with_sharp_pixels():
+    digit = Image.new("RGB", (32, 32))
+    digit.putpixel((0, 0), (255, 255, 255))
+    shown = images.enlarged(digit)
+    assert shown.size == (256, 256) and shown.getpixel((7, 7)) == (255, 255, 255) and shown.getpixel((8, 8)) == (0, 0, 0)
+    photo = Image.new("RGB", (300, 200))
+    assert images.enlarged(photo) is photo
 
 
 def test_a_non_square_upload_is_letterboxed_and_the_page_says_so(settings, tmp_path):

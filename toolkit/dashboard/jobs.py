@@ -38,8 +38,39 @@ from toolkit.dashboard.common import InputError, message_html
 HEAVY_QUEUE = "heavy-jobs"  # Gradio concurrency id of the heavy events; the line below orders them, not Gradio
 HEAVY_EVENT_LIMIT = 16      # sessions whose heavy event may be inside a handler at once (waiting in the line)
 HISTORY = 5                 # recent durations kept per kind of job, for the wait estimates
-MIN_PACE_UNITS = 3          # a running job's own pace is used once it has done this many units past its first
+MIN_PACE_UNITS = 3          # a running job's own pace is trusted once it has done this many units past its first
+MIN_PACE_FRACTION = 0.05    # ... and this fraction of its total (the first steps of a warm start run slower:
+                            # 3 of 600 steps extrapolated to 547 s for a warm start that took 140 s)
 _NOTE, _DONE, _ERROR = "__note__", "__done__", "__error__"
+
+
+class Pace:
+    """The pace of work reported as ``update(done, total)``: seconds per unit since the first unit was done (so
+    loading and setup do not count), trusted once ``MIN_PACE_UNITS`` more units and ``MIN_PACE_FRACTION`` of the
+    total are done; before that, no estimate."""
+
+    def __init__(self):
+        self.done: tuple[float, float] | None = None
+        self._first: tuple[float, float] | None = None
+
+    def update(self, done: float, total: float) -> None:
+        self.done = (float(done), float(total))
+        if self._first is None and done > 0:
+            self._first = (float(done), time.monotonic())
+
+    def per_unit(self) -> float | None:
+        if self._first is None or self.done is None:
+            return None
+        first_done, first_time = self._first
+        units = self.done[0] - first_done
+        if units < max(MIN_PACE_UNITS, MIN_PACE_FRACTION * self.done[1]):
+            return None
+        return (time.monotonic() - first_time) / units
+
+    def left_s(self) -> float | None:
+        """Seconds until ``total`` at this pace (None: not known yet)."""
+        per_unit = self.per_unit()
+        return None if per_unit is None else per_unit * max(0.0, self.done[1] - self.done[0])
 
 
 class Job:
@@ -56,8 +87,7 @@ class Job:
         self.claimed = time.monotonic()
         self.started: float | None = None  # when its turn came and work began (None: still queued)
         self.setup_s = 0.0                 # one-off preparation (the warm start): kept out of elapsed and pace
-        self.done: tuple[float, float] | None = None   # the last progress(done, total)
-        self._first: tuple[float, float] | None = None  # (done, time) of the first progress past 0: the pace clock
+        self.pace = Pace()                 # its progress(done, total) reports
         self._stop = threading.Event()
         self._events: queue.Queue = queue.Queue()
 
@@ -71,18 +101,12 @@ class Job:
 
     def progress(self, done: float, total: float) -> None:
         """Worker side: ``done`` of ``total`` units so far (the line's estimate of the remaining time uses it)."""
-        self.done = (float(done), float(total))
-        if self._first is None and done > 0:
-            self._first = (float(done), time.monotonic())
+        self.pace.update(done, total)
 
-    def own_pace(self) -> float | None:
-        """Seconds per unit since the first unit was done (setup excluded), once ``MIN_PACE_UNITS`` more are done;
-        None before (one step that includes loading would make a wild estimate)."""
-        if self._first is None or self.done is None:
-            return None
-        first_done, first_time = self._first
-        units = self.done[0] - first_done
-        return (time.monotonic() - first_time) / units if units >= MIN_PACE_UNITS else None
+    @property
+    def done(self) -> tuple[float, float] | None:
+        """The last ``progress(done, total)`` (None: none yet)."""
+        return self.pace.done
 
     def exclude(self, seconds: float) -> None:
         """Worker side: ``seconds`` of one-off preparation that the status timer and the pace should not count."""
@@ -203,10 +227,9 @@ def remaining_s(job: Job) -> tuple[float | None, str]:
 
     A running job that reported progress is extrapolated at its own pace; otherwise the median pace of recent
     finished jobs of its kind on this server times its units (minus what it already ran)."""
-    own = job.own_pace() if job.running else None
+    own = job.pace.left_s() if job.running else None
     if own is not None:
-        done, total = job.done
-        return own * max(0.0, total - done), f"the running {job.kind}'s own pace"
+        return own, f"the running {job.kind}'s own pace"
     measured = pace(job.pace_key)
     if measured is None or job.units <= 0:
         return None, f"no {job.pace_key} has finished on this server yet"

@@ -20,7 +20,7 @@ from toolkit.warmstart import DEFAULT_STEPS, warm_start, warm_start_path
 
 _BUNDLES: dict = {}
 _BUNDLE_LOCK = threading.Lock()
-_TRAINING: dict = {}   # (preset, steps) -> (done, total, started): a warm start being trained now
+_TRAINING: dict = {}   # (preset, steps) -> (jobs.Pace, started): a warm start being trained now
 WARM_START_SESSION = "server:warm-start"
 
 
@@ -46,14 +46,15 @@ def warm_start_cached(settings: AppSettings) -> bool:
 
 def warm_start_progress(settings: AppSettings) -> str | None:
     """"step 120/600 · 31 s, about 124 s left" while the warm start is being trained in this process, else None.
-    The time left is extrapolated from its own pace so far."""
+    The time left is extrapolated from its own pace (:class:`~toolkit.dashboard.jobs.Pace`), once it is known."""
     state = _TRAINING.get((settings.preset, warm_start_steps(settings)))
-    if state is None:
+    if state is None or state[0].done is None:
         return None
-    done, total, started = state
-    spent = time.monotonic() - started
-    left = f", about {spent / done * (total - done):.0f} s left" if done > 0 else ""
-    return f"step {done}/{total} · {spent:.0f} s{left}"
+    pace, started = state
+    done, total = pace.done
+    left = pace.left_s()
+    return f"step {done:.0f}/{total:.0f} · {time.monotonic() - started:.0f} s" + (
+        f", about {left:.0f} s left" if left is not None else "")
 
 
 def warm_start_note(settings: AppSettings) -> str:
@@ -85,10 +86,10 @@ def get_bundle(settings: AppSettings, progress: Callable[[int, int], None] | Non
                 # cache (one extra load from disk, first use only), so the app runs exactly what train() loads.
                 # No tqdm bar: in a server log its carriage returns made one 100 KB line.
                 training = (settings.preset, warm_start_steps(settings))
-                started = time.monotonic()
+                _TRAINING[training] = (jobs.Pace(), time.monotonic())
 
                 def on_step(done: int, total: int) -> None:
-                    _TRAINING[training] = (done, total, started)
+                    _TRAINING[training][0].update(done, total)
                     if progress is not None:
                         progress(done, total)
 
