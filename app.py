@@ -1,8 +1,10 @@
 """The Dual-Priv Pruning dashboard: ``python app.py`` (or ``make app``) and open http://127.0.0.1:7860.
 
-Fine-tune with any method (live loss and ε), look at the visual tokens a strategy keeps, measure memory side by
-side, and draw privacy–utility curves, all on the embedded default model (preset "tiny" with its cached
-public warm start, trained on first use). The app is a thin layer over the toolkit: see
+Fine-tune with any method (live ε; the result read against chance and a measured non-private reference), compare
+the session's runs, fine-tune on your own LLaVA data and download the model, look at the visual tokens a strategy
+keeps, measure memory side by side, draw privacy–utility curves and audit the privacy accounting, all on the
+embedded default model (preset "tiny" with its public warm start, trained at launch when missing, then cached).
+Heavy jobs wait in one line, one at a time (``docs/DASHBOARD.md``). The app is a thin layer over the toolkit: see
 ``toolkit/dashboard/`` (one module per tab, the job runner, the page) and ``toolkit.train`` / ``toolkit.tokens`` /
 ``toolkit.bench``.
 
@@ -11,8 +13,8 @@ Flags: ``--host`` (default 127.0.0.1), ``--port`` (7860), ``--share`` (off), ``-
 ``--train-limit`` / ``--eval-limit`` (fewer records: faster), ``--data-root`` (a folder of data sets users may
 pick by relative path), ``--no-bench-isolate``.
 Environment: ``DUALPRIV_APP_WARM_START_STEPS``, ``DUALPRIV_APP_TRAIN_LIMIT``, ``DUALPRIV_APP_EVAL_LIMIT``,
-``DUALPRIV_APP_DATA_ROOT``, ``DUALPRIV_APP_BENCH_ISOLATE``; uploads and downloads stay under ``GRADIO_TEMP_DIR`` (default
-``<system tmp>/dualpriv-app``).
+``DUALPRIV_APP_DATA_ROOT``, ``DUALPRIV_APP_BENCH_ISOLATE``; uploads and downloads stay under ``GRADIO_TEMP_DIR``
+(default ``<system tmp>/dualpriv-app``).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit.dashboard import AppSettings, InputError, common, datasets, jobs, model, reference
+from toolkit.dashboard import AppSettings, InputError, common, datasets, images, jobs, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
 from toolkit.dashboard.tabs import audit, finetune, memory, runs, sweep, tokens, yourdata
 from toolkit.dashboard.ui import build_app, header_markdown
@@ -182,13 +182,19 @@ def test_one_heavy_job_at_a_time_in_order_and_a_queued_one_sees_its_place(monkey
 
 
 def test_a_running_job_reports_its_own_pace_to_those_waiting():
+    jobs.forget_durations()
     go, first = _hold_the_line("pace-1")
     running = jobs.running_job("pace-1")
-    running.progress(5, 10)
+    running.progress(1, 10)   # the first unit includes loading: no estimate from it alone
     waiting = jobs.stream(jobs.claim("pace-2", "test job", units=1), lambda job: None, dict, blank={},
-                          first_status="", poll_s=0.05)
+                          first_status="", poll_s=0.05, min_gap_s=0.0)
     status = html.unescape(next(waiting)["status"])
-    assert "5/10 done" in status and "from the running test job's own pace" in status
+    assert "1/10 done" in status and "Wait unknown" in status
+    time.sleep(0.3)
+    running.progress(1 + jobs.MIN_PACE_UNITS, 10)  # then its pace since the first unit: ≈ 0.1 s per unit
+    status = html.unescape(next(waiting)["status"])
+    assert "4/10 done" in status and "from the running test job's own pace" in status
+    assert re.search(r"Estimated wait (under 1 s|≈ [0-9] s)", status), status
     jobs.cancel("pace-2")
     assert _drain_stream(waiting)[1].started is False
     go.set()
@@ -294,13 +300,18 @@ def test_the_warm_start_is_prepared_at_launch_as_the_first_job_in_line(tmp_path,
 
 def test_while_the_warm_start_trains_the_header_and_tokens_view_say_so(settings, monkeypatch):
     settings = AppSettings(output_dir=settings.output_dir, **dict(TINY, warm_start_steps=600))
-    monkeypatch.setitem(model._TRAINING, ("tiny", 600), (30, 600, time.monotonic() - 10))
+    pace = jobs.Pace()
+    pace.update(1, 600)
+    pace._first, pace.done = (1.0, time.monotonic() - 10), (4.0, 600.0)   # 3 steps: too few for an estimate
+    monkeypatch.setitem(model._TRAINING, ("tiny", 600), (pace, time.monotonic() - 12))
     monkeypatch.setattr(model, "warm_start_cached", lambda s: False)
+    assert model.warm_start_progress(settings) == "step 4/600 · 12 s"            # no guess from 3 slow steps
+    pace.done = (31.0, 600.0)                                                    # 30 steps in 10 s: 1/3 s each
     progress = model.warm_start_progress(settings)
-    assert progress.startswith("step 30/600 · 10 s, about 19") and "s left" in progress
-    assert "being trained now, once: step 30/600" in header_markdown(settings)
+    assert progress.startswith("step 31/600 · 12 s, about 19") and progress.endswith("s left")
+    assert "being trained now, once: step 31/600" in header_markdown(settings)
     out = tokens.tokens_view(settings, 0, None, "dual-priv", BUDGET_RATIO, 0.75, 16)
-    assert "The public warm start is being trained (step 30/600" in html.unescape(out["status"])
+    assert "The public warm start is being trained (step 31/600" in html.unescape(out["status"])
     assert out["overlay"] is None
 
 
@@ -397,7 +408,9 @@ def test_a_result_within_noise_of_chance_is_flagged_in_plain_words():
 def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_path, monkeypatch):
     monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
     updates = list(_run(settings, steps=3, compare=True))
-    assert any("Measuring the non-private reference" in u["status"] for u in updates)
+    # the run's own result is on the page while its reference is being measured
+    assert any("Measuring the non-private reference" in u["status"] and "accuracy" in u["result"]
+               and "Non-private reference: coming" in u["verdict"] for u in updates)
     first = updates[-1]["verdict"]
     assert "Non-private reference, same 3 steps and batch size 8" in first and "measured live just now" in first
     assert "standard errors" in first or "Within noise of chance" in first
@@ -531,6 +544,15 @@ def test_tokens_view_says_the_decision_in_words_and_explains_the_score(settings)
     assert out["scores"] is None and "does not score patches" in out["summary"]
     out = tokens.tokens_view(settings, 3, None, "none", BUDGET_RATIO, 0.75, 16)
     assert "Kept all 64 patches (no pruning)" in out["summary"] and "nothing is scored" in out["summary"]
+
+
+def test_small_images_are_shown_enlarged_with_sharp_pixels():
+    digit = Image.new("RGB", (32, 32))
+    digit.putpixel((0, 0), (255, 255, 255))
+    shown = images.enlarged(digit)
+    assert shown.size == (256, 256) and shown.getpixel((7, 7)) == (255, 255, 255) and shown.getpixel((8, 8)) == (0, 0, 0)
+    photo = Image.new("RGB", (300, 200))
+    assert images.enlarged(photo) is photo
 
 
 def test_a_non_square_upload_is_letterboxed_and_the_page_says_so(settings, tmp_path):

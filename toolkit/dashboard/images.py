@@ -10,7 +10,8 @@ from toolkit.dashboard.common import InputError
 
 MAX_UPLOAD_PIXELS = 40_000_000
 IMAGE_FORMATS = "PNG, JPEG, BMP, GIF or WebP"
-LETTERBOX_FILL = (0, 0, 0)  # black: the embedded digits sit on a black canvas, so bars read as background
+LETTERBOX_FILL = (0, 0, 0)
+DISPLAY_SIDE = 256          # a 32x32 test digit is shown enlarged to at least this  # black: the embedded digits sit on a black canvas, so bars read as background
 
 
 def load_upload(path) -> Image.Image:
@@ -45,6 +46,15 @@ def letterbox(image: Image.Image, fill=LETTERBOX_FILL) -> Image.Image:
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
+
+
+def enlarged(image: Image.Image, minimum: int = DISPLAY_SIDE) -> Image.Image:
+    """A copy of a small ``image`` scaled up by a whole factor (nearest neighbour: pixels stay sharp squares) so
+    its longer side reaches ``minimum``; larger images are returned as they are. For display only."""
+    factor = -(-minimum // max(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def fit_note(size: tuple[int, int], model_side: int) -> str:

@@ -11,8 +11,8 @@ A handler validates its inputs, claims the session's job slot, then streams::
   own pace and the measured durations of recent jobs of each kind on this server, or "unknown"; never a guess).
   Cancel while queued takes the job out of the line: its ``work`` never runs.
 * ``work(job)`` runs in a daemon thread once the job's turn comes; it reports with ``job.emit(kind, value)`` (its
-  own events), ``job.note(html)`` (a status line replacing the handler's own while set, e.g. the warm start's
-  progress) and ``job.progress(done, total)`` (what the line's estimates use). The turn passes on when ``work``
+  own events), ``job.note(html)`` (a status line replacing the status of ``render()`` while set, e.g. the warm
+  start's progress) and ``job.progress(done, total)`` (what the line's estimates use, once a few units are done). The turn passes on when ``work``
   returns or raises, even when nobody follows the job any more (the page was closed).
 * :func:`stream` is the single polling loop: it drains the job's queue, hands each event to ``on_event``, yields
   ``render()`` (or the note) at most every ``min_gap_s`` while the job runs, and returns an :class:`Outcome`.
@@ -38,7 +38,39 @@ from toolkit.dashboard.common import InputError, message_html
 HEAVY_QUEUE = "heavy-jobs"  # Gradio concurrency id of the heavy events; the line below orders them, not Gradio
 HEAVY_EVENT_LIMIT = 16      # sessions whose heavy event may be inside a handler at once (waiting in the line)
 HISTORY = 5                 # recent durations kept per kind of job, for the wait estimates
+MIN_PACE_UNITS = 3          # a running job's own pace is trusted once it has done this many units past its first
+MIN_PACE_FRACTION = 0.05    # ... and this fraction of its total (the first steps of a warm start run slower:
+                            # 3 of 600 steps extrapolated to 547 s for a warm start that took 140 s)
 _NOTE, _DONE, _ERROR = "__note__", "__done__", "__error__"
+
+
+class Pace:
+    """The pace of work reported as ``update(done, total)``: seconds per unit since the first unit was done (so
+    loading and setup do not count), trusted once ``MIN_PACE_UNITS`` more units and ``MIN_PACE_FRACTION`` of the
+    total are done; before that, no estimate."""
+
+    def __init__(self):
+        self.done: tuple[float, float] | None = None
+        self._first: tuple[float, float] | None = None
+
+    def update(self, done: float, total: float) -> None:
+        self.done = (float(done), float(total))
+        if self._first is None and done > 0:
+            self._first = (float(done), time.monotonic())
+
+    def per_unit(self) -> float | None:
+        if self._first is None or self.done is None:
+            return None
+        first_done, first_time = self._first
+        units = self.done[0] - first_done
+        if units < max(MIN_PACE_UNITS, MIN_PACE_FRACTION * self.done[1]):
+            return None
+        return (time.monotonic() - first_time) / units
+
+    def left_s(self) -> float | None:
+        """Seconds until ``total`` at this pace (None: not known yet)."""
+        per_unit = self.per_unit()
+        return None if per_unit is None else per_unit * max(0.0, self.done[1] - self.done[0])
 
 
 class Job:
@@ -55,7 +87,7 @@ class Job:
         self.claimed = time.monotonic()
         self.started: float | None = None  # when its turn came and work began (None: still queued)
         self.setup_s = 0.0                 # one-off preparation (the warm start): kept out of elapsed and pace
-        self.done: tuple[float, float] | None = None   # the last progress(done, total)
+        self.pace = Pace()                 # its progress(done, total) reports
         self._stop = threading.Event()
         self._events: queue.Queue = queue.Queue()
 
@@ -69,7 +101,12 @@ class Job:
 
     def progress(self, done: float, total: float) -> None:
         """Worker side: ``done`` of ``total`` units so far (the line's estimate of the remaining time uses it)."""
-        self.done = (float(done), float(total))
+        self.pace.update(done, total)
+
+    @property
+    def done(self) -> tuple[float, float] | None:
+        """The last ``progress(done, total)`` (None: none yet)."""
+        return self.pace.done
 
     def exclude(self, seconds: float) -> None:
         """Worker side: ``seconds`` of one-off preparation that the status timer and the pace should not count."""
@@ -190,9 +227,9 @@ def remaining_s(job: Job) -> tuple[float | None, str]:
 
     A running job that reported progress is extrapolated at its own pace; otherwise the median pace of recent
     finished jobs of its kind on this server times its units (minus what it already ran)."""
-    if job.running and job.done and job.done[0] > 0:
-        done, total = job.done
-        return job.elapsed() / done * max(0.0, total - done), f"the running {job.kind}'s own pace"
+    own = job.pace.left_s() if job.running else None
+    if own is not None:
+        return own, f"the running {job.kind}'s own pace"
     measured = pace(job.pace_key)
     if measured is None or job.units <= 0:
         return None, f"no {job.pace_key} has finished on this server yet"
@@ -362,8 +399,8 @@ def stream(job: Job, work: Callable[[Job], Any], render: Callable[[], dict], *, 
 
     While queued it yields ``dict(blank, status=<place in line and wait>)``; a job cancelled while queued returns
     ``Outcome(started=False)`` without ``work`` ever being called. Once running it yields
-    ``dict(blank, status=first_status)``, then ``render()`` (or ``dict(blank, status=note)`` while the worker has
-    a note up) at most every ``min_gap_s`` seconds. ``on_event(kind, value)`` receives every ``job.emit``, in
+    ``dict(blank, status=first_status)``, then ``render()`` (its status replaced by the worker's note while one is
+    up) at most every ``min_gap_s`` seconds. ``on_event(kind, value)`` receives every ``job.emit``, in
     order, before the next render.
     """
     try:
@@ -395,7 +432,7 @@ def stream(job: Job, work: Callable[[Job], Any], render: Callable[[], dict], *, 
             now = time.monotonic()
             if now - last_yield >= min_gap_s:
                 last_yield = now
-                yield dict(blank, status=note) if note is not None else render()
+                yield dict(render(), status=note) if note is not None else render()
     except GeneratorExit:
         job.cancel("the page was closed")  # nobody reads the job any more: stop the worker (or leave the line)
         raise

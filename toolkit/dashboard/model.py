@@ -20,7 +20,7 @@ from toolkit.warmstart import DEFAULT_STEPS, warm_start, warm_start_path
 
 _BUNDLES: dict = {}
 _BUNDLE_LOCK = threading.Lock()
-_TRAINING: dict = {}   # (preset, steps) -> (done, total, started): a warm start being trained now
+_TRAINING: dict = {}   # (preset, steps) -> (jobs.Pace, started): a warm start being trained now
 WARM_START_SESSION = "server:warm-start"
 
 
@@ -46,24 +46,28 @@ def warm_start_cached(settings: AppSettings) -> bool:
 
 def warm_start_progress(settings: AppSettings) -> str | None:
     """"step 120/600 · 31 s, about 124 s left" while the warm start is being trained in this process, else None.
-    The time left is extrapolated from its own pace so far."""
+    The time left is extrapolated from its own pace (:class:`~toolkit.dashboard.jobs.Pace`), once it is known."""
     state = _TRAINING.get((settings.preset, warm_start_steps(settings)))
-    if state is None:
+    if state is None or state[0].done is None:
         return None
-    done, total, started = state
-    spent = time.monotonic() - started
-    left = f", about {spent / done * (total - done):.0f} s left" if done > 0 else ""
-    return f"step {done}/{total} · {spent:.0f} s{left}"
+    pace, started = state
+    done, total = pace.done
+    left = pace.left_s()
+    return f"step {done:.0f}/{total:.0f} · {time.monotonic() - started:.0f} s" + (
+        f", about {left:.0f} s left" if left is not None else "")
 
 
 def warm_start_note(settings: AppSettings) -> str:
     """One line for the page header: the preset and whether its warm start is cached, being trained, or not yet."""
     if settings.warm_start_steps == 0:
         return f"model: preset {settings.preset!r}, no public warm start (untrained start)"
+    progress = warm_start_progress(settings)
     if warm_start_cached(settings):
         state = "cached"
-    elif warm_start_progress(settings) is not None:
-        state = f"being trained now, once: {warm_start_progress(settings)}"
+    elif progress is not None:
+        state = f"being trained now, once: {progress}"
+    elif jobs.running_job(WARM_START_SESSION) is not None:
+        state = "being prepared now, once: starting"
     else:
         state = "not trained yet; the first job trains it, once"
     return f"model: preset {settings.preset!r} with its public warm start ({state})"
@@ -82,10 +86,10 @@ def get_bundle(settings: AppSettings, progress: Callable[[int, int], None] | Non
                 # cache (one extra load from disk, first use only), so the app runs exactly what train() loads.
                 # No tqdm bar: in a server log its carriage returns made one 100 KB line.
                 training = (settings.preset, warm_start_steps(settings))
-                started = time.monotonic()
+                _TRAINING[training] = (jobs.Pace(), time.monotonic())
 
                 def on_step(done: int, total: int) -> None:
-                    _TRAINING[training] = (done, total, started)
+                    _TRAINING[training][0].update(done, total)
                     if progress is not None:
                         progress(done, total)
 
@@ -138,8 +142,8 @@ def prepare_in_background(settings: AppSettings) -> jobs.Job | None:
         tenth = done * 10 // max(total_steps, 1)
         if tenth not in logged:  # a short line per tenth in the server log (never a carriage-return bar)
             logged.add(tenth)
-            print(f"public warm start of {settings.preset!r}: {warm_start_progress(settings) or f'step {done}/{total}'}",
-                  flush=True)
+            state = warm_start_progress(settings) or f"step {done}/{total}"
+            print(f"public warm start of {settings.preset!r}: {state}", flush=True)
 
     jobs.run_detached(job, lambda job: prepare(settings, lambda _: None, progress=progress))
     return job

@@ -165,7 +165,7 @@ SCORE_LABELS = {"cls-attention": "[CLS] attention", "mean-attention": "mean atte
 def score_map_figure(output, score_kind: str | None = None, title: str | None = None) -> go.Figure:
     """The pruning score of every patch of one example on its grid (a heatmap, row 0 at the top), the patches kept
     as themselves outlined. ``score_kind`` names the score in the colour bar (e.g. ``"cls-attention"``).
-    Refuses an output without scores (a strategy that does not score patches)."""
+    Fills its container's width. Refuses an output without scores (a strategy that does not score patches)."""
     _single(output)
     if output.scores is None:
         raise ValueError(f"strategy {output.strategy!r} does not score patches: there is no score map to draw")
@@ -184,8 +184,8 @@ def score_map_figure(output, score_kind: str | None = None, title: str | None = 
                                  y=[None if y is None else y - 0.5 for y in ys], mode="lines",
                                  line=dict(color=KEPT_COLOUR, width=2), name=f"kept ({len(kept)})",
                                  hoverinfo="skip"))
-    layer = f" at layer {output.layer}" if output.layer is not None else ""
-    fig.update_layout(title=title or f"{label} per patch{layer} (kept patches outlined)", width=460, height=440,
+    layer = f", layer {output.layer}" if output.layer is not None else ""
+    fig.update_layout(title=title or f"{label}{layer}<br><sup>per patch; kept patches outlined</sup>", height=440,
                       margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.02),
                       plot_bgcolor="white")
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, cols - 0.5])

@@ -213,10 +213,40 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
             job.progress(row["step"], job.units)
 
         result = train(config, callback=jobs.stopping_callback(job, settings.time_limit, on_row))
+        job.emit("result", result)  # shown at once; the reference (first time: a second run) follows
         ref = measure_reference(job, settings, config, result) if compare else (None, "off (not requested)")
         return result, ref
 
+    shown: dict = {}  # the finished run, once its result is in: result, summary, settings file
+    pending = ("coming: measured once per settings on this server, then cached…" if compare
+               else "off (not requested)")
+
+    def remember(result) -> None:
+        if not shown:
+            summary = result.summary()
+            shown.update(result=result, summary=summary, path=write_settings(settings, summary, result.history))
+
+    def finished(ref_entry, ref_note) -> dict:
+        result, summary = shown["result"], shown["summary"]
+        done = (f"Stopped early ({job.reason}) after {result.steps} steps" if result.cancelled
+                else f"Finished {result.steps} steps")
+        accuracy = "n/a" if math.isnan(result.accuracy) else f"{100 * result.accuracy:.1f}%"
+        status = progress_html(result.steps, config.steps,
+                               f"{done} in {result.wall_time_s:.1f} s · accuracy {accuracy}")
+        return dict(status=status,
+                    curve=training_curve_figure(result.history if len(result.history) else rows, target),
+                    verdict=comparison_html(config, summary, ref_entry, ref_note),
+                    result=result_markdown(summary, job.reason), settings=json_safe(summary), download=shown["path"])
+
+    def on_event(kind: str, value) -> None:
+        if kind == "row":
+            rows.append(value)
+        elif kind == "result":
+            remember(value)
+
     def render() -> dict:
+        if shown:  # the run is over: its result stays up while the reference is measured
+            return finished(None, pending)
         if not rows:
             return dict(blank, status=message_html(f"{label}: loading the model and encoding the data "
                                                    f"({job.elapsed():.0f} s)…"))
@@ -232,7 +262,7 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
                     curve=training_curve_figure(rows, target))
 
     outcome = yield from jobs.stream(
-        job, work, render, blank=blank, on_event=lambda kind, row: rows.append(row),
+        job, work, render, blank=blank, on_event=on_event,
         first_status=message_html(f"Starting {label}: loading the model and encoding the data…"))
     if not outcome.started:
         yield dict(blank, status=jobs.never_started_html(job))
@@ -243,16 +273,8 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
                    curve=training_curve_figure(rows, target) if rows else None)
         return
     result, (ref_entry, ref_note) = outcome.value
-    summary = result.summary()
-    path = write_settings(settings, summary, result.history)
-    done = (f"Stopped early ({job.reason}) after {result.steps} steps" if result.cancelled
-            else f"Finished {result.steps} steps")
-    accuracy = "n/a" if math.isnan(result.accuracy) else f"{100 * result.accuracy:.1f}%"
-    status = progress_html(result.steps, config.steps, f"{done} in {result.wall_time_s:.1f} s · accuracy {accuracy}")
-    yield dict(status=status, curve=training_curve_figure(result.history if len(result.history) else rows, target),
-               verdict=comparison_html(config, summary, ref_entry, ref_note),
-               result=result_markdown(summary, job.reason), settings=json_safe(summary), download=path,
-               summary=summary)
+    remember(result)
+    yield dict(finished(ref_entry, ref_note), summary=shown["summary"])
 
 
 def build(settings: AppSettings, runs_state: gr.State) -> list:

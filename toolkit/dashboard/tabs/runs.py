@@ -90,7 +90,8 @@ def runs_view(runs: list[dict]) -> pd.DataFrame:
             SHOWN["steps_done"]: r.get("steps_done"),
             SHOWN["accuracy"]: None if r["accuracy"] is None or math.isnan(r["accuracy"])
             else round(100 * r["accuracy"], 1),
-            SHOWN["peak_memory_mb"]: _number(r.get("peak_memory_mb"), 4), SHOWN["wall_time_s"]: _number(r["wall_time_s"]),
+            SHOWN["peak_memory_mb"]: _number(r.get("peak_memory_mb"), 4),
+            SHOWN["wall_time_s"]: _number(r["wall_time_s"]),
         })
     return pd.DataFrame(rows)
 
@@ -132,7 +133,8 @@ def refresh(settings: AppSettings, runs: list[dict]) -> dict:
     table = pd.DataFrame(runs, columns=COLUMNS)
     n_eval = reference.eval_size(settings.task, eval_limit=settings.eval_limit)
     pinned = [r["run"] for r in runs if r.get("pinned")]
-    text = f"{len(runs)} run(s) this session, {len(pinned)} pinned. Chance is {100 * reference.chance_level(settings.task):.0f}%."
+    chance = 100 * reference.chance_level(settings.task)
+    text = f"{len(runs)} run(s) this session, {len(pinned)} pinned. Chance is {chance:.0f}%."
     return dict(table=runs_view(runs), figure=runs_comparison_figure(table, n_eval=n_eval),
                 pins=gr.update(choices=pin_choices(runs), value=pinned), status=message_html(text, "info"))
 

@@ -14,7 +14,7 @@ import gradio as gr
 from toolkit.dashboard import model
 from toolkit.dashboard.budget import budget_controls, token_budget
 from toolkit.dashboard.common import AppSettings, InputError, message_html, routed, ui_integer, warn
-from toolkit.dashboard.images import fit_note, letterbox, load_upload
+from toolkit.dashboard.images import enlarged, fit_note, letterbox, load_upload
 from toolkit.data import make_vqa
 from toolkit.tokens import STRATEGIES, make_pruner
 from toolkit.viz import score_map_figure, spatial_histogram_figure, token_overlay_figure
@@ -136,7 +136,8 @@ def build(settings: AppSettings) -> list:
                                  elem_id="tok-status")
                 summary = gr.Markdown(elem_id="tok-summary")
                 with gr.Row():
-                    original = gr.Image(label="The image as given", type="pil", interactive=False, height=300,
+                    original = gr.Image(label="The image as given (small ones enlarged)", type="pil",
+                                        interactive=False, height=300,
                                         elem_id="tok-original")
                     scores = gr.Plot(label="Pruning score per patch", elem_id="tok-scores")
                 overlay = gr.Plot(label="Pruning decision on the model's input", elem_id="tok-overlay")
@@ -148,6 +149,8 @@ def build(settings: AppSettings) -> list:
         # track_tqdm: the first view may train the public warm start; its tqdm bar shows in the page
         view = tokens_view(s, example_v, upload_v, strategy_v, mode_v, ratio_v, keep_v)
         view.pop("counts")  # the summary says it in words
+        if view["original"] is not None:
+            view["original"] = enlarged(view["original"])  # a 32-pixel digit would show as a speck
         return routed(view, outputs)
 
     inputs = [example, upload, strategy, mode, ratio, keep]
