@@ -8,7 +8,7 @@ PORT ?= 7860
 # torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test app test chromium clean
+.PHONY: install install-test warm-start app test chromium clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PIP) install --quiet -r requirements-test.txt
 	touch $@
 
-install: $(VENV)/.installed
+# install also trains the public warm start once (a progress bar, ~4 CPU minutes), so the app's first run does
+# not wait for it; `make test` does not need it (tests build their models untrained).
+install: $(VENV)/.installed warm-start
+
+warm-start: $(VENV)/.installed
+	$(PY) -m toolkit warm-start --preset tiny
 
 install-test: $(VENV)/.installed-test chromium
 

@@ -48,3 +48,26 @@ def test_info_lists_versions_presets_and_dataset_sizes(tmp_path, capsys):
     info = json.loads(out.read_text())
     assert {"tiny", "llava576", "tiny-siglip"} <= set(info["presets"])
     assert info["dataset_sizes"]["parity"]["private"] == 700 and info["torch"].startswith("2.13")
+
+
+def test_warm_start_keeps_its_best_public_validation_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
+    bundle = ws.warm_start("tiny", seed=3, steps=6, batch_size=8, lr=1e-2, progress=False)
+    info = bundle.info["warm_start"]
+    curve = {step: accuracy for step, accuracy in info["validation_curve"]}
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]                  # steps // VALIDATION_CHECKS = every step here
+    assert info["validation_accuracy"] == max(curve.values()) == curve[info["kept_step"]]
+    assert curve[6] < info["validation_accuracy"]                # here the last step is not the best one, so ...
+    assert ws.public_validation_accuracy(bundle) == pytest.approx(info["validation_accuracy"], abs=1e-4)  # ... kept
+
+
+def test_warm_start_cli_trains_once_then_finds_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
+    out = tmp_path / "ws.json"
+    assert main(["warm-start", "--steps", "2", "--json", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert first["was_cached"] is False and 0 <= first["validation_accuracy"] <= 1 and first["steps"] == 2
+    assert main(["warm-start", "--steps", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["was_cached"] is True
+    assert main(["warm-start", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err

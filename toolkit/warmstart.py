@@ -30,11 +30,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolkit.data import Collator, _digits, make_vqa, preprocess_images, render_digits
+from toolkit.evaluation import evaluate
+from toolkit.features import encode_records
 from toolkit.forward import LlavaLM, per_example_loss, select_features
 from toolkit.models import build_model, build_tokenizer, load_model, save_model
+from toolkit.tokens import make_pruner
 
-RECIPE_VERSION = 3  # 3: byte-level BPE tokenizer (the vocabulary changed)
-DEFAULT_STEPS = {"tiny": 600, "tiny-siglip": 600, "llava576": 300}
+RECIPE_VERSION = 4  # 3: byte-level BPE tokenizer; 4: tiny 1200 steps at lr 2e-3, best public-validation checkpoint
+DEFAULT_STEPS = {"tiny": 1200, "tiny-siglip": 600, "llava576": 300}
+# Measured (scratch probe, digit accuracy on the validation split): tiny at 600 steps / lr 1e-3 was still climbing
+# when the cosine schedule ended (52 % at seed 0, 59 % at seed 1); 1200 steps at 2e-3 reach 83 % (seed 0).
+DEFAULT_LR = {"tiny": 2e-3}
+VALIDATION_CHECKS = 6  # public-validation evaluations during a warm start (the best one is kept)
 
 
 def cache_dir() -> Path:
@@ -49,13 +56,15 @@ def tokenizer_fingerprint() -> str:
     return hashlib.sha256(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()[:12]
 
 
-def warm_start_path(preset: str, seed: int, steps: int) -> Path:
-    key = hashlib.sha256(f"{preset}|{seed}|{steps}|{RECIPE_VERSION}|{tokenizer_fingerprint()}".encode()).hexdigest()[:12]
+def warm_start_path(preset: str, seed: int, steps: int, lr: float | None = None) -> Path:
+    lr = lr if lr is not None else DEFAULT_LR.get(preset, 1e-3)
+    key = hashlib.sha256(f"{preset}|{seed}|{steps}|{lr!r}|{RECIPE_VERSION}|{tokenizer_fingerprint()}".encode()
+                         ).hexdigest()[:12]
     return cache_dir() / f"warmstart-{preset}-s{seed}-{steps}-{key}"
 
 
 def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, batch_size: int = 64,
-               lr: float = 1e-3, progress: bool = True, refresh: bool = False,
+               lr: float | None = None, progress: bool = True, refresh: bool = False,
                callback: Callable[[int, int], None] | None = None):
     """Return the warm-started bundle for ``preset``, training and caching it on first use.
 
@@ -63,15 +72,17 @@ def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, ba
         preset: a model preset (``toolkit.models.PRESETS``).
         seed: seeds the initialisation, the digit placement and the batch order.
         steps: optimizer steps on the public split (default ``DEFAULT_STEPS[preset]``, a few CPU minutes).
+        lr: peak AdamW learning rate (default ``DEFAULT_LR.get(preset, 1e-3)``).
         progress: a tqdm bar while training.
         refresh: retrain even if a cached copy exists.
         callback: ``callback(done, total)`` while training: once with ``(0, steps)`` before the first step, then
             after every optimizer step (never called when the cached copy is loaded). For progress displays.
     """
     steps = steps if steps is not None else DEFAULT_STEPS.get(preset, 600)
+    lr = lr if lr is not None else DEFAULT_LR.get(preset, 1e-3)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    path = warm_start_path(preset, seed, steps)
+    path = warm_start_path(preset, seed, steps, lr)
     if (path / "toolkit_bundle.json").is_file() and not refresh:
         return load_model(path)
     bundle = build_model(preset, seed=seed)
@@ -102,6 +113,18 @@ def starting_model(model_dir: str | None = None, preset: str = "tiny", warm_star
     return bundle
 
 
+def start_model_id(preset: str, model_dir: str | None = None, warm_start_steps: int | None = None) -> str:
+    """A short name for the weights :func:`starting_model` would return with these arguments: the warm start's
+    cache folder name (its key covers preset, seed, steps, lr, recipe and tokenizer), ``untrained-<preset>`` or
+    ``dir:<path>``. Sweeps store it with each result, so a result trained from other weights is not reused."""
+    if model_dir:
+        return f"dir:{Path(model_dir).expanduser().resolve()}"
+    if warm_start_steps == 0:
+        return f"untrained-{preset}"
+    steps = warm_start_steps if warm_start_steps is not None else DEFAULT_STEPS.get(preset, 600)
+    return warm_start_path(preset, 0, steps).name
+
+
 def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, progress: bool,
                   callback: Callable[[int, int], None] | None = None) -> None:
     data = make_vqa("digit", "public", image_size=bundle.image_size, seed=seed)
@@ -125,6 +148,11 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     bar = tqdm(range(steps), desc=f"warm start {bundle.preset} (public split)", disable=not progress)
+    # Robustness across seeds: score the digit task on the validation split (public, disjoint from the private
+    # split) a few times and keep the best weights, not whatever the last step left.
+    validation = make_vqa("digit", "validation", image_size=bundle.image_size)
+    check_every = max(1, steps // VALIDATION_CHECKS)
+    best, curve = (-1.0, None, 0), []
     if callback is not None:
         callback(0, steps)
     for step in bar:
@@ -145,11 +173,43 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % check_every == 0 or step + 1 == steps:
+            accuracy = _validation_accuracy(bundle, lm, collator, validation)
+            curve.append((step + 1, round(accuracy, 4)))
+            if accuracy > best[0]:
+                best = (accuracy, {k: v.detach().clone() for k, v in model.state_dict().items()}, step + 1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{accuracy:.2f}")
         if callback is not None:
             callback(step + 1, steps)
+    if best[1] is not None:
+        model.load_state_dict(best[1])
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     bundle.info.update(warm_start=dict(task="digit", split="public", steps=steps, lr=lr, batch_size=batch_size,
-                                       seconds=round(time.perf_counter() - started, 1), recipe=RECIPE_VERSION))
+                                       seconds=round(time.perf_counter() - started, 1), recipe=RECIPE_VERSION,
+                                       validation_accuracy=round(best[0], 4) if curve else None, kept_step=best[2],
+                                       validation_curve=curve))
+
+
+def public_validation_accuracy(bundle) -> float:
+    """Digit accuracy of ``bundle`` on the embedded validation split, every visual token: how a warm start is
+    scored (and its best checkpoint chosen)."""
+    collator = Collator(bundle.tokenizer, bundle.n_patches, bundle.image_token_id, bundle.prompt_template)
+    validation = make_vqa("digit", "validation", image_size=bundle.image_size)
+    was_training = bundle.model.training
+    try:
+        return _validation_accuracy(bundle, LlavaLM(bundle).bind_collator(collator), collator, validation)
+    finally:
+        bundle.model.train(was_training)
+
+
+@torch.no_grad()
+def _validation_accuracy(bundle, lm, collator, validation) -> float:
+    """Closed-set digit accuracy on the validation split with every visual token (the warm start's own task)."""
+    bundle.model.eval()
+    try:
+        features = encode_records(bundle, make_pruner("none", bundle), validation.records)
+        return evaluate(lm, features, validation.records, collator, validation.candidates)
+    finally:
+        bundle.model.train()

@@ -105,7 +105,9 @@ axis and tag, **every** ``TrainConfig`` field (resolved; ``epsilon`` is the targ
 ``updated_params`` (coordinates a step may update: ``round((1 - grad_prune_ratio) * trainable_params)`` for the
 DP-SGD methods, ``trainable_params`` otherwise), ``kept_fraction`` (mean over steps, DP-SGD methods),
 ``visual_tokens``, ``visual_tokens_in``, ``fusion_sigma`` (the σ_fuse actually used), ``n_records``,
-``cancelled``, ``finished_at``; the field ``device`` holds the device the run used (``auto`` resolved). See
+``cancelled``, ``finished_at``; the field ``device`` holds the device the run used (``auto`` resolved), and
+``start_model`` the weights it started from (:func:`toolkit.warmstart.start_model_id`: a cell whose stored
+``start_model`` differs from the plan's, e.g. after a warm-start recipe change, is stale and re-run). See
 :data:`META_COLUMNS` and :data:`RESULT_COLUMNS`.
 
 Privacy unit: one training record = one source image (the embedded private split has one record per image);

@@ -25,6 +25,7 @@ from toolkit.sweeps.plan import Cell, Sweep, SweepPlan, plan_sweep
 from toolkit.sweeps.store import finished_cell_ids, read_results, write_cell, write_json_atomic
 from toolkit.validation import check_choice, check_int
 from toolkit.vocabulary import DP_SGD_METHODS
+from toolkit.warmstart import start_model_id
 
 ON_ERROR = ("raise", "continue")
 
@@ -52,6 +53,7 @@ def result_row(cell: Cell, sweep: Sweep, result) -> dict:
     c = cell.config
     row = dict(cell_id=cell.cell_id, sweep=sweep.name, cell=cell.index, label=cell.label, **cell.columns)
     row.update(c.to_dict())
+    row["start_model"] = start_model_id(c.preset, c.model_dir, c.warm_start_steps)
     history = result.history
     losses = history["loss"].dropna() if "loss" in history else pd.Series(dtype=float)
     kept = history["kept_fraction"].dropna() if "kept_fraction" in history else pd.Series(dtype=float)
@@ -121,6 +123,7 @@ def run_sweep(sweep: Sweep, out_dir: str | os.PathLike, progress: bool = True,
     write_json_atomic(plan_file(sweep, out_dir),
                       dict(sweep=sweep.to_dict(), **plan.summary(), cell_ids={c.cell_id: c.label for c in plan.cells}))
     done = finished_cell_ids(folder)   # reads every file: a corrupt one fails here, before hours of training
+    done -= stale_cell_ids(folder, plan)
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     n = len(plan.cells)
     bar = tqdm(total=len(cells), initial=sum(c.cell_id in done for c in cells), desc=f"sweep {sweep.name}",
@@ -164,13 +167,27 @@ def run_sweep(sweep: Sweep, out_dir: str | os.PathLike, progress: bool = True,
     return df
 
 
+def stale_cell_ids(folder: Path, plan: SweepPlan) -> set[str]:
+    """Finished cells trained from other starting weights than the plan's (e.g. a warm-start recipe changed since):
+    their configs are equal, so their keys are too, but their results are not this plan's. They are re-run."""
+    df = read_results(folder)
+    if df.empty or "start_model" not in df.columns:
+        return set()   # results written before the start model was recorded: no evidence either way
+    expected = {c.cell_id: start_model_id(c.config.preset, c.config.model_dir, c.config.warm_start_steps)
+                for c in plan.cells}
+    return {cid for cid, start in zip(df["cell_id"], df["start_model"])
+            if cid in expected and isinstance(start, str) and start != expected[cid]}
+
+
 def sweep_results(sweep: Sweep, out_dir: str | os.PathLike, plan: SweepPlan | None = None) -> pd.DataFrame:
     """The finished cells of ``sweep`` in ``out_dir`` (plan order, ``cell`` = index in the current plan),
     without running anything. Result files of cells no longer in the plan (e.g. written before a
-    ``TrainConfig`` field was added, which changes every key) are left out."""
+    ``TrainConfig`` field was added, which changes every key) and stale ones (:func:`stale_cell_ids`) are left
+    out."""
     plan = plan or plan_sweep(sweep)
-    df = read_results(results_folder(sweep, out_dir))
+    folder = results_folder(sweep, out_dir)
+    df = read_results(folder)
     order = {c.cell_id: c.index for c in plan.cells}
-    df = df[df["cell_id"].isin(order)]
+    df = df[df["cell_id"].isin(order) & ~df["cell_id"].isin(stale_cell_ids(folder, plan))]
     df = df.assign(cell=df["cell_id"].map(order).astype(int)).sort_values("cell", kind="stable")
     return df.reset_index(drop=True)

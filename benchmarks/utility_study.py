@@ -1,0 +1,96 @@
+"""Issue 14's utility study: tune on validation, choose, report on test with 5 seeds at ε = 1, 3, 8.
+
+    python benchmarks/utility_study.py --out runs/utility-study [--tasks parity,sum] [--stage all] [--shard 0/2]
+
+Stages (``--stage``): ``tune`` runs the ``update-masks`` named sweep (parity, ε = 3, validation split);
+``test`` chooses the winners from the tuning results (:func:`toolkit.sweeps.study.choose_arms`, validation only)
+and runs them on each task's test split; ``report`` prints the comparison and writes
+``<out>/utility-study.json``; ``all`` does the three in turn. Every cell is one file under ``--out``: re-running
+resumes, and ``--shard i/n`` workers (one thread each) can share the folder. The sum task reuses the
+configurations chosen on parity (tuning it separately is the next step, not done).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from toolkit.sweeps import run_sweep, sweep_results
+from toolkit.sweeps.named import named_sweep
+from toolkit.sweeps.study import FAMILIES, arm_table, choose_arms, compare, markdown, test_sweep
+from toolkit.vocabulary import format_epsilon
+
+STAGES = ("tune", "test", "report", "all")
+TASKS = ("parity", "sum")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}")
+    return index, count
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/utility-study", help="results folder (one JSON file per cell)")
+    parser.add_argument("--tasks", default="parity,sum", help=f"comma-separated, from {', '.join(TASKS)}")
+    parser.add_argument("--stage", default="all", choices=STAGES)
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (parallel workers)")
+    args = parser.parse_args(argv)
+    try:
+        args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in args.tasks if t not in TASKS]
+        if unknown or not args.tasks:
+            raise ValueError(f"--tasks: unknown {unknown or args.tasks!r}; choose from {', '.join(TASKS)}")
+        args.shard = _shard(args.shard)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def _report_cell(event: dict) -> None:
+    if event["kind"] == "done":
+        row = event["row"]
+        print(f"{event['label']}: accuracy {row['accuracy']:.3f}, ε spent {format_epsilon(row['epsilon_spent'], 2)}, "
+              f"{row['step_time_s']:.2f} s/step, {row['wall_time_s']:.0f} s", flush=True)
+    elif event["kind"] == "failed":
+        print(f"FAILED {event['label']}: {event['error']}", flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out = Path(args.out)
+    tuning = named_sweep("update-masks", quick=False)
+    if args.stage in ("tune", "all"):
+        run_sweep(tuning, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+    if args.stage == "tune":
+        return
+    tuned = sweep_results(tuning, out)
+    print(arm_table(tuned).round(3).to_string(index=False))
+    chosen = choose_arms(tuned)
+    for family, arm in chosen.items():
+        print(f"{family}: {arm['label']} (validation {arm['tags']['validation_accuracy']:.3f})")
+    report = dict(chosen={f: a["label"] for f, a in chosen.items()},
+                  tuning=arm_table(tuned).round(4).to_dict(orient="records"), tasks={})
+    for task in args.tasks:
+        sweep = test_sweep(chosen, task)
+        if args.stage in ("test", "all"):
+            run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+        table = compare(sweep_results(sweep, out), chosen)
+        print(f"\n{task} (test split, accuracy %, mean ± standard error over seeds; Δ vs DP-SGD):")
+        print(markdown(table))
+        report["tasks"][task] = table.round(2).to_dict(orient="records")
+    if args.shard == (0, 1) or args.stage == "report":
+        (out / "utility-study.json").write_text(json.dumps(dict(report, families=FAMILIES), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

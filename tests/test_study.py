@@ -1,0 +1,97 @@
+"""The utility study (toolkit.sweeps.study): choosing on validation, the test sweep, the comparison; and sweeps
+re-running a cell whose stored result was trained from other starting weights."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+import toolkit.train as train_module
+from toolkit.sweeps import Sweep, run_sweep, sweep_results
+from toolkit.sweeps.study import PAPER_ARM, choose_arms, compare, markdown, test_sweep as make_test_sweep
+
+ARMS = [
+    dict(label="DP-SGD", method="dp-sgd"),
+    dict(label="DP-SGD, lr 1e-2", method="dp-sgd", lr=1e-2),
+    dict(label=PAPER_ARM, method="dual-priv"),
+    dict(label="Dual-Priv, past-noisy", method="dual-priv", update_mask="past-noisy", grad_prune_ratio=0.5),
+    dict(label="Dual-Priv, batch 256", method="dual-priv", expected_batch_size=256, epochs=40.0),
+    dict(label="Dual-Priv, slow", method="dual-priv", epochs=200.0),
+]
+
+
+def _tuning(rows):
+    """rows: (arm, method, [validation accuracies per seed], steps, batch, step time)."""
+    records = []
+    for arm, method, accuracies, steps, batch, step_time in rows:
+        for seed, accuracy in enumerate(accuracies):
+            records.append(dict(arm=arm, method=method, seed=seed, accuracy=accuracy, steps_done=steps,
+                                expected_batch_size=batch, step_time_s=step_time))
+    return pd.DataFrame(records)
+
+
+TUNING = _tuning([
+    ("DP-SGD", "dp-sgd", [0.70, 0.72], 110, 128, 1.0),
+    ("DP-SGD, lr 1e-2", "dp-sgd", [0.80, 0.78], 110, 128, 1.0),
+    (PAPER_ARM, "dual-priv", [0.60, 0.62], 110, 128, 0.2),
+    ("Dual-Priv, past-noisy", "dual-priv", [0.75, 0.77], 110, 128, 0.2),
+    ("Dual-Priv, batch 256", "dual-priv", [0.82, 0.84], 110, 256, 0.4),
+    ("Dual-Priv, slow", "dual-priv", [0.95, 0.95], 1100, 128, 0.2),   # 220 s of training: over DP-SGD's 110 s
+])
+
+
+def test_winners_are_chosen_by_validation_within_each_view():
+    chosen = choose_arms(TUNING, ARMS)
+    assert chosen["DP-SGD"]["label"] == "DP-SGD, lr 1e-2" and chosen["DP-SGD"]["lr"] == 1e-2
+    assert chosen["Dual-Priv (paper)"]["label"] == PAPER_ARM
+    assert chosen["Dual-Priv, equal steps"]["label"] == "Dual-Priv, past-noisy"       # batch 256 is not equal steps
+    assert chosen["Dual-Priv, equal wall-clock"]["label"] == "Dual-Priv, batch 256"   # 'slow' costs more than DP-SGD
+    assert chosen["DP-SGD"]["tags"]["validation_accuracy"] == pytest.approx(0.79)
+
+
+def test_choosing_needs_both_methods():
+    with pytest.raises(ValueError, match="DP-SGD and Dual-Priv"):
+        choose_arms(TUNING[TUNING["method"] == "dual-priv"], ARMS)
+    with pytest.raises(ValueError, match="no finished cells"):
+        choose_arms(TUNING.iloc[:0], ARMS)
+
+
+def test_the_test_sweep_runs_each_chosen_arm_once_on_the_test_split():
+    chosen = choose_arms(TUNING, ARMS)
+    chosen["Dual-Priv, equal steps"] = chosen["Dual-Priv (paper)"]                  # one arm, two families
+    sweep = make_test_sweep(chosen, task="sum")
+    assert sweep.base["eval_split"] == "test" and sweep.base["task"] == "sum"
+    assert sweep.grid["epsilon"] == [1.0, 3.0, 8.0] and sweep.seeds == [0, 1, 2, 3, 4]
+    assert [a["label"] for a in sweep.grid["arm"]] == ["DP-SGD, lr 1e-2", PAPER_ARM, "Dual-Priv, batch 256"]
+    assert all("tags" not in a for a in sweep.grid["arm"])
+
+
+def test_comparison_reports_differences_with_their_standard_error():
+    chosen = {"DP-SGD": dict(label="A"), "Dual-Priv, equal steps": dict(label="B")}
+    results = pd.DataFrame(dict(arm=["A", "A", "B", "B"], epsilon=[3.0] * 4, accuracy=[0.70, 0.80, 0.90, 0.90]))
+    table = compare(results, chosen).set_index("family")
+    assert table.loc["DP-SGD", "mean"] == pytest.approx(75.0) and table.loc["DP-SGD", "se"] == pytest.approx(5.0)
+    assert table.loc["Dual-Priv, equal steps", "vs_dp_sgd"] == pytest.approx(15.0)
+    assert table.loc["Dual-Priv, equal steps", "vs_dp_sgd_se"] == pytest.approx(5.0)   # hypot(0, 5)
+    assert "+15.0 ± 5.0" in markdown(compare(results, chosen))
+
+
+def test_a_cell_trained_from_other_starting_weights_is_rerun(tmp_path, monkeypatch):
+    calls = []
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda config, callback=None: calls.append(1) or real_train(config, callback))
+    sweep = Sweep("stale", base=dict(warm_start_steps=0, train_limit=32, eval_limit=16, steps=1,
+                                     expected_batch_size=4, accountant="rdp", method="dp-sgd", epsilon=8.0))
+    first = run_sweep(sweep, tmp_path, progress=False)
+    assert first["start_model"].tolist() == ["untrained-tiny"] and len(calls) == 1
+    run_sweep(sweep, tmp_path, progress=False)
+    assert len(calls) == 1                                              # same start: cached
+    path = next((tmp_path / "stale").glob("*.json"))
+    row = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(row, start_model="warmstart-tiny-s0-600-0123456789ab")))  # an older recipe
+    assert sweep_results(sweep, tmp_path).empty                         # a stale result is not this plan's
+    again = run_sweep(sweep, tmp_path, progress=False)
+    assert len(calls) == 2 and again["start_model"].tolist() == ["untrained-tiny"]
+    assert not math.isnan(again["accuracy"].iloc[0])

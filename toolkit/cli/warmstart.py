@@ -1,0 +1,35 @@
+"""``python -m toolkit warm-start``: train (or find cached) the public warm start of a preset, with a progress bar.
+
+``make install`` runs it, so the first fine-tune of the dashboard or a notebook does not wait for it.
+"""
+from __future__ import annotations
+
+from toolkit.cli import subcommand
+
+
+@subcommand("warm-start", help="train and cache the public warm start of a model preset (a few CPU minutes, once)")
+def run(args) -> dict:
+    from toolkit.models import PRESETS
+    from toolkit.warmstart import DEFAULT_STEPS, warm_start, warm_start_path
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.preset, 600)
+    path = warm_start_path(args.preset, args.seed, steps)
+    cached = (path / "toolkit_bundle.json").is_file()
+    bundle = warm_start(args.preset, seed=args.seed, steps=steps, progress=True)
+    info = bundle.info.get("warm_start", {})
+    result = dict(preset=args.preset, seed=args.seed, steps=steps, path=str(path), was_cached=cached,
+                  validation_accuracy=info.get("validation_accuracy"), kept_step=info.get("kept_step"),
+                  seconds=info.get("seconds"))
+    accuracy = result["validation_accuracy"]
+    print(f"warm start of {args.preset!r} {'found in the cache' if cached else 'trained'}: {path}"
+          + (f" (digit accuracy on the validation split {accuracy:.1%})" if accuracy is not None else ""))
+    return result
+
+
+@run.configure
+def configure(parser) -> None:
+    parser.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the warm start (default 0, what runs use)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's default)")

@@ -1,0 +1,126 @@
+"""The utility study (issue 14): tune on the validation split, report the winners on test, two views.
+
+1. **Tune**: the ``update-masks`` named sweep (ε = 3, parity, validation split, seeds 0-1).
+2. **Choose** (:func:`choose_arms`), by mean validation accuracy, never by test:
+
+   - ``DP-SGD``: the best DP-SGD arm;
+   - ``Dual-Priv (paper)``: the paper's exact mechanism as published (post-noise mask, prune 0.2), always reported;
+   - ``Dual-Priv, equal steps``: the best Dual-Priv arm with DP-SGD's winner's steps and expected batch;
+   - ``Dual-Priv, equal wall-clock``: the best Dual-Priv arm whose measured training time (median step time x
+     steps) is at most the DP-SGD winner's.
+
+3. **Test** (:func:`test_sweep`): the chosen arms at ε ∈ {1, 3, 8}, 5 seeds, on the test split, per task.
+4. **Report** (:func:`compare`): mean ± standard error per family, and Dual-Priv minus DP-SGD with the standard
+   error of the difference (unpaired: the seeds of two methods draw different noise).
+
+Every stage is a sweep of :func:`~toolkit.sweeps.run.run_sweep`: one file per finished cell, so the study resumes
+where it stopped. Example (plumbing only: quick mode trains untrained models for 2 steps)::
+
+    >>> from toolkit.sweeps.named import named_sweep
+    >>> from toolkit.sweeps.study import test_sweep
+    >>> arms = {"DP-SGD": dict(label="DP-SGD", method="dp-sgd")}
+    >>> test_sweep(arms, task="parity", epsilons=[3.0], seeds=[0]).grid["epsilon"]
+    [3.0]
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from toolkit.sweeps.named import FULL_BASE, update_mask_arms
+from toolkit.sweeps.plan import Sweep
+from toolkit.sweeps.summary import summarize
+
+PAPER_ARM = "Dual-Priv (paper: noisy mask, prune 0.2)"
+FAMILIES = ("DP-SGD", "Dual-Priv (paper)", "Dual-Priv, equal steps", "Dual-Priv, equal wall-clock")
+TEST_EPSILONS = (1.0, 3.0, 8.0)
+TEST_SEEDS = (0, 1, 2, 3, 4)
+
+
+def arm_table(tuning: pd.DataFrame) -> pd.DataFrame:
+    """One row per tuning arm: mean validation accuracy (and its standard error over seeds), steps, expected
+    batch, and training time = median step time x steps (what the wall-clock view compares)."""
+    if tuning.empty:
+        raise ValueError("the tuning sweep has no finished cells yet: run it first")
+    df = tuning.assign(train_time_s=tuning["step_time_s"] * tuning["steps_done"])
+    stats = summarize(df, "arm")
+    extra = df.groupby("arm").agg(method=("method", "first"), steps=("steps_done", "first"),
+                                  expected_batch_size=("expected_batch_size", "first"),
+                                  train_time_s=("train_time_s", "mean")).reset_index()
+    return stats.merge(extra, on="arm").sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def choose_arms(tuning: pd.DataFrame, arms: list[dict] | None = None) -> dict[str, dict]:
+    """Family -> the winning arm (its bundled-axis dict, with ``tags`` naming the family and its validation
+    score). Raises ``ValueError`` when a family has no finished arm to choose from."""
+    arms = {a["label"]: a for a in (arms or update_mask_arms())}
+    table = arm_table(tuning)
+    table = table[table["arm"].isin(arms)]
+    dp_sgd = table[table["method"] == "dp-sgd"]
+    dual = table[table["method"] == "dual-priv"]
+    if dp_sgd.empty or dual.empty:
+        raise ValueError("choosing needs finished DP-SGD and Dual-Priv arms in the tuning results")
+    best_dp = dp_sgd.iloc[0]
+    candidates = {
+        "DP-SGD": dp_sgd,
+        "Dual-Priv (paper)": dual[dual["arm"] == PAPER_ARM],
+        "Dual-Priv, equal steps": dual[(dual["steps"] == best_dp["steps"])
+                                       & (dual["expected_batch_size"] == best_dp["expected_batch_size"])],
+        "Dual-Priv, equal wall-clock": dual[dual["train_time_s"] <= best_dp["train_time_s"]],
+    }
+    chosen = {}
+    for family, rows in candidates.items():
+        if rows.empty:
+            raise ValueError(f"no finished tuning arm qualifies for {family!r}")
+        row = rows.iloc[0]
+        chosen[family] = dict(arms[row["arm"]], tags=dict(validation_accuracy=float(row["mean"]),
+                                                           train_time_s=float(row["train_time_s"])))
+    return chosen
+
+
+def test_sweep(chosen: dict[str, dict], task: str = "parity", epsilons=TEST_EPSILONS, seeds=TEST_SEEDS) -> Sweep:
+    """The chosen arms on the test split at each ε, one cell per seed. An arm chosen by several families is run
+    once (its label keeps the arm's own name; :func:`compare` maps families onto it)."""
+    unique = {}
+    for arm in chosen.values():
+        unique.setdefault(arm["label"], {k: v for k, v in arm.items() if k != "tags"})
+    return Sweep(
+        f"utility-test-{task}", base=dict(FULL_BASE, task=task, eval_split="test"),
+        grid=dict(arm=list(unique.values()), epsilon=list(epsilons)), seeds=list(seeds),
+        description=f"The configurations chosen on the validation split (toolkit.sweeps.study), on the {task} "
+                    "test split.",
+    )
+
+
+def compare(results: pd.DataFrame, chosen: dict[str, dict]) -> pd.DataFrame:
+    """Rows per (family, ε): mean, standard error, seeds; and ``vs_dp_sgd`` = family mean - DP-SGD mean with
+    ``vs_dp_sgd_se`` = sqrt(se² + se_DP-SGD²). Accuracies in percent."""
+    rows = []
+    stats = summarize(results, ["arm", "epsilon"]) if not results.empty else pd.DataFrame()
+    for family, arm in chosen.items():
+        for _, r in stats[stats["arm"] == arm["label"]].iterrows() if len(stats) else []:
+            rows.append(dict(family=family, arm=arm["label"], epsilon=r["epsilon"], mean=100 * r["mean"],
+                             se=100 * (r["sem"] if r["count"] > 1 else math.nan), seeds=int(r["count"])))
+    table = pd.DataFrame(rows, columns=["family", "arm", "epsilon", "mean", "se", "seeds"])
+    base = table[table["family"] == "DP-SGD"].set_index("epsilon")
+    table["vs_dp_sgd"] = [m - base["mean"].get(e, math.nan) for m, e in zip(table["mean"], table["epsilon"])]
+    table["vs_dp_sgd_se"] = [math.hypot(s, base["se"].get(e, math.nan)) for s, e in zip(table["se"], table["epsilon"])]
+    return table
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The comparison as a Markdown table (ε rows, one column per family, ``mean ± se (Δ vs DP-SGD)``)."""
+    lines = ["| ε | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
+    for epsilon in sorted(table["epsilon"].unique()):
+        cells = []
+        for family in FAMILIES:
+            r = table[(table["family"] == family) & (table["epsilon"] == epsilon)]
+            if r.empty:
+                cells.append("–")
+                continue
+            r = r.iloc[0]
+            delta = "" if family == "DP-SGD" else f" ({r['vs_dp_sgd']:+.1f} ± {r['vs_dp_sgd_se']:.1f})"
+            cells.append(f"{r['mean']:.1f} ± {r['se']:.1f}{delta} [n={r['seeds']}]")
+        lines.append(f"| {epsilon:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
