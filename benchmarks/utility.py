@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.sweeps import FULL_BASE, Sweep, export_csv, run_sweep, summarize
+from toolkit.sweeps import FULL_BASE, Sweep, export_csv, parse_shard, run_sweep, summarize
 from toolkit.validation import check_choice
 from toolkit.vocabulary import METHODS, format_epsilon, parse_epsilon
 
@@ -47,16 +47,6 @@ def _seed(text: str) -> int:
         raise ValueError(f"--seeds: {text!r} is not an integer") from None
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}")
-    return index, count
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/utility.csv",
@@ -74,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.epsilons = _list(args.epsilons, parse_epsilon, "epsilons")
         args.seeds = _list(args.seeds, _seed, "seeds")
         args.methods = _list(args.methods, lambda m: check_choice("method", m, METHODS), "methods")
-        args.shard = _shard(args.shard)
+        args.shard = parse_shard(args.shard)
     except ValueError as err:
         parser.error(str(err))
     return args

@@ -4,8 +4,9 @@
 
 Stages (``--stage``): ``tune`` runs the ``update-masks`` named sweep (parity, ε = 3, validation split);
 ``test`` chooses the winners from the tuning results (:func:`toolkit.sweeps.study.choose_arms`, validation only)
-and runs them on each task's test split; ``report`` prints the comparison and writes
-``<out>/utility-study.json``; ``all`` does the three in turn. Every cell is one file under ``--out``: re-running
+and runs them on each task's test split; ``budgets`` runs the ``dual-priv-budgets`` named sweep (update keep
+fraction 0.05-1.0, visual tokens 8-64, validation split); ``report`` prints the comparison and writes
+``<out>/utility-study.json``; ``all`` does them in turn. Every cell is one file under ``--out``: re-running
 resumes, and ``--shard i/n`` workers (one thread each) can share the folder. The sum task reuses the
 configurations chosen on parity (tuning it separately is the next step, not done).
 """
@@ -18,23 +19,13 @@ from pathlib import Path
 
 import torch
 
-from toolkit.sweeps import run_sweep, sweep_results
+from toolkit.sweeps import parse_shard, run_sweep, summarize, sweep_results
 from toolkit.sweeps.named import named_sweep
 from toolkit.sweeps.study import FAMILIES, arm_table, choose_arms, compare, markdown, test_sweep
 from toolkit.vocabulary import format_epsilon
 
-STAGES = ("tune", "test", "report", "all")
+STAGES = ("tune", "test", "budgets", "report", "all")
 TASKS = ("parity", "sum")
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}")
-    return index, count
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         unknown = [t for t in args.tasks if t not in TASKS]
         if unknown or not args.tasks:
             raise ValueError(f"--tasks: unknown {unknown or args.tasks!r}; choose from {', '.join(TASKS)}")
-        args.shard = _shard(args.shard)
+        args.shard = parse_shard(args.shard)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -68,10 +59,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
-    tuning = named_sweep("update-masks", quick=False)
+    tuning = named_sweep("update-masks")            # $DUALPRIV_QUICK shrinks every stage to a plumbing check
     if args.stage in ("tune", "all"):
         run_sweep(tuning, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
-    if args.stage == "tune":
+    budgets = named_sweep("dual-priv-budgets")
+    if args.stage in ("budgets", "all"):
+        run_sweep(budgets, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+    if args.stage in ("tune", "budgets"):
         return
     tuned = sweep_results(tuning, out)
     print(arm_table(tuned).round(3).to_string(index=False))
@@ -88,6 +82,11 @@ def main(argv=None) -> None:
         print(f"\n{task} (test split, accuracy %, mean ± standard error over seeds; Δ vs DP-SGD):")
         print(markdown(table))
         report["tasks"][task] = table.round(2).to_dict(orient="records")
+    budget_rows = sweep_results(budgets, out)
+    if len(budget_rows):
+        report["budgets"] = summarize(budget_rows, ["arm"]).round(4).to_dict(orient="records")
+        print("\nDual-Priv budgets (validation, ε = 3):")
+        print(summarize(budget_rows, ["arm"]).round(3).to_string(index=False))
     if args.shard == (0, 1) or args.stage == "report":
         (out / "utility-study.json").write_text(json.dumps(dict(report, families=FAMILIES), indent=2, default=str))
 

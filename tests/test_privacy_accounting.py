@@ -14,6 +14,8 @@ from toolkit.privacy.accounting import (
     epsilon_spent,
     make_accountant,
     restore_accountant,
+    calibrate_continuation,
+    history_epsilon,
 )
 
 DELTA = 1e-5
@@ -101,3 +103,13 @@ def test_accountant_state_round_trip_keeps_epsilon():
 def test_restore_rejects_malformed_state(state):
     with pytest.raises(ValueError):
         restore_accountant(state)
+
+
+def test_a_continuation_keeps_the_composed_epsilon_within_the_new_target():
+    past = [(2.0, 0.1, 20)]                                # spends 1.23 under RDP
+    sigma = calibrate_continuation(past, 3.0, 1e-5, 0.1, 30, accountant="rdp")
+    total = history_epsilon(past + [(sigma, 0.1, 30)], 1e-5, "rdp")
+    assert 3.0 - 0.01 <= total <= 3.0                     # the composition, not the new steps alone
+    assert sigma > calibrate_noise(3.0, 1e-5, 0.1, 30, "rdp")
+    with pytest.raises(PrivacyBudgetError, match="already spent"):
+        calibrate_continuation([(0.3, 0.5, 200)], 1.0, 1e-5, 0.1, 30, accountant="rdp")

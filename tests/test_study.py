@@ -2,8 +2,10 @@
 re-running a cell whose stored result was trained from other starting weights."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ import toolkit.train as train_module
 from toolkit.sweeps import Sweep, run_sweep, sweep_results
 from toolkit.sweeps.study import PAPER_ARM, choose_arms, compare, markdown, test_sweep as make_test_sweep
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 ARMS = [
     dict(label="DP-SGD", method="dp-sgd"),
     dict(label="DP-SGD, lr 1e-2", method="dp-sgd", lr=1e-2),
@@ -61,7 +64,7 @@ def test_choosing_needs_both_methods():
 def test_the_test_sweep_runs_each_chosen_arm_once_on_the_test_split():
     chosen = choose_arms(TUNING, ARMS)
     chosen["Dual-Priv, equal steps"] = chosen["Dual-Priv (paper)"]                  # one arm, two families
-    sweep = make_test_sweep(chosen, task="sum")
+    sweep = make_test_sweep(chosen, task="sum", quick=False)
     assert sweep.base["eval_split"] == "test" and sweep.base["task"] == "sum"
     assert sweep.grid["epsilon"] == [1.0, 3.0, 8.0] and sweep.seeds == [0, 1, 2, 3, 4]
     assert [a["label"] for a in sweep.grid["arm"]] == ["DP-SGD, lr 1e-2", PAPER_ARM, "Dual-Priv, batch 256"]
@@ -95,3 +98,29 @@ def test_a_cell_trained_from_other_starting_weights_is_rerun(tmp_path, monkeypat
     again = run_sweep(sweep, tmp_path, progress=False)
     assert len(calls) == 2 and again["start_model"].tolist() == ["untrained-tiny"]
     assert not math.isnan(again["accuracy"].iloc[0])
+
+
+def test_a_view_no_arm_qualifies_for_is_left_out_not_filled_in():
+    slow = TUNING.assign(step_time_s=[1.0, 1.0, 1.0, 1.0] + [5.0] * 8)        # every Dual-Priv arm slower
+    chosen = choose_arms(slow, ARMS)
+    assert "Dual-Priv, equal wall-clock" not in chosen and "Dual-Priv, equal steps" in chosen
+    assert "| – |" in markdown(compare(pd.DataFrame(dict(arm=["DP-SGD, lr 1e-2"], epsilon=[3.0], accuracy=[0.8])),
+                                       chosen)) + " |"
+
+
+def test_the_study_script_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("utility_study", BENCHMARKS / "utility_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setenv("DUALPRIV_QUICK", "1")
+    out = tmp_path / "study"
+    study.main(["--out", str(out), "--tasks", "parity"])
+    report = json.loads((out / "utility-study.json").read_text())
+    assert report["chosen"]["DP-SGD"] == "DP-SGD" and "Dual-Priv (paper)" in report["chosen"]
+    tested = {row["family"] for row in report["tasks"]["parity"]}
+    assert {"DP-SGD", "Dual-Priv (paper)"} <= tested
+    assert all(row["epsilon"] == 3.0 and row["seeds"] == 1 for row in report["tasks"]["parity"])
+    assert len(report["budgets"]) == 2
+    assert "s/step" in capsys.readouterr().out                                  # a trained cell is reported
+    study.main(["--out", str(out), "--tasks", "parity"])                        # resumes: nothing new trains
+    assert "s/step" not in capsys.readouterr().out

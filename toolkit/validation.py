@@ -111,19 +111,9 @@ def check_writable_file(path: str | os.PathLike, what: str = "output file") -> P
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {str(path)!r} is a directory")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{what} {str(path)!r}: its folder cannot be created ({err.strerror})") from None
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {str(path)!r} is not writable")
-    try:  # a real probe as well: os.access says yes to root, and on some read-only mounts
-        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
-    except OSError as err:
-        raise ValueError(f"{what} {str(path)!r} is not writable ({err.strerror or err})") from None
-    os.close(handle)
-    os.unlink(probe)
+    _probe_folder(path, what)
     return path
 
 
@@ -135,12 +125,17 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
         raise ValueError(f"{what} {str(path)!r} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()):
         raise ValueError(f"{what} {str(path)!r} already exists and is not empty: choose a new folder")
-    parent = path.parent
+    _probe_folder(path, what)
+    return path
+
+
+def _probe_folder(path: Path, what: str) -> None:
+    """Create ``path``'s folder if missing and write (then delete) a probe file in it: a real write, because
+    ``os.access`` says yes to root and on some read-only mounts."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path.parent)
     except OSError as err:
         raise ValueError(f"{what} {str(path)!r} cannot be written ({err.strerror or err})") from None
     os.close(handle)
     os.unlink(probe)
-    return path

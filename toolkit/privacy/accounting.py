@@ -215,6 +215,13 @@ def _calibrate(target_epsilon: float, delta: float, q: float, steps: int, accoun
         high, eps_high = low, eps_low
         if target_epsilon - eps_high <= epsilon_tolerance:
             return high
+    return _bisect_sigma(eps, low, high, eps_high, target_epsilon, epsilon_tolerance)
+
+
+def _bisect_sigma(eps, low: float, high: float, eps_high: float, target_epsilon: float,
+                  epsilon_tolerance: float) -> float:
+    """Bisect σ in [low, high], ``eps(low) > target >= eps(high) = eps_high`` (ε falls as σ grows), until
+    ``eps(high)`` is within the tolerance below the target; return ``high``: a σ verified never to overshoot."""
     while target_epsilon - eps_high > epsilon_tolerance and (high - low) > 1e-6 * high:
         mid = 0.5 * (low + high)
         eps_mid = eps(mid)
@@ -270,15 +277,7 @@ def calibrate_continuation(history: list, target_epsilon: float, target_delta: f
                                      f"after the {spent:.3f} already spent")
     if high == low:
         return high
-    eps_high = total(high)
-    while target_epsilon - eps_high > epsilon_tolerance and (high - low) > 1e-6 * high:
-        mid = 0.5 * (low + high)
-        eps_mid = total(mid)
-        if eps_mid <= target_epsilon:
-            high, eps_high = mid, eps_mid
-        else:
-            low = mid
-    return high
+    return _bisect_sigma(total, low, high, total(high), target_epsilon, epsilon_tolerance)
 
 
 # ---------------------------------------------------------------- save / restore

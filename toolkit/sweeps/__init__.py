@@ -122,7 +122,7 @@ from toolkit.sweeps.plan import (
     BUNDLE_KEYS, CONFIG_FIELDS, HASH_VERSION, QUICK_BASE, RULES, UNKEYED_FIELDS, Cell, Skipped, Sweep, SweepPlan,
     config_key, expand, plan_sweep, preset_patches,
 )
-from toolkit.sweeps.run import plan_file, result_row, results_folder, run_sweep, sweep_results
+from toolkit.sweeps.run import parse_shard, plan_file, result_row, results_folder, run_sweep, sweep_results
 from toolkit.sweeps.store import (
     META_COLUMNS, RESULT_COLUMNS, CorruptResultError, cell_file, export_csv, read_results, write_cell,
 )
@@ -138,7 +138,7 @@ __all__ = [
     "read_results", "export_csv", "write_cell", "cell_file", "CorruptResultError", "META_COLUMNS",
     "RESULT_COLUMNS",
     # running
-    "run_sweep", "sweep_results", "results_folder", "plan_file", "result_row",
+    "run_sweep", "sweep_results", "results_folder", "plan_file", "result_row", "parse_shard",
     # named sweeps and quick mode
     "NAMED_SWEEPS", "named_sweep", "is_quick", "QUICK_ENV", "EPSILONS", "FULL_BASE", "matched_lora_rank",
     "lora_rank_arms", "trainable_count",

@@ -189,8 +189,38 @@ def _update_masks(preset: str) -> Sweep:
     )
 
 
+def dual_priv_budget_arms(preset: str = "tiny") -> list[dict]:
+    """Bundled-axis values of ``dual-priv-budgets``: the update keep fraction from 0.05 to 1.0 with the paper's
+    post-noise mask and with the past-noisy pre-noise mask, and the visual-token budget from 8 to all patches."""
+    arms = []
+    for keep in (0.05, 0.1, 0.2, 0.5, 0.8, 1.0):
+        for mask in ("noisy", "past-noisy"):
+            if keep == 1.0 and mask == "past-noisy":
+                continue   # keeping everything: no mask at all, the same run as "noisy" at 1.0
+            arms.append(dict(label=f"keep {keep:g} of the update, {mask} mask", method="dual-priv",
+                             update_mask=mask, grad_prune_ratio=round(1 - keep, 4),
+                             tags=dict(update_keep=keep, visual_tokens_kept=16)))
+    n = preset_patches(preset) or 64
+    for keep_tokens in (8, 16, 32, n):
+        arms.append(dict(label=f"{keep_tokens} of {n} visual tokens", method="dual-priv", keep_tokens=keep_tokens,
+                         token_prune_ratio=None, tags=dict(update_keep=0.8, visual_tokens_kept=keep_tokens)))
+    return arms
+
+
+def _dual_priv_budgets(preset: str) -> Sweep:
+    return Sweep(
+        "dual-priv-budgets", base=dict(FULL_BASE, preset=preset, epsilon=3.0, eval_split="validation"),
+        grid=dict(arm=dual_priv_budget_arms(preset)), seeds=[0, 1],
+        description="Dual-Priv at ε = 3 on the VALIDATION split: the fraction of the update kept (0.05 to 1.0; the "
+                    "paper's post-noise mask and the past-noisy pre-noise mask) and the visual tokens kept (8 to "
+                    "all).",
+        quick=dict(grid=dict(arm=dual_priv_budget_arms(preset)[:2])),
+    )
+
+
 NAMED_SWEEPS: dict[str, Callable[[str], Sweep]] = {
     "update-masks": _update_masks,
+    "dual-priv-budgets": _dual_priv_budgets,
     "privacy-utility": _privacy_utility,
     "ablation": _ablation,
     "budget": _budget,
@@ -200,7 +230,7 @@ NAMED_SWEEPS: dict[str, Callable[[str], Sweep]] = {
 
 def named_sweep(name: str, quick: bool | None = None, preset: str = "tiny", **base) -> Sweep:
     """A built-in sweep (:data:`NAMED_SWEEPS`): ``privacy-utility``, ``ablation``, ``budget``, ``lora-rank``,
-    ``update-masks``.
+    ``update-masks``, ``dual-priv-budgets``.
 
     Args:
         quick: shrink it for CI (:meth:`Sweep.quick_version`); default: :func:`is_quick`.

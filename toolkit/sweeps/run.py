@@ -72,6 +72,17 @@ def result_row(cell: Cell, sweep: Sweep, result) -> dict:
     return row
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` (a command-line ``--shard``) as ``(i, n)``; ``ValueError`` unless integers with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard must be i/n with integers 0 <= i < n, got {text!r}")
+    return index, count
+
+
 def _check_shard(shard) -> tuple[int, int] | None:
     if shard is None:
         return None

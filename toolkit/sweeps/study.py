@@ -14,12 +14,12 @@
    error of the difference (unpaired: the seeds of two methods draw different noise).
 
 Every stage is a sweep of :func:`~toolkit.sweeps.run.run_sweep`: one file per finished cell, so the study resumes
-where it stopped. Example (plumbing only: quick mode trains untrained models for 2 steps)::
+where it stopped. ``$DUALPRIV_QUICK`` shrinks every stage to a plumbing check. Example::
 
     >>> from toolkit.sweeps.named import named_sweep
     >>> from toolkit.sweeps.study import test_sweep
     >>> arms = {"DP-SGD": dict(label="DP-SGD", method="dp-sgd")}
-    >>> test_sweep(arms, task="parity", epsilons=[3.0], seeds=[0]).grid["epsilon"]
+    >>> test_sweep(arms, task="parity", epsilons=[3.0], seeds=[0], quick=False).grid["epsilon"]
     [3.0]
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import math
 
 import pandas as pd
 
-from toolkit.sweeps.named import FULL_BASE, update_mask_arms
+from toolkit.sweeps.named import FULL_BASE, is_quick, update_mask_arms
 from toolkit.sweeps.plan import Sweep
 from toolkit.sweeps.summary import summarize
 
@@ -52,8 +52,9 @@ def arm_table(tuning: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose_arms(tuning: pd.DataFrame, arms: list[dict] | None = None) -> dict[str, dict]:
-    """Family -> the winning arm (its bundled-axis dict, with ``tags`` naming the family and its validation
-    score). Raises ``ValueError`` when a family has no finished arm to choose from."""
+    """Family -> the winning arm (its bundled-axis dict, with ``tags`` holding its validation score and training
+    time). A view no finished arm qualifies for is left out. Raises ``ValueError`` without finished DP-SGD and
+    Dual-Priv arms."""
     arms = {a["label"]: a for a in (arms or update_mask_arms())}
     table = arm_table(tuning)
     table = table[table["arm"].isin(arms)]
@@ -72,25 +73,30 @@ def choose_arms(tuning: pd.DataFrame, arms: list[dict] | None = None) -> dict[st
     chosen = {}
     for family, rows in candidates.items():
         if rows.empty:
-            raise ValueError(f"no finished tuning arm qualifies for {family!r}")
+            continue   # e.g. no Dual-Priv arm as fast as DP-SGD: that view has nothing to report (shown as "–")
         row = rows.iloc[0]
         chosen[family] = dict(arms[row["arm"]], tags=dict(validation_accuracy=float(row["mean"]),
                                                            train_time_s=float(row["train_time_s"])))
     return chosen
 
 
-def test_sweep(chosen: dict[str, dict], task: str = "parity", epsilons=TEST_EPSILONS, seeds=TEST_SEEDS) -> Sweep:
+def test_sweep(chosen: dict[str, dict], task: str = "parity", epsilons=TEST_EPSILONS, seeds=TEST_SEEDS,
+               quick: bool | None = None) -> Sweep:
     """The chosen arms on the test split at each ε, one cell per seed. An arm chosen by several families is run
-    once (its label keeps the arm's own name; :func:`compare` maps families onto it)."""
+    once (its label keeps the arm's own name; :func:`compare` maps families onto it). ``quick`` (default:
+    ``$DUALPRIV_QUICK``) shrinks it to the plumbing check of :meth:`~toolkit.sweeps.plan.Sweep.quick_version`
+    at ε = 3 only."""
     unique = {}
     for arm in chosen.values():
         unique.setdefault(arm["label"], {k: v for k, v in arm.items() if k != "tags"})
-    return Sweep(
+    sweep = Sweep(
         f"utility-test-{task}", base=dict(FULL_BASE, task=task, eval_split="test"),
         grid=dict(arm=list(unique.values()), epsilon=list(epsilons)), seeds=list(seeds),
         description=f"The configurations chosen on the validation split (toolkit.sweeps.study), on the {task} "
                     "test split.",
+        quick=dict(grid=dict(epsilon=[3.0])),
     )
+    return sweep.quick_version() if (quick if quick is not None else is_quick()) else sweep
 
 
 def compare(results: pd.DataFrame, chosen: dict[str, dict]) -> pd.DataFrame:
