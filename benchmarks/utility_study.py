@@ -21,7 +21,9 @@ import torch
 
 from toolkit.sweeps import parse_shard, run_sweep, summarize, sweep_results
 from toolkit.sweeps.named import named_sweep
-from toolkit.sweeps.study import FAMILIES, arm_table, choose_arms, compare, markdown, test_sweep
+from toolkit.sweeps.study import (
+    FAMILIES, MEASURED_STUDY, arm_table, choose_arms, compare, summary_markdown, test_sweep,
+)
 from toolkit.vocabulary import format_epsilon
 
 STAGES = ("tune", "test", "budgets", "report", "all")
@@ -34,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", default="parity,sum", help=f"comma-separated, from {', '.join(TASKS)}")
     parser.add_argument("--stage", default="all", choices=STAGES)
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (parallel workers)")
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy the report into the package (toolkit/measured/), where the dashboard reads it")
     args = parser.parse_args(argv)
     try:
         args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -79,16 +83,20 @@ def main(argv=None) -> None:
         if args.stage in ("test", "all"):
             run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
         table = compare(sweep_results(sweep, out), chosen)
-        print(f"\n{task} (test split, accuracy %, mean ± standard error over seeds; Δ vs DP-SGD):")
-        print(markdown(table))
         report["tasks"][task] = table.round(2).to_dict(orient="records")
+    print(summary_markdown(report))
     budget_rows = sweep_results(budgets, out)
     if len(budget_rows):
         report["budgets"] = summarize(budget_rows, ["arm"]).round(4).to_dict(orient="records")
         print("\nDual-Priv budgets (validation, ε = 3):")
         print(summarize(budget_rows, ["arm"]).round(3).to_string(index=False))
     if args.shard == (0, 1) or args.stage == "report":
-        (out / "utility-study.json").write_text(json.dumps(dict(report, families=FAMILIES), indent=2, default=str))
+        text = json.dumps(dict(report, families=FAMILIES), indent=2, default=str)
+        (out / "utility-study.json").write_text(text)
+        if args.publish:
+            MEASURED_STUDY.parent.mkdir(parents=True, exist_ok=True)
+            MEASURED_STUDY.write_text(text)
+            print(f"published to {MEASURED_STUDY}")
 
 
 if __name__ == "__main__":

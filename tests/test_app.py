@@ -896,3 +896,23 @@ def test_the_audit_refuses_bad_inputs_by_name(settings, nothing_starts):
     assert "canaries must be an integer in [2, 512]" in html.unescape(update["status"])
     update = _only_update(audit.audit(settings, "non-private", "1", 32))
     assert "unknown method" in html.unescape(update["status"])
+
+
+def test_the_measured_study_is_shown_with_its_losing_configurations():
+    report = dict(
+        chosen={"DP-SGD": "DP-SGD", "Dual-Priv, equal wall-clock": "Dual-Priv, batch 256"},
+        tuning=[dict(arm="DP-SGD", method="dp-sgd", mean=0.85, sem=0.01, count=2, steps=110, train_time_s=200.0),
+                dict(arm="Dual-Priv, batch 256", method="dual-priv", mean=0.80, sem=0.02, count=2, steps=110,
+                     train_time_s=60.0),
+                dict(arm="Dual-Priv, random mask", method="dual-priv", mean=0.60, sem=0.03, count=2, steps=110,
+                     train_time_s=40.0)],
+        tasks=dict(parity=[dict(family="DP-SGD", arm="DP-SGD", epsilon=3.0, mean=85.0, se=1.0, seeds=5,
+                                vs_dp_sgd=0.0, vs_dp_sgd_se=1.4),
+                           dict(family="Dual-Priv, equal wall-clock", arm="Dual-Priv, batch 256", epsilon=3.0,
+                                mean=80.0, se=1.0, seeds=5, vs_dp_sgd=-5.0, vs_dp_sgd_se=1.4)]))
+    view = sweep.measured_study_view(report)
+    assert "MISSED by 7.0 points" in view["markdown"] and "Dual-Priv, batch 256" in view["markdown"]
+    assert list(view["tuning"].data[0].y) == ["Dual-Priv, random mask", "Dual-Priv, batch 256", "DP-SGD"]
+    assert set(view["test"]) == {"parity"} and len(view["test"]["parity"].data) == 2
+    empty = sweep.measured_study_view({})
+    assert "has not been measured" in empty["markdown"] and empty["tuning"] is None

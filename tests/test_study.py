@@ -12,7 +12,10 @@ import pytest
 
 import toolkit.train as train_module
 from toolkit.sweeps import Sweep, run_sweep, sweep_results
-from toolkit.sweeps.study import PAPER_ARM, choose_arms, compare, markdown, test_sweep as make_test_sweep
+from toolkit.sweeps.study import (
+    PAPER_ARM, choose_arms, compare, load_measured_study, markdown, summary_markdown, test_sweep as make_test_sweep,
+    verdict,
+)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 ARMS = [
@@ -124,3 +127,16 @@ def test_the_study_script_runs_every_stage_and_resumes(tmp_path, monkeypatch, ca
     assert "s/step" in capsys.readouterr().out                                  # a trained cell is reported
     study.main(["--out", str(out), "--tasks", "parity"])                        # resumes: nothing new trains
     assert "s/step" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("delta, se, outcome", [(3.0, 1.0, "is MET"), (2.5, 3.0, "within its standard error"),
+                                                (-1.5, 1.0, "MISSED by 3.5 points")])
+def test_the_verdict_compares_the_difference_with_the_target_and_its_noise(delta, se, outcome):
+    rows = [dict(family="Dual-Priv, equal wall-clock", epsilon=3.0, vs_dp_sgd=delta, vs_dp_sgd_se=se, seeds=5)]
+    assert outcome in verdict(rows)
+    assert "not measured" in verdict(rows, epsilon=8.0)
+
+
+def test_the_summary_says_when_the_study_was_not_measured(tmp_path):
+    assert load_measured_study(tmp_path / "absent.json") is None
+    assert "has not been measured" in summary_markdown(None)

@@ -12,6 +12,7 @@ module                      figures
                             (one pruning decision)
 :mod:`.training`            :func:`training_curve_figure` (loss and ε spent per step)
 :mod:`.runs`                :func:`runs_comparison_figure` (a session's runs: accuracy vs ε and vs time)
+:mod:`.study`               :func:`tuning_figure`, :func:`study_figure` (the utility study, issue 14)
 :mod:`.export`              :func:`save_figure` (.html always; .png/.svg/.pdf need kaleido + Chromium),
                             :class:`ImageExportError`
 :mod:`.style`               method colours/labels (from :mod:`toolkit.vocabulary`), titles, chance line
@@ -39,6 +40,7 @@ from toolkit.viz.export import ImageExportError, save_figure
 from toolkit.viz.memory import flops_memory_figure, memory_time_figure, peak_memory_figure, scaling_figure
 from toolkit.viz.privacy_utility import privacy_utility_figure
 from toolkit.viz.runs import runs_comparison_figure
+from toolkit.viz.study import study_figure, tuning_figure
 from toolkit.viz.tokens import denormalize, score_map_figure, spatial_histogram_figure, token_overlay_figure
 from toolkit.viz.training import training_curve_figure
 
@@ -47,5 +49,5 @@ __all__ = [
     "ablation_figure", "ablation_flags", "ablation_contributions", "MECHANISMS", "tokens_accuracy_figure",
     "lora_rank_figure", "token_overlay_figure", "score_map_figure", "spatial_histogram_figure", "denormalize",
     "training_curve_figure",
-    "runs_comparison_figure", "save_figure", "ImageExportError",
+    "runs_comparison_figure", "tuning_figure", "study_figure", "save_figure", "ImageExportError",
 ]

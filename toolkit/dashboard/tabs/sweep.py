@@ -1,5 +1,6 @@
 """The Privacy–utility tab: a small sweep (method x ε x seeds, ``toolkit.sweeps.run_sweep``) drawn as accuracy
-vs ε, or a sweep CSV written by the toolkit loaded and drawn.
+vs ε, or a sweep CSV written by the toolkit loaded and drawn; and the measured utility study (issue 14: every
+configuration tried on validation, the winners on test) as shipped with the package.
 
 This module is the dashboard's only user of the sweeps module.
 """
@@ -21,7 +22,8 @@ from toolkit.dashboard.common import (
 )
 from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.sweeps import Sweep, export_csv, plan_sweep, run_sweep
-from toolkit.viz import privacy_utility_figure
+from toolkit.sweeps.study import load_measured_study, summary_markdown
+from toolkit.viz import privacy_utility_figure, study_figure, tuning_figure
 from toolkit.vocabulary import METHODS, format_epsilon, parse_epsilon, parse_epsilons
 
 REQUIRED_COLUMNS = ("method", "epsilon", "accuracy")
@@ -178,6 +180,17 @@ def noise_note(table: pd.DataFrame, task: str, n_eval: int) -> str:
             f"than about {100 * band * 2 ** 0.5:.0f} points apart; more seeds narrow that.")
 
 
+def measured_study_view(report: dict | None = None) -> dict:
+    """The shipped utility study: ``markdown`` (choices, test tables, verdicts), ``tuning`` (every arm tried on
+    validation, the losing ones included) and ``test`` (figure per task); figures are None when not measured."""
+    report = report if report is not None else load_measured_study()
+    if not report:
+        return dict(markdown=summary_markdown(None), tuning=None, test={})
+    return dict(markdown=summary_markdown(report), tuning=tuning_figure(report["tuning"], width=None),
+                test={task: study_figure(rows, task, width=None) for task, rows in report.get("tasks", {}).items()
+                      if rows})
+
+
 def build(settings: AppSettings, runs_state: gr.State) -> list:
     """The Privacy–utility tab (inside the app's ``gr.Blocks``); a sweep's runs are added to ``runs_state``.
     Returns its events that may train the warm start."""
@@ -205,6 +218,14 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                 table = gr.Dataframe(headers=SHOWN_COLUMNS, label="Runs", interactive=False, elem_id="sw-table")
                 download = gr.File(label="Download the sweep (CSV)", interactive=False, height=90,
                                    elem_id="sw-download")
+        study = measured_study_view()
+        with gr.Accordion("The measured study: Dual-Priv vs DP-SGD, tuned on validation, reported on test",
+                          open=False, elem_id="sw-study"):
+            gr.Markdown(study["markdown"], elem_id="sw-study-summary")
+            if study["tuning"] is not None:
+                gr.Plot(study["tuning"], label="Every configuration tried (validation)", elem_id="sw-study-tuning")
+            for task, figure_v in study["test"].items():
+                gr.Plot(figure_v, label=f"Chosen configurations on test: {task}", elem_id=f"sw-study-{task}")
     outputs = dict(status=status, figure=figure, table=table, download=download)
 
     def run(methods_v, eps_v, seeds_v, steps_v, batch_v, runs_v, request: gr.Request):
