@@ -916,3 +916,10 @@ def test_the_measured_study_is_shown_with_its_losing_configurations():
     assert set(view["test"]) == {"parity"} and len(view["test"]["parity"].data) == 2
     empty = sweep.measured_study_view({})
     assert "has not been measured" in empty["markdown"] and empty["tuning"] is None
+
+
+def test_an_audit_too_small_to_show_anything_says_so():
+    summary = dict(epsilon_reported=float("inf"), epsilon_lower_bound=0.0, epsilon_ceiling=0.0, correct=4, guesses=4,
+                   canaries=16, accuracy=0.5, violation=False)
+    assert "This audit had no power" in audit.verdict_markdown(summary)
+    assert "no power" not in audit.verdict_markdown(dict(summary, canaries=128, guesses=32, epsilon_ceiling=2.3))

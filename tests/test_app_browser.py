@@ -186,6 +186,24 @@ def test_runs_are_compared_pinned_and_exported_to_the_sweep_tab(page):
     page.locator("#sw-csv input[type=file]").set_input_files(str(csv_path))
     expect(page.locator("#sw-status")).to_contain_text("Loaded 2 runs of 2 method(s)")
     expect(page.locator("#sw-figure .js-plotly-plot")).to_be_visible()
+    page.locator("#sw-study").get_by_text("The measured study").click()   # the shipped study, losers included
+    expect(page.locator("#sw-study-summary")).to_contain_text("DP-SGD")
+    page.get_by_role("tab", name="Fine-tune").click()
+
+
+def test_the_audit_shows_its_lower_bound_next_to_the_reported_epsilon(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Audit").click()
+    page.locator("#au-epsilon input, #au-epsilon textarea").first.fill("inf")
+    _set_number(page, "au-canaries", 64)
+    page.locator("#au-run").click()
+    verdict = page.locator("#au-verdict")
+    expect(verdict).to_contain_text("empirical ε lower bound", timeout=240_000)
+    expect(verdict).to_contain_text("ε reported by the accountant")
+    expect(verdict).to_contain_text("of 16 (64 canaries)")               # k = m / 8 guesses per side
+    expect(page.locator("#au-figure .js-plotly-plot")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "app_audit.png"), full_page=True)
     page.get_by_role("tab", name="Fine-tune").click()
 
 

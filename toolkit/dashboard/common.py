@@ -100,7 +100,8 @@ class AppSettings:
 
 def message_html(text: str, kind: str = "info") -> str:
     """A status line; ``kind`` is info, ok, warn or error (errors are what a bad input shows)."""
-    icon = {"error": "⚠️ ", "warn": "⚠️ ", "ok": "✅ ", "info": ""}[kind]
+    # text symbols, not emoji: a machine without an emoji font (Debian's headless Chromium) drew empty boxes
+    icon = {"error": "⚠ ", "warn": "⚠ ", "ok": "✓ ", "info": ""}[kind]
     return f'<div class="dp-msg dp-{kind}">{icon}{html.escape(text)}</div>'
 
 

@@ -89,6 +89,9 @@ def verdict_markdown(s: dict) -> str:
             ("accuracy of the audited run", "n/a" if math.isnan(s["accuracy"]) else f"{100 * s['accuracy']:.1f}%")]
     lines = [verdict, "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", WHAT_IT_PROVES.format(m=s["canaries"], ceiling=s["epsilon_ceiling"])]
+    if s["epsilon_ceiling"] <= 0:
+        lines += ["", f"**This audit had no power:** with {s['canaries']} canaries even all {s['guesses']} guesses "
+                      "right cannot rule out ε = 0 at 95 % confidence. Use more canaries (128 is the default)."]
     return "\n".join(lines)
 
 
