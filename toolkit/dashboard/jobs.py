@@ -33,7 +33,7 @@ from typing import Any, Callable, Generator
 
 import gradio as gr
 
-from toolkit.dashboard.common import InputError, message_html
+from toolkit.dashboard.common import InputError, failure_html, message_html
 
 HEAVY_QUEUE = "heavy-jobs"  # Gradio concurrency id of the heavy events; the line below orders them, not Gradio
 HEAVY_EVENT_LIMIT = 16      # sessions whose heavy event may be inside a handler at once (waiting in the line)
@@ -287,6 +287,17 @@ def never_started_html(job: Job) -> str:
     """The status line of a job that left the line before its turn."""
     return message_html(f"Cancelled before it started ({job.reason or 'cancelled'}): your {job.kind} never ran, "
                         "so nothing was trained and no ε was spent.", "warn")
+
+
+def unfinished_html(outcome, job: Job, what: str, settings_errors: bool = False) -> str | None:
+    """The status line of a streamed job that produced no value: it never started (cancelled while queued) or
+    it raised (``<what> failed: ...``; with ``settings_errors`` a ``ValueError``, which is about the user's
+    settings, also gets a toast). None when it finished."""
+    if not outcome.started:
+        return never_started_html(job)
+    if outcome.error is not None:
+        return failure_html(what, outcome.error, toast=settings_errors and isinstance(outcome.error, ValueError))
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ the session slot

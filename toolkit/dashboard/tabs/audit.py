@@ -15,7 +15,7 @@ from toolkit.audit import AUDIT_DEFAULTS, audit_figure, run_audit
 from toolkit.config import TrainConfig
 from toolkit.dashboard import jobs
 from toolkit.dashboard.common import (
-    METHOD_CHOICES, AppSettings, InputError, failure_html, message_html, routed, ui_choice, ui_integer, ui_number,
+    METHOD_CHOICES, AppSettings, InputError, message_html, routed, ui_choice, ui_integer, ui_number,
     warn,
 )
 from toolkit.vocabulary import METHOD_LABELS, METHODS, format_epsilon
@@ -65,11 +65,9 @@ def audit(settings: AppSettings, method, epsilon, canaries, session: str = "loca
 
     outcome = yield from jobs.stream(job, lambda job: run_audit(config, canaries=m), render, blank=blank,
                                      first_status=message_html(f"Auditing {label}…"))
-    if not outcome.started:
-        yield dict(blank, status=jobs.never_started_html(job))
-        return
-    if outcome.error is not None:
-        yield dict(blank, status=failure_html("The audit", outcome.error))
+    failed = jobs.unfinished_html(outcome, job, "The audit")
+    if failed:
+        yield dict(blank, status=failed)
         return
     result = outcome.value
     yield dict(status=message_html(f"Audited {label} in {result.wall_time_s:.0f} s.",

@@ -24,7 +24,7 @@ from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.budget import AUTO_STRATEGY, budget_controls, token_budget
 from toolkit.dashboard.common import (
     APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError,
-    failure_html, format_value, json_safe, message_html, progress_html, routed, ui_batch_size, ui_choice,
+    format_value, json_safe, message_html, progress_html, routed, ui_batch_size, ui_choice,
     ui_fraction, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.tabs import runs as session_runs
@@ -264,13 +264,9 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     outcome = yield from jobs.stream(
         job, work, render, blank=blank, on_event=on_event,
         first_status=message_html(f"Starting {label}: loading the model and encoding the data…"))
-    if not outcome.started:
-        yield dict(blank, status=jobs.never_started_html(job))
-        return
-    if outcome.error is not None:
-        # A ValueError is about the settings (e.g. too few records for the batch): worth a toast too.
-        yield dict(blank, status=failure_html("The run", outcome.error, toast=isinstance(outcome.error, ValueError)),
-                   curve=training_curve_figure(rows, target) if rows else None)
+    failed = jobs.unfinished_html(outcome, job, "The run", settings_errors=True)  # e.g. too few records for the batch
+    if failed:
+        yield dict(blank, status=failed, curve=training_curve_figure(rows, target) if rows else None)
         return
     result, (ref_entry, ref_note) = outcome.value
     remember(result)

@@ -19,7 +19,7 @@ from toolkit.bench import add_ratios, run_bench
 from toolkit.dashboard import jobs
 from toolkit.dashboard.budget import AUTO_STRATEGY, BUDGET_KEEP, BUDGET_RATIO, budget_controls, token_budget
 from toolkit.dashboard.common import (
-    GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, failure_html, message_html,
+    GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, message_html,
     progress_html, routed, ui_batch_size, ui_choice, ui_fraction, ui_integer, ui_steps, warn,
 )
 from toolkit.models import PRESETS
@@ -193,11 +193,9 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
 
     outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=lambda kind, value: current.append(value),
                                      first_status=message_html(f"Measuring {', '.join(chosen)} on {preset} ({where})…"))
-    if not outcome.started:
-        yield dict(blank, status=jobs.never_started_html(job))
-        return
-    if outcome.error is not None:
-        yield dict(blank, status=failure_html("The measurement", outcome.error))
+    failed = jobs.unfinished_html(outcome, job, "The measurement")
+    if failed:
+        yield dict(blank, status=failed)
         return
     table = outcome.value
     n = len(chosen) * n_repeats

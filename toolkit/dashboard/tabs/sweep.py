@@ -17,7 +17,7 @@ import pandas as pd
 
 from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.common import (
-    HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, failure_html, message_html, progress_html,
+    HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, message_html, progress_html,
     round_table, routed, ui_batch_size, ui_integer, ui_steps, warn,
 )
 from toolkit.dashboard.tabs import runs as session_runs
@@ -151,11 +151,9 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
 
     outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=on_event,
                                      first_status=message_html(f"Running {runs} fine-tunes of {n_steps} steps…"))
-    if not outcome.started:
-        yield dict(blank, status=jobs.never_started_html(job))
-        return
-    if outcome.error is not None:
-        yield dict(blank, status=failure_html("The sweep", outcome.error))
+    failed = jobs.unfinished_html(outcome, job, "The sweep")
+    if failed:
+        yield dict(blank, status=failed)
         return
     table, csv_path = outcome.value
     if table.empty:

@@ -21,7 +21,7 @@ import gradio as gr
 
 from toolkit.dashboard import datasets, jobs, model
 from toolkit.dashboard.common import (
-    HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, failure_html, format_value, message_html,
+    HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, format_value, message_html,
     progress_html, routed, ui_batch_size, ui_choice, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.images import load_upload
@@ -157,11 +157,9 @@ def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, bat
 
     outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=lambda kind, row: rows.append(row),
                                      first_status=message_html(f"Starting {label} on your data…"))
-    if not outcome.started:
-        yield dict(blank, status=jobs.never_started_html(job))
-        return
-    if outcome.error is not None:
-        yield dict(blank, status=failure_html("The run", outcome.error, toast=isinstance(outcome.error, ValueError)))
+    failed = jobs.unfinished_html(outcome, job, "The run", settings_errors=True)
+    if failed:
+        yield dict(blank, status=failed)
         return
     result, downloads = outcome.value
     summary = result.summary()
