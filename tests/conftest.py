@@ -31,3 +31,20 @@ def tiny_records():
     from toolkit.data import make_vqa
 
     return make_vqa("parity", "private", image_size=32, limit=16)
+
+
+@pytest.fixture
+def trained_configs(monkeypatch):
+    """Every config ``toolkit.train.train`` is called with (sweeps look it up at call time), in order; the real
+    training still runs."""
+    import toolkit.train as train_module
+
+    calls = []
+    real_train = train_module.train
+
+    def counting_train(config, callback=None):
+        calls.append(config)
+        return real_train(config, callback)
+
+    monkeypatch.setattr(train_module, "train", counting_train)
+    return calls

@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import toolkit.train as train_module
 from toolkit.sweeps import Sweep, run_sweep, sweep_results
 from toolkit.sweeps.study import (
     PAPER_ARM, choose_arms, compare, load_measured_study, markdown, summary_markdown, test_sweep as make_test_sweep,
@@ -84,10 +83,8 @@ def test_comparison_reports_differences_with_their_standard_error():
     assert "+15.0 ± 5.0" in markdown(compare(results, chosen))
 
 
-def test_a_cell_trained_from_other_starting_weights_is_rerun(tmp_path, monkeypatch):
-    calls = []
-    real_train = train_module.train
-    monkeypatch.setattr(train_module, "train", lambda config, callback=None: calls.append(1) or real_train(config, callback))
+def test_a_cell_trained_from_other_starting_weights_is_rerun(tmp_path, trained_configs):
+    calls = trained_configs
     sweep = Sweep("stale", base=dict(warm_start_steps=0, train_limit=32, eval_limit=16, steps=1,
                                      expected_batch_size=4, accountant="rdp", method="dp-sgd", epsilon=8.0))
     first = run_sweep(sweep, tmp_path, progress=False)

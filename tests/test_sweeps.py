@@ -298,15 +298,8 @@ def test_summarize_gives_mean_spread_and_count_per_group():
 
 # ----------------------------------------------------------------------------------------- running (real)
 
-def test_run_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
-    calls = []
-    real_train = train_module.train
-
-    def counting_train(config, callback=None):
-        calls.append(config.method)
-        return real_train(config, callback)
-
-    monkeypatch.setattr(train_module, "train", counting_train)
+def test_run_sweep_resumes_without_redoing_cells(tmp_path, trained_configs):
+    calls = trained_configs
     sweep = Sweep("resume", base=TINY, grid=dict(method=["non-private", "dp-sgd", "dp-zo"], epsilon=[1.0, 8.0]))
     assert len(plan_sweep(sweep).cells) == 5               # non-private once
 
@@ -353,19 +346,11 @@ def test_run_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
     assert list(fourth["cell_id"]) == list(third["cell_id"])
 
 
-def test_ctrl_c_mid_cell_loses_only_that_cell(tmp_path, monkeypatch):
-    calls = []
-    real_train = train_module.train
-
-    def counting_train(config, callback=None):
-        calls.append(config.seed)
-        return real_train(config, callback)
-
-    monkeypatch.setattr(train_module, "train", counting_train)
+def test_ctrl_c_mid_cell_loses_only_that_cell(tmp_path, trained_configs):
     sweep = Sweep("ctrl-c", base=dict(TINY, method="dp-sgd", epsilon=8.0), seeds=[0, 1, 2])
 
     def interrupt_seed_1(row):                             # Ctrl-C during the second cell's first step
-        if calls[-1] == 1:
+        if trained_configs[-1].seed == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -373,7 +358,7 @@ def test_ctrl_c_mid_cell_loses_only_that_cell(tmp_path, monkeypatch):
     assert list(read_results(tmp_path / "ctrl-c")["seed"]) == [0]
     assert len(list((tmp_path / "ctrl-c").iterdir())) == 1       # the finished cell's file, no stray temp file
     df = run_sweep(sweep, tmp_path, progress=False)
-    assert calls == [0, 1, 1, 2] and list(df["seed"]) == [0, 1, 2]
+    assert [c.seed for c in trained_configs] == [0, 1, 1, 2] and list(df["seed"]) == [0, 1, 2]
 
 
 def test_run_sweep_on_error_continue_retries_next_time(tmp_path, monkeypatch):
