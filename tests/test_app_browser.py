@@ -9,12 +9,12 @@ and the prune ratios for a short run; triggers a bad input; opens the visual tok
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _first_contact():
+    """benchmarks/first_contact.py (its server wait is this test's too)."""
+    spec = importlib.util.spec_from_file_location("first_contact", ROOT / "benchmarks" / "first_contact.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """The dashboard served by a subprocess; stopped (terminate, then kill) when the module's tests end."""
@@ -56,19 +64,10 @@ def app_url(tmp_path_factory):
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with {proc.returncode}; see {ARTIFACTS / 'app_browser_server.log'}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"app.py did not answer on {url} within {START_TIMEOUT_S} s")
-            time.sleep(0.5)
+        try:
+            _first_contact().wait_for_server(url, proc, START_TIMEOUT_S)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}; see {ARTIFACTS / 'app_browser_server.log'}") from None
         yield url
     finally:
         proc.terminate()
