@@ -174,6 +174,16 @@ def update_mask_arms() -> list[dict]:
         arm("Dual-Priv, batch 256, 40 epochs", method="dual-priv", expected_batch_size=256, epochs=40.0),
         arm("Dual-Priv, batch 384, 60 epochs", method="dual-priv", expected_batch_size=384, epochs=60.0),
         arm("Dual-Priv, batch 128, 60 epochs", method="dual-priv", epochs=60.0),
+        # lr 1e-2 won for both methods at the edge of the first grid: extend it, and give the strongest options
+        # the better learning rate too (a fair comparison tunes each side as well as the other)
+        arm("DP-SGD, lr 2e-2", **dp_sgd, lr=2e-2),
+        arm("DP-SGD + DP-AdamBC, lr 1e-2", **dp_sgd, optimizer="dp-adambc", lr=1e-2),
+        arm("Dual-Priv (paper), lr 2e-2", method="dual-priv", lr=2e-2),
+        arm("Dual-Priv + DP-AdamBC, lr 1e-2", method="dual-priv", optimizer="dp-adambc", lr=1e-2),
+        arm("Dual-Priv, past-noisy mask, prune 0.5, lr 1e-2", method="dual-priv", update_mask="past-noisy",
+            grad_prune_ratio=0.5, lr=1e-2),
+        arm("Dual-Priv, batch 256, 40 epochs, lr 1e-2", method="dual-priv", expected_batch_size=256, epochs=40.0,
+            lr=1e-2),
     ]
 
 
