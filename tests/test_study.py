@@ -33,7 +33,8 @@ def _tuning(rows):
     for arm, method, accuracies, steps, batch, step_time in rows:
         for seed, accuracy in enumerate(accuracies):
             records.append(dict(arm=arm, method=method, seed=seed, accuracy=accuracy, steps_done=steps,
-                                expected_batch_size=batch, step_time_s=step_time))
+                                expected_batch_size=batch, step_time_s=step_time,
+                                visual_tokens=64 if method == "dp-sgd" else 16))
     return pd.DataFrame(records)
 
 
@@ -137,3 +138,10 @@ def test_the_verdict_compares_the_difference_with_the_target_and_its_noise(delta
 def test_the_summary_says_when_the_study_was_not_measured(tmp_path):
     assert load_measured_study(tmp_path / "absent.json") is None
     assert "has not been measured" in summary_markdown(None)
+
+
+def test_equal_wall_clock_also_needs_equal_or_fewer_flops():
+    arms = ARMS + [dict(label="Dual-Priv, many steps timed fast", method="dual-priv", epochs=400.0)]
+    lucky = _tuning([("Dual-Priv, many steps timed fast", "dual-priv", [0.99, 0.99], 2200, 128, 0.01)])
+    chosen = choose_arms(pd.concat([TUNING, lucky]), arms)   # 22 s "measured", but 20x DP-SGD's FLOPs
+    assert chosen["Dual-Priv, equal wall-clock"]["label"] == "Dual-Priv, batch 256"

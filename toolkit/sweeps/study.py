@@ -7,7 +7,7 @@
    - ``Dual-Priv (paper)``: the paper's exact mechanism as published (post-noise mask, prune 0.2), always reported;
    - ``Dual-Priv, equal steps``: the best Dual-Priv arm with DP-SGD's winner's steps and expected batch;
    - ``Dual-Priv, equal wall-clock``: the best Dual-Priv arm whose measured training time (median step time x
-     steps) is at most the DP-SGD winner's.
+     steps) and analytic training FLOPs are both at most the DP-SGD winner's.
 
 3. **Test** (:func:`test_sweep`): the chosen arms at ε ∈ {1, 3, 8}, 5 seeds, on the test split, per task.
 4. **Report** (:func:`compare`): mean ± standard error per family, and Dual-Priv minus DP-SGD with the standard
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from toolkit.flops import flops_for_rows
 from toolkit.sweeps.named import FULL_BASE, is_quick, update_mask_arms
 from toolkit.sweeps.plan import Sweep
 from toolkit.sweeps.summary import summarize
@@ -45,14 +46,17 @@ MEASURED_STUDY = Path(__file__).resolve().parents[1] / "measured" / "utility_stu
 
 def arm_table(tuning: pd.DataFrame) -> pd.DataFrame:
     """One row per tuning arm: mean validation accuracy (and its standard error over seeds), steps, expected
-    batch, and training time = median step time x steps (what the wall-clock view compares)."""
+    batch, training time = median step time x steps, and training GFLOPs = the analytic step FLOPs
+    (:func:`toolkit.flops.flops_for_rows`, at the expected batch) x steps: what the equal-compute view compares."""
     if tuning.empty:
         raise ValueError("the tuning sweep has no finished cells yet: run it first")
-    df = tuning.assign(train_time_s=tuning["step_time_s"] * tuning["steps_done"])
+    df = flops_for_rows(tuning)
+    df = df.assign(train_time_s=df["step_time_s"] * df["steps_done"], train_gflops=df["gflops_step"] * df["steps_done"])
     stats = summarize(df, "arm")
     extra = df.groupby("arm").agg(method=("method", "first"), steps=("steps_done", "first"),
                                   expected_batch_size=("expected_batch_size", "first"),
-                                  train_time_s=("train_time_s", "mean")).reset_index()
+                                  train_time_s=("train_time_s", "mean"),
+                                  train_gflops=("train_gflops", "mean")).reset_index()
     return stats.merge(extra, on="arm").sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -73,7 +77,9 @@ def choose_arms(tuning: pd.DataFrame, arms: list[dict] | None = None) -> dict[st
         "Dual-Priv (paper)": dual[dual["arm"] == PAPER_ARM],
         "Dual-Priv, equal steps": dual[(dual["steps"] == best_dp["steps"])
                                        & (dual["expected_batch_size"] == best_dp["expected_batch_size"])],
-        "Dual-Priv, equal wall-clock": dual[dual["train_time_s"] <= best_dp["train_time_s"]],
+        # measured time AND analytic FLOPs: one noisy timing alone must not let a costlier arm in
+        "Dual-Priv, equal wall-clock": dual[(dual["train_time_s"] <= best_dp["train_time_s"])
+                                            & (dual["train_gflops"] <= best_dp["train_gflops"])],
     }
     chosen = {}
     for family, rows in candidates.items():
