@@ -51,7 +51,8 @@ def arm_table(tuning: pd.DataFrame) -> pd.DataFrame:
     if tuning.empty:
         raise ValueError("the tuning sweep has no finished cells yet: run it first")
     df = flops_for_rows(tuning)
-    df = df.assign(train_time_s=df["step_time_s"] * df["steps_done"], train_gflops=df["gflops_step"] * df["steps_done"])
+    df = df.assign(train_time_s=df["step_time_s"] * df["steps_done"],
+                   train_gflops=df["gflops_step"] * df["steps_done"])
     stats = summarize(df, "arm")
     extra = df.groupby("arm").agg(method=("method", "first"), steps=("steps_done", "first"),
                                   expected_batch_size=("expected_batch_size", "first"),
@@ -122,7 +123,8 @@ def compare(results: pd.DataFrame, chosen: dict[str, dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["family", "arm", "epsilon", "mean", "se", "seeds"])
     base = table[table["family"] == "DP-SGD"].set_index("epsilon")
     table["vs_dp_sgd"] = [m - base["mean"].get(e, math.nan) for m, e in zip(table["mean"], table["epsilon"])]
-    table["vs_dp_sgd_se"] = [math.hypot(s, base["se"].get(e, math.nan)) for s, e in zip(table["se"], table["epsilon"])]
+    table["vs_dp_sgd_se"] = [math.hypot(s, base["se"].get(e, math.nan))
+                             for s, e in zip(table["se"], table["epsilon"])]
     return table
 
 
