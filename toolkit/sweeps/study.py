@@ -6,8 +6,8 @@
    - ``DP-SGD``: the best DP-SGD arm;
    - ``Dual-Priv (paper)``: the paper's exact mechanism as published (post-noise mask, prune 0.2), always reported;
    - ``Dual-Priv, equal steps``: the best Dual-Priv arm with DP-SGD's winner's steps and expected batch;
-   - ``Dual-Priv, equal wall-clock``: the best Dual-Priv arm whose measured training time (median step time x
-     steps) and analytic training FLOPs are both at most the DP-SGD winner's.
+   - ``Dual-Priv, equal wall-clock``: the best Dual-Priv arm whose training compute (analytic FLOPs of a step x
+     steps) is at most the DP-SGD winner's; measured training times are reported beside it.
 
 3. **Test** (:func:`test_sweep`): the chosen arms at ε ∈ {1, 3, 8}, 5 seeds, on the test split, per task.
 4. **Report** (:func:`compare`): mean ± standard error per family, and Dual-Priv minus DP-SGD with the standard
@@ -78,9 +78,10 @@ def choose_arms(tuning: pd.DataFrame, arms: list[dict] | None = None) -> dict[st
         "Dual-Priv (paper)": dual[dual["arm"] == PAPER_ARM],
         "Dual-Priv, equal steps": dual[(dual["steps"] == best_dp["steps"])
                                        & (dual["expected_batch_size"] == best_dp["expected_batch_size"])],
-        # measured time AND analytic FLOPs: one noisy timing alone must not let a costlier arm in
-        "Dual-Priv, equal wall-clock": dual[(dual["train_time_s"] <= best_dp["train_time_s"])
-                                            & (dual["train_gflops"] <= best_dp["train_gflops"])],
+        # by analytic FLOPs, not by the measured times: those swing with the load of a shared machine, and the
+        # measured DP-SGD/Dual-Priv time ratio (~3.5-5.5x here) is larger than the FLOPs ratio (~2.8x), so this
+        # rule is the stricter one for Dual-Priv
+        "Dual-Priv, equal wall-clock": dual[dual["train_gflops"] <= best_dp["train_gflops"]],
     }
     chosen = {}
     for family, rows in candidates.items():
