@@ -78,9 +78,9 @@ def choose_arms(tuning: pd.DataFrame, arms: list[dict] | None = None) -> dict[st
         "Dual-Priv (paper)": dual[dual["arm"] == PAPER_ARM],
         "Dual-Priv, equal steps": dual[(dual["steps"] == best_dp["steps"])
                                        & (dual["expected_batch_size"] == best_dp["expected_batch_size"])],
-        # by analytic FLOPs, not by the measured times: those swing with the load of a shared machine, and the
-        # measured DP-SGD/Dual-Priv time ratio (~3.5-5.5x here) is larger than the FLOPs ratio (~2.8x), so this
-        # rule is the stricter one for Dual-Priv
+        # by analytic FLOPs, not by the measured times: those swing with the load of a shared machine (the
+        # DP-SGD/Dual-Priv step-time ratio measured 1.9-2.2x quiet, 3.5-5.5x loaded; FLOPs say 2.8x;
+        # benchmarks/step_cost.py prints them side by side)
         "Dual-Priv, equal wall-clock": dual[dual["train_gflops"] <= best_dp["train_gflops"]],
     }
     chosen = {}
