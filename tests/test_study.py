@@ -105,8 +105,8 @@ def test_a_view_no_arm_qualifies_for_is_left_out_not_filled_in():
     costly = TUNING.assign(steps_done=[110] * 4 + [1100] * 8)                 # every Dual-Priv arm costs more
     chosen = choose_arms(costly, ARMS)
     assert "Dual-Priv, equal wall-clock" not in chosen and "Dual-Priv, equal steps" not in chosen
-    assert "| – |" in markdown(compare(pd.DataFrame(dict(arm=["DP-SGD, lr 1e-2"], epsilon=[3.0], accuracy=[0.8])),
-                                       chosen)) + " |"
+    table = markdown(compare(pd.DataFrame(dict(arm=["DP-SGD, lr 1e-2"], epsilon=[3.0], accuracy=[0.8])), chosen))
+    assert "| ε | DP-SGD |" in table and "equal wall-clock" not in table
 
 
 def test_the_study_script_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
@@ -145,3 +145,18 @@ def test_equal_wall_clock_is_judged_by_flops_not_by_a_lucky_timing():
     lucky = _tuning([("Dual-Priv, many steps timed fast", "dual-priv", [0.99, 0.99], 2200, 128, 0.01)])
     chosen = choose_arms(pd.concat([TUNING, lucky]), arms)   # 22 s "measured", but 8x DP-SGD's FLOPs
     assert chosen["Dual-Priv, equal wall-clock"]["label"] == "Dual-Priv, batch 256"
+
+
+def test_a_dp_sgd_arm_tied_with_the_winner_on_validation_is_tested_and_compared_too():
+    tied = TUNING.assign(accuracy=[0.80, 0.78] + [0.80, 0.78] + list(TUNING["accuracy"][4:]))
+    chosen = choose_arms(tied, ARMS)
+    assert chosen["DP-SGD"]["label"] == "DP-SGD" and chosen["DP-SGD (validation tie)"]["label"] == "DP-SGD, lr 1e-2"
+    assert "DP-SGD, lr 1e-2" in [a["label"] for a in make_test_sweep(chosen, quick=False).grid["arm"]]
+    rows = [dict(family="DP-SGD", arm="DP-SGD", epsilon=3.0, mean=80.0, se=1.0, seeds=5, vs_dp_sgd=0.0,
+                 vs_dp_sgd_se=1.4),
+            dict(family="DP-SGD (validation tie)", arm="DP-SGD, lr 1e-2", epsilon=3.0, mean=84.0, se=1.0, seeds=5,
+                 vs_dp_sgd=4.0, vs_dp_sgd_se=1.4),
+            dict(family="Dual-Priv, equal wall-clock", arm="B", epsilon=3.0, mean=85.0, se=0.0, seeds=5,
+                 vs_dp_sgd=5.0, vs_dp_sgd_se=1.0)]
+    assert "Against the DP-SGD configuration tied with it on validation (DP-SGD, lr 1e-2, 84.0 %): +1.0 ± 1.0" \
+        in verdict(rows)
