@@ -22,7 +22,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PIP) install --quiet -r requirements-test.txt
 	touch $@
 
-# install also trains the public warm start once (a progress bar, ~4 CPU minutes), so the app's first run does
+# install also trains the public warm start once (a progress bar, about 5 minutes), so the app's first run does
 # not wait for it; `make test` does not need it (tests build their models untrained).
 install: $(VENV)/.installed warm-start
 

@@ -31,7 +31,7 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout_s: float = 180) ->
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
-        except OSError:
+        except OSError:   # not listening yet (refused, reset): expected while it starts; the deadline bounds it
             time.sleep(0.3)
     raise RuntimeError(f"app.py did not answer on {url} within {timeout_s:.0f} s")
 
