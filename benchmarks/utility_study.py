@@ -9,6 +9,11 @@ fraction 0.05-1.0, visual tokens 8-64, validation split); ``report`` prints the 
 ``<out>/utility-study.json``; ``all`` does them in turn. Every cell is one file under ``--out``: re-running
 resumes, and ``--shard i/n`` workers (one thread each) can share the folder. The sum task reuses the
 configurations chosen on parity (tuning it separately is the next step, not done).
+
+``--chosen-from REPORT`` (e.g. the published ``toolkit/measured/utility_study.json``) takes the choices, the
+tuning table and the budgets from an earlier report instead of from ``--out``: a new task is tested on the
+configurations already chosen, and tasks or budgets without results in ``--out`` keep the report's tables (the
+report says which were kept).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import torch
 from toolkit.sweeps import parse_shard, run_sweep, summarize, sweep_results
 from toolkit.sweeps.named import named_sweep
 from toolkit.sweeps.study import (
-    FAMILIES, MEASURED_STUDY, arm_table, choose_arms, compare, summary_markdown, test_sweep,
+    FAMILIES, MEASURED_STUDY, arm_table, choose_arms, chosen_from_report, compare, load_measured_study,
+    summary_markdown, test_sweep,
 )
 from toolkit.vocabulary import format_epsilon
 
@@ -38,8 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (parallel workers)")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the report into the package (toolkit/measured/), where the dashboard reads it")
+    parser.add_argument("--chosen-from", type=Path, default=None, metavar="REPORT",
+                        help="take the choices (and the tables this run has no results for) from an earlier report, "
+                             "e.g. toolkit/measured/utility_study.json, instead of re-running the tuning stage")
     args = parser.parse_args(argv)
     try:
+        if args.chosen_from is not None:
+            if args.stage in ("tune", "budgets", "all"):
+                raise ValueError(f"--chosen-from takes the choices from a report: it goes with --stage test or "
+                                 f"report, not {args.stage}")
+            args.earlier = load_measured_study(args.chosen_from)
+            if args.earlier is None:
+                raise ValueError(f"--chosen-from: no report at {args.chosen_from}")
+            args.chosen = chosen_from_report(args.earlier)
         args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown = [t for t in args.tasks if t not in TASKS]
         if unknown or not args.tasks:
@@ -71,19 +88,30 @@ def main(argv=None) -> None:
         run_sweep(budgets, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
     if args.stage in ("tune", "budgets"):
         return
-    tuned = sweep_results(tuning, out)
-    print(arm_table(tuned).round(3).to_string(index=False))
-    chosen = choose_arms(tuned)
+    if args.chosen_from is not None:
+        chosen = args.chosen
+        earlier = args.earlier
+        report = dict(chosen=earlier["chosen"], tuning=earlier["tuning"], tasks=dict(earlier.get("tasks", {})))
+        if "budgets" in earlier:
+            report["budgets"] = earlier["budgets"]
+        print(f"choices, tuning table and budgets from {args.chosen_from}")
+    else:
+        tuned = sweep_results(tuning, out)
+        print(arm_table(tuned).round(3).to_string(index=False))
+        chosen = choose_arms(tuned)
+        report = dict(chosen={f: a["label"] for f, a in chosen.items()},
+                      tuning=arm_table(tuned).round(4).to_dict(orient="records"), tasks={})
     for family, arm in chosen.items():
         print(f"{family}: {arm['label']} (validation {arm['tags']['validation_accuracy']:.3f})")
-    report = dict(chosen={f: a["label"] for f, a in chosen.items()},
-                  tuning=arm_table(tuned).round(4).to_dict(orient="records"), tasks={})
     for task in args.tasks:
         sweep = test_sweep(chosen, task)
         if args.stage in ("test", "all"):
             run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
-        table = compare(sweep_results(sweep, out), chosen)
-        report["tasks"][task] = table.round(2).to_dict(orient="records")
+        results = sweep_results(sweep, out)
+        if results.empty and task in report["tasks"]:
+            print(f"{task}: no results in {out}; the table from {args.chosen_from} is kept")
+            continue
+        report["tasks"][task] = compare(results, chosen).round(2).to_dict(orient="records")
     print(summary_markdown(report))
     budget_rows = sweep_results(budgets, out)
     if len(budget_rows):

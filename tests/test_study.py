@@ -12,8 +12,8 @@ import pytest
 
 from toolkit.sweeps import Sweep, run_sweep, sweep_results
 from toolkit.sweeps.study import (
-    PAPER_ARM, choose_arms, compare, load_measured_study, markdown, summary_markdown, test_sweep as make_test_sweep,
-    verdict,
+    PAPER_ARM, arm_table, choose_arms, chosen_from_report, compare, load_measured_study, markdown, summary_markdown,
+    test_sweep as make_test_sweep, verdict,
 )
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -125,6 +125,45 @@ def test_the_study_script_runs_every_stage_and_resumes(tmp_path, monkeypatch, ca
     assert "s/step" in capsys.readouterr().out                                  # a trained cell is reported
     study.main(["--out", str(out), "--tasks", "parity"])                        # resumes: nothing new trains
     assert "s/step" not in capsys.readouterr().out
+
+
+def test_choices_read_back_from_a_report_are_the_choices_that_were_made():
+    chosen = choose_arms(TUNING, ARMS)
+    report = dict(chosen={f: a["label"] for f, a in chosen.items()},
+                  tuning=arm_table(TUNING).to_dict(orient="records"))
+    assert chosen_from_report(json.loads(json.dumps(report)), ARMS) == chosen
+    renamed = dict(report, chosen=dict(report["chosen"], **{"DP-SGD": "DP-SGD, an arm since removed"}))
+    with pytest.raises(ValueError, match="an arm since removed"):
+        chosen_from_report(renamed, ARMS)
+    with pytest.raises(ValueError, match="no chosen configurations"):
+        chosen_from_report({}, ARMS)
+
+
+def test_a_new_task_is_tested_on_a_reports_choices_and_the_reports_other_tables_are_kept(tmp_path, monkeypatch,
+                                                                                          capsys):
+    spec = importlib.util.spec_from_file_location("utility_study", BENCHMARKS / "utility_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setenv("DUALPRIV_QUICK", "1")
+    parity = [dict(family="DP-SGD", arm="DP-SGD", epsilon=3.0, mean=80.0, se=1.0, seeds=5, vs_dp_sgd=0.0,
+                   vs_dp_sgd_se=1.4)]
+    earlier = dict(chosen={"DP-SGD": "DP-SGD", "Dual-Priv (paper)": PAPER_ARM},
+                   tuning=[dict(arm="DP-SGD", mean=0.8, train_time_s=100.0),
+                           dict(arm=PAPER_ARM, mean=0.7, train_time_s=40.0)],
+                   tasks=dict(parity=parity), budgets=[dict(arm="keep 0.5", mean=0.8)])
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    out = tmp_path / "study"
+    study.main(["--out", str(out), "--tasks", "sum", "--stage", "test",
+                "--chosen-from", str(tmp_path / "earlier.json")])
+    report = json.loads((out / "utility-study.json").read_text())
+    assert report["tasks"]["parity"] == parity and report["budgets"] == earlier["budgets"]   # nothing ran: kept
+    assert {row["arm"] for row in report["tasks"]["sum"]} == {"DP-SGD", PAPER_ARM}           # the report's choices
+    assert "choices, tuning table and budgets from" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(out), "--stage", "tune", "--chosen-from", str(tmp_path / "earlier.json")])
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(out), "--stage", "test", "--chosen-from", str(tmp_path / "absent.json")])
+    assert "no report at" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("delta, se, outcome", [(3.0, 1.0, "is MET"), (2.5, 3.0, "within its standard error"),

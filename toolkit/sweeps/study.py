@@ -99,6 +99,24 @@ def choose_arms(tuning: pd.DataFrame, arms: list[dict] | None = None) -> dict[st
     return chosen
 
 
+def chosen_from_report(report: dict, arms: list[dict] | None = None) -> dict[str, dict]:
+    """:func:`choose_arms`' result rebuilt from a published report (its ``chosen`` labels and ``tuning`` table),
+    so a later task can be tested on the configurations already chosen without re-running the tuning sweep.
+    Raises ``ValueError`` when the report has no choices or names an arm that no longer exists (the arms changed
+    since it was written: its choices would not describe what runs now)."""
+    arms = {a["label"]: a for a in (arms or update_mask_arms())}
+    if not report or not report.get("chosen"):
+        raise ValueError("the report holds no chosen configurations (was it written by benchmarks/utility_study.py?)")
+    tuning = {row["arm"]: row for row in report.get("tuning", [])}
+    missing = sorted({label for label in report["chosen"].values() if label not in arms or label not in tuning})
+    if missing:
+        raise ValueError(f"the report chose {missing}, which the current update-mask arms or the report's tuning "
+                         "table do not define: re-run the tuning stage")
+    return {family: dict(arms[label], tags=dict(validation_accuracy=float(tuning[label]["mean"]),
+                                                train_time_s=float(tuning[label]["train_time_s"])))
+            for family, label in report["chosen"].items()}
+
+
 def test_sweep(chosen: dict[str, dict], task: str = "parity", epsilons=TEST_EPSILONS, seeds=TEST_SEEDS,
                quick: bool | None = None) -> Sweep:
     """The chosen arms on the test split at each ε, one cell per seed. An arm chosen by several families is run
