@@ -12,7 +12,7 @@ import pytest
 
 from toolkit.sweeps import Sweep, run_sweep, sweep_results
 from toolkit.sweeps.study import (
-    PAPER_ARM, arm_table, choose_arms, chosen_from_report, compare, load_measured_study, markdown, summary_markdown,
+    PAPER_ARM, arm_table, ceiling, ceiling_sweep, choose_arms, chosen_from_report, compare, load_measured_study, markdown, summary_markdown,
     test_sweep as make_test_sweep, verdict,
 )
 
@@ -122,6 +122,7 @@ def test_the_study_script_runs_every_stage_and_resumes(tmp_path, monkeypatch, ca
     assert {"DP-SGD", "Dual-Priv (paper)"} <= tested
     assert all(row["epsilon"] == 3.0 and row["seeds"] == 1 for row in report["tasks"]["parity"])
     assert len(report["budgets"]) == 2
+    assert report["ceilings"]["parity"]["seeds"] == 1                          # non-private on the same recipe
     assert "s/step" in capsys.readouterr().out                                  # a trained cell is reported
     study.main(["--out", str(out), "--tasks", "parity"])                        # resumes: nothing new trains
     assert "s/step" not in capsys.readouterr().out
@@ -164,6 +165,22 @@ def test_a_new_task_is_tested_on_a_reports_choices_and_the_reports_other_tables_
     with pytest.raises(SystemExit):
         study.main(["--out", str(out), "--stage", "test", "--chosen-from", str(tmp_path / "absent.json")])
     assert "no report at" in capsys.readouterr().err
+
+
+def test_the_ceiling_is_non_private_on_the_same_recipe_and_chance_is_the_most_frequent_answer():
+    sweep = ceiling_sweep("left-digit", quick=False)
+    assert sweep.base["method"] == "non-private" and sweep.base["eval_split"] == "test"
+    assert sweep.base["expected_batch_size"] == 128 and sweep.seeds == [0, 1, 2, 3, 4]
+    results = pd.DataFrame(dict(accuracy=[0.30, 0.40], seed=[0, 1]))
+    top = ceiling(results, "left-digit")
+    assert top["mean"] == pytest.approx(35.0) and top["se"] == pytest.approx(5.0) and top["seeds"] == 2
+    assert 10.0 <= top["chance"] < 20.0                     # left-digit: 10 answers, the most frequent a little above
+    assert ceiling(results, "parity")["chance"] >= 50.0      # two answers: the larger share
+    assert "mean" not in ceiling(results.iloc[:0], "sum")    # nothing measured: nothing made up
+    report = dict(chosen={"DP-SGD": "A"}, tasks=dict(parity=[dict(family="DP-SGD", arm="A", epsilon=3.0, mean=80.0,
+                                                                  se=1.0, seeds=5, vs_dp_sgd=0.0, vs_dp_sgd_se=1.4)]),
+                  ceilings=dict(parity=dict(top, task="parity")))
+    assert "Without privacy (same recipe): 35.0 ± 5.0 % over 2 seeds" in summary_markdown(report)
 
 
 @pytest.mark.parametrize("delta, se, outcome", [(3.0, 1.0, "is MET"), (2.5, 3.0, "within its standard error"),

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import toolkit.train as train_module
+from toolkit.dashboard.common import AppSettings
 from toolkit.sweeps import (
     CONFIG_FIELDS, META_COLUMNS, QUICK_ENV, RESULT_COLUMNS, RULES, CorruptResultError, Sweep, config_key, expand,
     export_csv, is_quick, load_sweep_config, lora_rank_arms, matched_lora_rank, named_sweep, plan_sweep,
@@ -505,3 +506,22 @@ def test_utility_benchmark_keeps_its_recipe_and_resumes_by_cell_id(tmp_path, mon
         with pytest.raises(SystemExit):
             utility.parse_args(bad)
         assert words in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- benchmarks/dashboard_defaults.py
+
+def test_dashboard_defaults_benchmark_runs_what_the_tab_runs_and_reports_its_verdict():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dashboard_defaults.py"
+    spec = importlib.util.spec_from_file_location("benchmark_dashboard_defaults", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = bench.plan(2, [0.3, 3.0])
+    assert runs.count(("dual-priv", 3.0, 100)) == 2 and ("non-private", math.inf, 100) in runs
+    assert ("dp-sgd", 0.3, 100) in runs and ("dual-priv", 3.0, 20) in runs     # the curve and the old default
+    settings = AppSettings(warm_start_steps=0, train_limit=64, eval_limit=32)
+    config = bench.tab_config(settings, "dual-priv", 3.0, 100)
+    assert (config.expected_batch_size, config.token_prune_ratio, config.grad_prune_ratio) == (32, 0.75, 0.2)
+    assert bench.tab_config(settings, "dp-sgd", 3.0, 100).grad_prune_ratio == 0.0   # baselines keep every coordinate
+    row = bench.measure(settings, "dual-priv", 3.0, 2)
+    assert row["verdict"] in ("learned", "within noise of chance") and row["cpu_s"] > 0
+    assert 0 <= row["accuracy"] <= 100
