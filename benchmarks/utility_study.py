@@ -2,18 +2,26 @@
 
     python benchmarks/utility_study.py --out runs/utility-study [--tasks parity,left-digit] [--stage all] [--shard 0/2]
 
-Stages (``--stage``): ``tune`` runs the ``update-masks`` named sweep (parity, ε = 3, validation split);
-``test`` chooses the winners from the tuning results (:func:`toolkit.sweeps.study.choose_arms`, validation only)
-and runs them on each task's test split, with non-private on the same recipe (the task's ceiling); ``budgets`` runs the ``dual-priv-budgets`` named sweep (update keep
-fraction 0.05-1.0, visual tokens 8-64, validation split); ``report`` prints the comparison and writes
-``<out>/utility-study.json``; ``all`` does them in turn. Every cell is one file under ``--out``: re-running
-resumes, and ``--shard i/n`` workers (one thread each) can share the folder. The harder task (left-digit:
-10-way, two digits per image) reuses the configurations chosen on parity (tuning it separately is not done).
+Stages (``--stage``):
+
+- ``tune`` runs the ``update-masks`` named sweep (parity, ε = 3, validation split);
+- ``test`` chooses the winners from the tuning results (:func:`toolkit.sweeps.study.choose_arms`, validation
+  only) and runs them on each task's test split, with non-private on the same recipe (the task's ceiling);
+- ``ceiling`` runs only that non-private ceiling;
+- ``budgets`` runs the ``dual-priv-budgets`` named sweep (update keep fraction 0.05-1.0, visual tokens 8-64) and
+  ``ranks`` the ``dp-lora-ranks`` one (both methods at LoRA rank 2-32: the noised dimension), on the validation
+  split: ablations reported beside the choice, not candidates for it;
+- ``report`` prints the comparison and writes ``<out>/utility-study.json``; ``all`` does them in turn.
+
+Every cell is one file under ``--out``: re-running resumes, and ``--shard i/n`` workers (one thread each) can
+share the folder. The harder task (left-digit: 10-way, two digits per image) reuses the configurations chosen on
+parity: its validation split holds 50 records (a standard error of about 6.5 points at 30 % accuracy), too few
+to tune on.
 
 ``--chosen-from REPORT`` (e.g. the published ``toolkit/measured/utility_study.json``) takes the choices, the
-tuning table and the budgets from an earlier report instead of from ``--out``: a new task is tested on the
-configurations already chosen, and tasks or budgets without results in ``--out`` keep the report's tables (the
-report says which were kept).
+tuning table and the ablations from an earlier report instead of from ``--out``: a new task is tested on the
+configurations already chosen, and tasks, ceilings or ablations without results in ``--out`` keep the report's
+tables (the output says which were kept).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from toolkit.sweeps.study import (
 )
 from toolkit.vocabulary import format_epsilon
 
-STAGES = ("tune", "test", "budgets", "report", "all")
+STAGES = ("tune", "test", "ceiling", "budgets", "ranks", "report", "all")
 # left-digit (10-way, two digits per image) is the harder task; sum (19-way) measured at its floor even without
 # privacy with this recipe (non-private 10 % on validation = the most frequent answer's share), so a DP comparison
 # there says nothing
@@ -54,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         if args.chosen_from is not None:
             if args.stage in ("tune", "budgets", "all"):
-                raise ValueError(f"--chosen-from takes the choices from a report: it goes with --stage test or "
-                                 f"report, not {args.stage}")
+                raise ValueError(f"--chosen-from takes the choices from a report: it goes with --stage test, "
+                                 f"ceiling, ranks or report, not {args.stage}")
             args.earlier = load_measured_study(args.chosen_from)
             if args.earlier is None:
                 raise ValueError(f"--chosen-from: no report at {args.chosen_from}")
@@ -86,18 +94,21 @@ def main(argv=None) -> None:
     tuning = named_sweep("update-masks")            # $DUALPRIV_QUICK shrinks every stage to a plumbing check
     if args.stage in ("tune", "all"):
         run_sweep(tuning, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
-    budgets = named_sweep("dual-priv-budgets")
+    budgets, ranks = named_sweep("dual-priv-budgets"), named_sweep("dp-lora-ranks")
     if args.stage in ("budgets", "all"):
         run_sweep(budgets, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
-    if args.stage in ("tune", "budgets"):
+    if args.stage in ("ranks", "all"):
+        run_sweep(ranks, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+    if args.stage in ("tune", "budgets", "ranks"):
         return
     if args.chosen_from is not None:
         chosen = args.chosen
         earlier = args.earlier
         report = dict(chosen=earlier["chosen"], tuning=earlier["tuning"], tasks=dict(earlier.get("tasks", {})),
                       ceilings=dict(earlier.get("ceilings", {})))
-        if "budgets" in earlier:
-            report["budgets"] = earlier["budgets"]
+        for ablation in ("budgets", "ranks"):
+            if ablation in earlier:
+                report[ablation] = earlier[ablation]
         print(f"choices, tuning table and budgets from {args.chosen_from}")
     else:
         tuned = sweep_results(tuning, out)
@@ -118,7 +129,7 @@ def main(argv=None) -> None:
         report["tasks"][task] = compare(results, chosen).round(2).to_dict(orient="records")
     for task in args.tasks:
         sweep = ceiling_sweep(task)
-        if args.stage in ("test", "all"):
+        if args.stage in ("test", "ceiling", "all"):
             run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
         results = sweep_results(sweep, out)
         if results.empty and task in report.get("ceilings", {}):
@@ -130,6 +141,11 @@ def main(argv=None) -> None:
         report["budgets"] = summarize(budget_rows, ["arm"]).round(4).to_dict(orient="records")
         print("\nDual-Priv budgets (validation, ε = 3):")
         print(summarize(budget_rows, ["arm"]).round(3).to_string(index=False))
+    rank_rows = sweep_results(ranks, out)
+    if len(rank_rows):
+        report["ranks"] = summarize(rank_rows, ["arm"]).round(4).to_dict(orient="records")
+        print("\nLoRA rank (validation, ε = 3):")
+        print(summarize(rank_rows, ["arm"]).round(3).to_string(index=False))
     if args.shard == (0, 1) or args.stage == "report":
         text = json.dumps(dict(report, families=FAMILIES), indent=2, default=str)
         (out / "utility-study.json").write_text(text)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from toolkit.sweeps import Sweep, run_sweep, sweep_results
+from toolkit.sweeps.named import named_sweep
 from toolkit.sweeps.study import (
     PAPER_ARM, arm_table, ceiling, ceiling_sweep, choose_arms, chosen_from_report, compare, load_measured_study, markdown, summary_markdown,
     test_sweep as make_test_sweep, verdict,
@@ -121,7 +122,7 @@ def test_the_study_script_runs_every_stage_and_resumes(tmp_path, monkeypatch, ca
     tested = {row["family"] for row in report["tasks"]["parity"]}
     assert {"DP-SGD", "Dual-Priv (paper)"} <= tested
     assert all(row["epsilon"] == 3.0 and row["seeds"] == 1 for row in report["tasks"]["parity"])
-    assert len(report["budgets"]) == 2
+    assert len(report["budgets"]) == 2 and len(report["ranks"]) == 2          # the validation ablations
     assert report["ceilings"]["parity"]["seeds"] == 1                          # non-private on the same recipe
     assert "s/step" in capsys.readouterr().out                                  # a trained cell is reported
     study.main(["--out", str(out), "--tasks", "parity"])                        # resumes: nothing new trains
@@ -165,6 +166,19 @@ def test_a_new_task_is_tested_on_a_reports_choices_and_the_reports_other_tables_
     with pytest.raises(SystemExit):
         study.main(["--out", str(out), "--stage", "test", "--chosen-from", str(tmp_path / "absent.json")])
     assert "no report at" in capsys.readouterr().err
+
+
+def test_the_rank_ablation_varies_the_noised_dimension_for_both_methods_alike():
+    sweep = named_sweep("dp-lora-ranks", quick=False)
+    assert sweep.base["eval_split"] == "validation" and sweep.base["epsilon"] == 3.0
+    arms = sweep.grid["arm"]
+    by_rank = {}
+    for arm in arms:
+        by_rank.setdefault(arm["lora_rank"], set()).add((arm["method"], arm["lr"]))
+    assert sorted(by_rank) == [2, 4, 8, 16, 32]
+    assert all(pairs == {("dp-sgd", 1e-2), ("dual-priv", 1e-2)} for pairs in by_rank.values())
+    noised = {a["lora_rank"]: a["tags"]["vs_rank_8"] for a in arms}
+    assert noised[8] == 1.0 and noised[2] < 1.0 < noised[32]     # fewer trained coordinates, less noise in total
 
 
 def test_the_ceiling_is_non_private_on_the_same_recipe_and_chance_is_the_most_frequent_answer():

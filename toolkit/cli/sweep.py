@@ -76,7 +76,7 @@ def configure(parser) -> None:
     parser.add_argument("--config", metavar="FILE", help="a sweep file (.yaml/.yml/.json), see configs/")
     parser.add_argument("--named", metavar="NAME",
                         help="a built-in sweep: privacy-utility, ablation, budget, lora-rank, update-masks, "
-                             "dual-priv-budgets (see --list)")
+                             "dual-priv-budgets, dp-lora-ranks (see --list)")
     parser.add_argument("--preset", default="tiny", help="model preset for --named (default: tiny; llava576)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder: NAME/CELL_ID.json (one per finished cell), NAME.plan.json, NAME.csv")
