@@ -197,6 +197,15 @@ def test_the_ceiling_is_non_private_on_the_same_recipe_and_chance_is_the_most_fr
     assert "Without privacy (same recipe): 35.0 ± 5.0 % over 2 seeds" in summary_markdown(report)
 
 
+def test_the_summary_shows_the_ablations_losers_included():
+    report = dict(chosen={"DP-SGD": "A"}, tasks={},
+                  ranks=[dict(arm="DP-SGD, LoRA rank 2", mean=0.80, sem=0.01, count=2),
+                         dict(arm="Dual-Priv, LoRA rank 32", mean=0.70, sem=0.02, count=2)])
+    text = summary_markdown(report)
+    assert "**LoRA rank" in text and "Dual-Priv budgets" not in text          # only what was measured
+    assert text.index("| DP-SGD, LoRA rank 2 | 80.0 ± 1.0 | 2 |") < text.index("| Dual-Priv, LoRA rank 32 | 70.0")
+
+
 @pytest.mark.parametrize("delta, se, outcome", [(3.0, 1.0, "is MET"), (2.5, 3.0, "within its standard error"),
                                                 (-1.5, 1.0, "MISSED by 3.5 points")])
 def test_the_verdict_compares_the_difference_with_the_target_and_its_noise(delta, se, outcome):

@@ -221,6 +221,19 @@ def verdict(rows: list[dict], family: str = "Dual-Priv, equal wall-clock", epsil
     return text
 
 
+ABLATIONS = {"budgets": "Dual-Priv budgets (update keep fraction and visual tokens)",
+             "ranks": "LoRA rank, both methods at lr 1e-2 (the noised dimension)"}
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    """An ablation's arms (``summarize`` rows on the validation split) as a Markdown table, best first."""
+    lines = ["| arm | validation accuracy % (± s.e. over seeds) | seeds |", "|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["mean"]):
+        se = f" ± {100 * r['sem']:.1f}" if r.get("count", 0) > 1 else ""
+        lines.append(f"| {r['arm']} | {100 * r['mean']:.1f}{se} | {r.get('count', '?')} |")
+    return "\n".join(lines)
+
+
 def summary_markdown(report: dict | None) -> str:
     """The study for people: what was chosen, the test tables per task, and the verdict."""
     if not report:
@@ -238,4 +251,8 @@ def summary_markdown(report: dict | None) -> str:
             lines += [f"Without privacy (same recipe): {top['mean']:.1f} ± {top['se']:.1f} % over {top['seeds']} "
                       f"seeds; always giving the most frequent answer: {top['chance']:.1f} %.", ""]
         lines += [verdict(rows, "Dual-Priv, equal steps"), verdict(rows, "Dual-Priv, equal wall-clock")]
+    for key, title in ABLATIONS.items():
+        if report.get(key):
+            lines += ["", f"**{title}**: an ablation on the parity validation split at ε = 3 (reported, not a "
+                          "candidate for the choice):", "", ablation_markdown(report[key])]
     return "\n".join(lines)
