@@ -36,7 +36,7 @@ from toolkit.sweeps import parse_shard, run_sweep, summarize, sweep_results
 from toolkit.sweeps.named import named_sweep
 from toolkit.sweeps.study import (
     FAMILIES, MEASURED_STUDY, arm_table, ceiling, ceiling_sweep, choose_arms, chosen_from_report, compare,
-    load_measured_study, summary_markdown, test_sweep,
+    load_measured_study, start_accuracy, summary_markdown, test_sweep,
 )
 from toolkit.vocabulary import format_epsilon
 
@@ -134,7 +134,7 @@ def main(argv=None) -> None:
         results = sweep_results(sweep, out)
         if results.empty and task in report.get("ceilings", {}):
             continue
-        report.setdefault("ceilings", {})[task] = ceiling(results, task)
+        report.setdefault("ceilings", {})[task] = ceiling(results, task, start=start_accuracy(task))
     print(summary_markdown(report))
     budget_rows = sweep_results(budgets, out)
     if len(budget_rows):

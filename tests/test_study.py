@@ -13,8 +13,8 @@ import pytest
 from toolkit.sweeps import Sweep, run_sweep, sweep_results
 from toolkit.sweeps.named import named_sweep
 from toolkit.sweeps.study import (
-    PAPER_ARM, arm_table, ceiling, ceiling_sweep, choose_arms, chosen_from_report, compare, load_measured_study, markdown, summary_markdown,
-    test_sweep as make_test_sweep, verdict,
+    PAPER_ARM, arm_table, ceiling, ceiling_sweep, choose_arms, chosen_from_report, compare, load_measured_study,
+    markdown, start_accuracy, summary_markdown, test_sweep as make_test_sweep, verdict,
 )
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -191,10 +191,13 @@ def test_the_ceiling_is_non_private_on_the_same_recipe_and_chance_is_the_most_fr
     assert 10.0 <= top["chance"] < 20.0                     # left-digit: 10 answers, the most frequent a little above
     assert ceiling(results, "parity")["chance"] >= 50.0      # two answers: the larger share
     assert "mean" not in ceiling(results.iloc[:0], "sum")    # nothing measured: nothing made up
+    start = start_accuracy("left-digit", quick=True)          # quick: the untrained preset, 32 test records
+    assert 0.0 <= start <= 100.0 and ceiling(results, "left-digit", start=start)["start"] == start
     report = dict(chosen={"DP-SGD": "A"}, tasks=dict(parity=[dict(family="DP-SGD", arm="A", epsilon=3.0, mean=80.0,
                                                                   se=1.0, seeds=5, vs_dp_sgd=0.0, vs_dp_sgd_se=1.4)]),
-                  ceilings=dict(parity=dict(top, task="parity")))
+                  ceilings=dict(parity=dict(top, task="parity", start=26.9)))
     assert "Without privacy (same recipe): 35.0 ± 5.0 % over 2 seeds" in summary_markdown(report)
+    assert "the starting model before fine-tuning: 26.9 %" in summary_markdown(report)
 
 
 def test_the_summary_shows_the_ablations_losers_included():

@@ -195,8 +195,14 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
 def public_validation_accuracy(bundle) -> float:
     """Digit accuracy of ``bundle`` on the embedded validation split, every visual token: how a warm start is
     scored (and its best checkpoint chosen)."""
+    return task_accuracy(bundle, "digit", "validation")
+
+
+def task_accuracy(bundle, task: str, split: str, limit: int | None = None) -> float:
+    """Closed-set accuracy of ``bundle`` as it is (no fine-tuning) on an embedded ``task``'s ``split``, every
+    visual token: where a fine-tune on that task starts from."""
     collator = Collator(bundle.tokenizer, bundle.n_patches, bundle.image_token_id, bundle.prompt_template)
-    validation = make_vqa("digit", "validation", image_size=bundle.image_size)
+    validation = make_vqa(task, split, image_size=bundle.image_size, limit=limit)
     was_training = bundle.model.training
     try:
         return _validation_accuracy(bundle, LlavaLM(bundle).bind_collator(collator), collator, validation)
@@ -206,7 +212,7 @@ def public_validation_accuracy(bundle) -> float:
 
 @torch.no_grad()
 def _validation_accuracy(bundle, lm, collator, validation) -> float:
-    """Closed-set digit accuracy on the validation split with every visual token (the warm start's own task)."""
+    """Closed-set accuracy on ``validation`` (a data set) with every visual token."""
     bundle.model.eval()
     try:
         features = encode_records(bundle, make_pruner("none", bundle), validation.records)

@@ -36,6 +36,7 @@ from toolkit.flops import flops_for_rows
 from toolkit.sweeps.named import FULL_BASE, is_quick, update_mask_arms
 from toolkit.sweeps.plan import Sweep
 from toolkit.sweeps.summary import summarize
+from toolkit.warmstart import starting_model, task_accuracy
 
 PAPER_ARM = "Dual-Priv (paper: noisy mask, prune 0.2)"
 FAMILIES = ("DP-SGD", "DP-SGD (validation tie)", "Dual-Priv (paper)", "Dual-Priv, equal steps",
@@ -147,11 +148,22 @@ def ceiling_sweep(task: str = "parity", seeds=TEST_SEEDS, quick: bool | None = N
     return sweep.quick_version() if (quick if quick is not None else is_quick()) else sweep
 
 
-def ceiling(results: pd.DataFrame, task: str) -> dict:
-    """The ceiling sweep's result for the report: accuracy % (mean, standard error, seeds) and the task's chance
-    level (the most frequent answer's share of the test split: what always answering it scores)."""
+def start_accuracy(task: str, quick: bool | None = None) -> float:
+    """Test accuracy % of the model every arm starts from (the study's public warm start, every visual token, no
+    fine-tuning) on ``task``: a fine-tune that ends near it has not learned the task."""
+    base = ceiling_sweep(task, quick=quick).base
+    bundle = starting_model(preset=base["preset"], warm_start_steps=base.get("warm_start_steps"), progress=False)
+    return round(100 * task_accuracy(bundle, task, "test", limit=base.get("eval_limit")), 2)
+
+
+def ceiling(results: pd.DataFrame, task: str, start: float | None = None) -> dict:
+    """The ceiling sweep's result for the report: accuracy % (mean, standard error, seeds), the task's chance
+    level (the most frequent answer's share of the test split: what always answering it scores) and, if given,
+    ``start``: the accuracy of the starting model before fine-tuning (:func:`start_accuracy`)."""
     answers = pd.Series([record.answer for record in make_vqa(task, "test").records])
     row = dict(task=task, chance=round(100 * float(answers.value_counts(normalize=True).iloc[0]), 2))
+    if start is not None:
+        row["start"] = start
     if results.empty:
         return row
     stats = summarize(results.assign(task=task), "task").iloc[0]
@@ -248,8 +260,9 @@ def summary_markdown(report: dict | None) -> str:
                   markdown(pd.DataFrame(rows)), ""]
         top = report.get("ceilings", {}).get(task)
         if top and "mean" in top:
+            start = f"; the starting model before fine-tuning: {top['start']:.1f} %" if "start" in top else ""
             lines += [f"Without privacy (same recipe): {top['mean']:.1f} ± {top['se']:.1f} % over {top['seeds']} "
-                      f"seeds; always giving the most frequent answer: {top['chance']:.1f} %.", ""]
+                      f"seeds; always giving the most frequent answer: {top['chance']:.1f} %{start}.", ""]
         lines += [verdict(rows, "Dual-Priv, equal steps"), verdict(rows, "Dual-Priv, equal wall-clock")]
     for key, title in ABLATIONS.items():
         if report.get(key):
