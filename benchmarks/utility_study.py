@@ -109,7 +109,7 @@ def main(argv=None) -> None:
         for ablation in ("budgets", "ranks"):
             if ablation in earlier:
                 report[ablation] = earlier[ablation]
-        print(f"choices, tuning table and budgets from {args.chosen_from}")
+        print(f"choices, tuning table and ablations from {args.chosen_from}")
     else:
         tuned = sweep_results(tuning, out)
         print(arm_table(tuned).round(3).to_string(index=False))
@@ -135,17 +135,11 @@ def main(argv=None) -> None:
         if results.empty and task in report.get("ceilings", {}):
             continue
         report.setdefault("ceilings", {})[task] = ceiling(results, task, start=start_accuracy(task))
-    print(summary_markdown(report))
-    budget_rows = sweep_results(budgets, out)
-    if len(budget_rows):
-        report["budgets"] = summarize(budget_rows, ["arm"]).round(4).to_dict(orient="records")
-        print("\nDual-Priv budgets (validation, ε = 3):")
-        print(summarize(budget_rows, ["arm"]).round(3).to_string(index=False))
-    rank_rows = sweep_results(ranks, out)
-    if len(rank_rows):
-        report["ranks"] = summarize(rank_rows, ["arm"]).round(4).to_dict(orient="records")
-        print("\nLoRA rank (validation, ε = 3):")
-        print(summarize(rank_rows, ["arm"]).round(3).to_string(index=False))
+    for key, ablation in (("budgets", budgets), ("ranks", ranks)):
+        rows = sweep_results(ablation, out)
+        if len(rows):
+            report[key] = summarize(rows, ["arm"]).round(4).to_dict(orient="records")
+    print(summary_markdown(report))                 # the choices, each task's test table and the ablations
     if args.shard == (0, 1) or args.stage == "report":
         text = json.dumps(dict(report, families=FAMILIES), indent=2, default=str)
         (out / "utility-study.json").write_text(text)

@@ -160,7 +160,7 @@ def test_a_new_task_is_tested_on_a_reports_choices_and_the_reports_other_tables_
     report = json.loads((out / "utility-study.json").read_text())
     assert report["tasks"]["parity"] == parity and report["budgets"] == earlier["budgets"]   # nothing ran: kept
     assert {row["arm"] for row in report["tasks"]["sum"]} == {"DP-SGD", PAPER_ARM}           # the report's choices
-    assert "choices, tuning table and budgets from" in capsys.readouterr().out
+    assert "choices, tuning table and ablations from" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         study.main(["--out", str(out), "--stage", "tune", "--chosen-from", str(tmp_path / "earlier.json")])
     with pytest.raises(SystemExit):
