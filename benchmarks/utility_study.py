@@ -1,6 +1,6 @@
 """Issue 14's utility study: tune on validation, choose, report on test with 5 seeds at ε = 1, 3, 8.
 
-    python benchmarks/utility_study.py --out runs/utility-study [--tasks parity,left-digit] [--stage all] [--shard 0/2]
+    python benchmarks/utility_study.py --out runs/utility-study [--tasks parity,left-digit,sum] [--shard 0/2]
 
 Stages (``--stage``):
 
@@ -14,9 +14,9 @@ Stages (``--stage``):
 - ``report`` prints the comparison and writes ``<out>/utility-study.json``; ``all`` does them in turn.
 
 Every cell is one file under ``--out``: re-running resumes, and ``--shard i/n`` workers (one thread each) can
-share the folder. The harder task (left-digit: 10-way, two digits per image) reuses the configurations chosen on
-parity: its validation split holds 50 records (a standard error of about 6.5 points at 30 % accuracy), too few
-to tune on.
+share the folder. The harder tasks (left-digit: 10-way, sum: 19-way, two digits per image) reuse the
+configurations chosen on parity: their validation splits hold 50 records (a standard error of about 6.5 points
+at 30 % accuracy), too few to tune on.
 
 ``--chosen-from REPORT`` (e.g. the published ``toolkit/measured/utility_study.json``) takes the choices, the
 tuning table and the ablations from an earlier report instead of from ``--out``: a new task is tested on the
@@ -41,16 +41,14 @@ from toolkit.sweeps.study import (
 from toolkit.vocabulary import format_epsilon
 
 STAGES = ("tune", "test", "ceiling", "budgets", "ranks", "report", "all")
-# left-digit (10-way, two digits per image) is the harder task; sum (19-way) measured at its floor even without
-# privacy with this recipe (non-private 10 % on validation = the most frequent answer's share), so a DP comparison
-# there says nothing
+# two harder tasks beside parity: left-digit (10-way) and sum (19-way), both on two-digit images
 TASKS = ("parity", "left-digit", "sum")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/utility-study", help="results folder (one JSON file per cell)")
-    parser.add_argument("--tasks", default="parity,left-digit", help=f"comma-separated, from {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default="parity,left-digit,sum", help=f"comma-separated, from {', '.join(TASKS)}")
     parser.add_argument("--stage", default="all", choices=STAGES)
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (parallel workers)")
     parser.add_argument("--publish", action="store_true",
