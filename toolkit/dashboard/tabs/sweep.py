@@ -28,8 +28,8 @@ from toolkit.vocabulary import METHODS, format_epsilon, parse_epsilon, parse_eps
 
 REQUIRED_COLUMNS = ("method", "epsilon", "accuracy")
 DEFAULT_STEPS = 100  # the old 20 left every point within noise of chance: a curve of noise
-# Measured at 100 steps (docs/DASHBOARD.md): accuracy rises from ε = 0.3 to 1 and is flat from 1 to 8, so
-# "1, 3, 8" drew a flat line within noise; "0.3, 1, 3" shows the rise and the plateau.
+# Measured at 100 steps (docs/DASHBOARD.md): accuracy rises from ε = 0.3 to 1 and changes by a few points from 1
+# to 8, so "1, 3, 8" draws a nearly flat line; "0.3, 1, 3" shows the rise and the plateau.
 DEFAULT_EPSILONS = "0.3, 1, 3"
 SHOWN_COLUMNS = ["method", "epsilon", "seed", "accuracy", "epsilon_spent", "steps_done", "visual_tokens",
                  "grad_prune_ratio", "peak_memory_mb", "wall_time_s"]  # the CSV download has all of them
