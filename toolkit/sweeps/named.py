@@ -188,16 +188,21 @@ def update_mask_arms() -> list[dict]:
     ]
 
 
+def _validation_sweep(name: str, preset: str, arms: list[dict], quick_arms: list[dict], description: str) -> Sweep:
+    """The shape the study's validation sweeps share: the study recipe at ε = 3, scored on the VALIDATION split,
+    seeds 0-1, one bundled ``arm`` axis (``quick_arms`` in quick mode)."""
+    return Sweep(name, base=dict(FULL_BASE, preset=preset, epsilon=3.0, eval_split="validation"),
+                 grid=dict(arm=arms), seeds=[0, 1], description=description, quick=dict(grid=dict(arm=quick_arms)))
+
+
 def _update_masks(preset: str) -> Sweep:
-    return Sweep(
-        "update-masks", base=dict(FULL_BASE, preset=preset, epsilon=3.0, eval_split="validation"),
-        grid=dict(arm=update_mask_arms()), seeds=[0, 1],
-        description="Tuning at ε = 3, scored on the VALIDATION split (report on test only for the configurations "
-                    "chosen here, toolkit.sweeps.study): DP-SGD and Dual-Priv with the same optimizer options, "
-                    "Dual-Priv with the paper's post-noise mask, masks fixed before the noise (past-noisy, public, "
-                    "random), FFA-LoRA, DP-AdamBC, and Dual-Priv spending its cheaper steps on more examples.",
-        quick=dict(grid=dict(arm=[update_mask_arms()[0], update_mask_arms()[5], update_mask_arms()[10]])),
-    )
+    arms = update_mask_arms()
+    return _validation_sweep(
+        "update-masks", preset, arms, [arms[0], arms[5], arms[10]],
+        "Tuning at ε = 3, scored on the VALIDATION split (report on test only for the configurations chosen here, "
+        "toolkit.sweeps.study): DP-SGD and Dual-Priv with the same optimizer options, Dual-Priv with the paper's "
+        "post-noise mask, masks fixed before the noise (past-noisy, public, random), FFA-LoRA, DP-AdamBC, and "
+        "Dual-Priv spending its cheaper steps on more examples.")
 
 
 def dual_priv_budget_arms(preset: str = "tiny") -> list[dict]:
@@ -219,14 +224,11 @@ def dual_priv_budget_arms(preset: str = "tiny") -> list[dict]:
 
 
 def _dual_priv_budgets(preset: str) -> Sweep:
-    return Sweep(
-        "dual-priv-budgets", base=dict(FULL_BASE, preset=preset, epsilon=3.0, eval_split="validation"),
-        grid=dict(arm=dual_priv_budget_arms(preset)), seeds=[0, 1],
-        description="Dual-Priv at ε = 3 on the VALIDATION split: the fraction of the update kept (0.05 to 1.0; the "
-                    "paper's post-noise mask and the past-noisy pre-noise mask) and the visual tokens kept (8 to "
-                    "all).",
-        quick=dict(grid=dict(arm=dual_priv_budget_arms(preset)[:2])),
-    )
+    arms = dual_priv_budget_arms(preset)
+    return _validation_sweep(
+        "dual-priv-budgets", preset, arms, arms[:2],
+        "Dual-Priv at ε = 3 on the VALIDATION split: the fraction of the update kept (0.05 to 1.0; the paper's "
+        "post-noise mask and the past-noisy pre-noise mask) and the visual tokens kept (8 to all).")
 
 
 def noised_dimension_arms(preset: str = "tiny", ranks=(2, 4, 8, 16, 32)) -> list[dict]:
@@ -247,13 +249,10 @@ def noised_dimension_arms(preset: str = "tiny", ranks=(2, 4, 8, 16, 32)) -> list
 
 
 def _dp_lora_ranks(preset: str) -> Sweep:
-    return Sweep(
-        "dp-lora-ranks", base=dict(FULL_BASE, preset=preset, epsilon=3.0, eval_split="validation"),
-        grid=dict(arm=noised_dimension_arms(preset)), seeds=[0, 1],
-        description="DP-SGD and Dual-Priv at ε = 3 on the VALIDATION split at LoRA rank 2 to 32: fewer trained "
-                    "coordinates, less noise in total, less capacity.",
-        quick=dict(grid=dict(arm=noised_dimension_arms(preset, ranks=(2,)))),
-    )
+    return _validation_sweep(
+        "dp-lora-ranks", preset, noised_dimension_arms(preset), noised_dimension_arms(preset, ranks=(2,)),
+        "DP-SGD and Dual-Priv at ε = 3 on the VALIDATION split at LoRA rank 2 to 32: fewer trained coordinates, "
+        "less noise in total, less capacity.")
 
 
 NAMED_SWEEPS: dict[str, Callable[[str], Sweep]] = {
