@@ -73,7 +73,7 @@ def test_config_errors_raise_before_running():
         plan_sweep(Sweep("bad", base=dict(steps=2, token_prune_ratio=0.5), grid=dict(keep_tokens=[16])))
     with pytest.raises(ValueError, match="seeds"):
         Sweep("bad", grid=dict(seed=[0, 1]))
-    with pytest.raises(ValueError, match="sweep 'bad', cell token_strategy=dual-prv .*unknown token strategy"):
+    with pytest.raises(ValueError, match="sweep 'bad', cell token_strategy=dual-prv .*unknown token.strategy"):
         plan_sweep(Sweep("bad", base=dict(steps=2), grid=dict(token_strategy=["dual-prv"])))
     with pytest.raises(ValueError, match="sweep 'bad', cell steps=two"):
         plan_sweep(Sweep("bad", grid=dict(steps=["two"])))

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from toolkit.data import TASKS, Collator
+from toolkit.methods import get_method
 from toolkit.models import PRESETS, build_tokenizer
 
 METHOD_NAMES = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
@@ -170,10 +171,11 @@ def estimate_step_flops(method: str, visual_tokens: int, text_tokens: int, batch
     P = trainable_params(d, trainable, r)
 
     dp_overhead = zo_extra = 0
-    if method in ("dp-sgd", "dual-priv"):
+    noise = get_method(method).noise
+    if noise == "gradient":
         dp_overhead = weight_grad + 4 * B * P
         total = forward + backward + dp_overhead
-    elif method == "dp-zo":
+    elif noise == "scalar":
         zo_extra = forward + 8 * P
         backward = weight_grad = 0
         total = forward + zo_extra

@@ -14,7 +14,8 @@ Every training step in the toolkit goes through an object with this interface (:
 
 Three implementations: :class:`NonPrivateOptimizer` (a plain torch optimizer on the mean loss),
 :class:`toolkit.privacy.DPEngine` (Opacus DP-SGD, with update pruning for Dual-Priv) and
-:class:`toolkit.zo.DPZeroOrder`. :func:`make_optimizer` picks one through :data:`OPTIMIZER_BUILDERS`.
+:class:`toolkit.zo.DPZeroOrder`. :func:`make_optimizer` picks one through :data:`OPTIMIZER_BUILDERS`; a new method
+registers its builder with :func:`register_optimizer` (and its record with :func:`toolkit.methods.register_method`).
 
 Example::
 
@@ -39,7 +40,6 @@ from toolkit.config import OPTIMIZERS, TrainConfig
 from toolkit.distributed import all_reduce_sum, context
 from toolkit.privacy import make_pre_noise_mask, make_private
 from toolkit.privacy.adam_bc import DPAdamBC, noise_variance
-from toolkit.vocabulary import DP_SGD_METHODS
 from toolkit.zo import DPZeroOrder
 
 LossesFn = Callable[[], torch.Tensor]
@@ -179,6 +179,7 @@ def _dp_zo(c: TrainConfig, module, params, noise_multiplier, sample_rate, public
                        secure_mode=c.secure_mode, module=module)
 
 
+# builder(config, module, trainable params, noise_multiplier, sample_rate, public_gradients=None) -> optimizer
 OPTIMIZER_BUILDERS: dict[str, Callable] = {
     "non-private": _non_private,
     "dp-sgd": _dp_sgd,
@@ -187,15 +188,21 @@ OPTIMIZER_BUILDERS: dict[str, Callable] = {
 }
 
 
+def register_optimizer(method: str, builder: Callable, replace: bool = False) -> Callable:
+    """Register the optimizer builder of ``method`` (see :data:`OPTIMIZER_BUILDERS` for its signature)."""
+    if method in OPTIMIZER_BUILDERS and not replace:
+        raise ValueError(f"an optimizer for method {method!r} is already registered")
+    OPTIMIZER_BUILDERS[method] = builder
+    return builder
+
+
 def make_optimizer(c: TrainConfig, module: nn.Module, noise_multiplier: float, sample_rate: float,
                    public_gradients: list[torch.Tensor] | None = None):
-    """The method's :class:`TrainingOptimizer` over ``module``'s trainable parameters. ``public_gradients``
-    (aligned with those parameters) feed the ``public`` update mask."""
-    if c.grad_prune_ratio > 0 and c.method not in DP_SGD_METHODS:
-        raise ValueError(f"grad_prune_ratio needs a DP-SGD method: it prunes the noisy gradient, and {c.method} "
-                         "has no gradient vector to prune")
-    if c.optimizer == "dp-adambc" and c.method not in DP_SGD_METHODS:
-        raise ValueError(f"optimizer='dp-adambc' corrects for DP-SGD's per-coordinate noise; {c.method} has none")
+    """The method's :class:`TrainingOptimizer` over ``module``'s trainable parameters (``c`` resolved: the
+    method's rules were checked by :func:`toolkit.config.check_config`). ``public_gradients`` (aligned with those
+    parameters) feed the ``public`` update mask."""
+    if c.method not in OPTIMIZER_BUILDERS:
+        raise ValueError(f"method {c.method!r} has no optimizer: register one with register_optimizer")
     params = [p for p in module.parameters() if p.requires_grad]
     return OPTIMIZER_BUILDERS[c.method](c, module, params, noise_multiplier, sample_rate,
                                         public_gradients=public_gradients)

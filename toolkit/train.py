@@ -57,6 +57,7 @@ from toolkit.export import save_trained
 from toolkit.feature_cache import cached_features
 from toolkit.features import encode_records, make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses
+from toolkit.methods import get_method
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.models import apply_trainable, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
@@ -250,7 +251,7 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     # scale (issue 11): one dtype for frozen and trainable parts (after LoRA injection, so adapters get it too);
     # DP clipping and noise stay in >= fp32 whatever it is (toolkit.privacy.update_pruning)
     bundle.model.to(resolve_dtype(c.dtype, device))
-    if c.activation_checkpointing and c.method != "dp-zo":  # DP-ZO has no backward: nothing to recompute
+    if c.activation_checkpointing and get_method(c.method).backward:  # no backward (DP-ZO): nothing to recompute
         enable_activation_checkpointing(bundle)
     broadcast_trainable(bundle.model, dist)  # every rank starts from rank 0's weights
     if train_set is None:

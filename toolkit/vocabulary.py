@@ -1,7 +1,7 @@
-"""The toolkit's shared vocabulary: the method names, their labels and colours, and how ε = ∞ is written.
+"""The toolkit's shared vocabulary: how methods are named and labelled, and how ε (∞ included) is written and read.
 
-Every module that names a method or prints/parses an ε imports it from here, so a new method or a new spelling
-of infinity is one edit.
+What a method *is* lives in :mod:`toolkit.methods`; the tuples below are views of that registry kept for the
+modules that list the built-in methods. Every ε a user types is read by :func:`parse_epsilon` (the one parser).
 
 Example::
 
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 
-METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
-PRIVATE_METHODS = ("dp-sgd", "dual-priv", "dp-zo")
+from toolkit.methods import all_methods, get_method, method_names
+
+# Views of the registry at import (the built-in methods), for listings; checks ask toolkit.methods directly.
+METHODS = method_names()
+PRIVATE_METHODS = tuple(m.name for m in all_methods() if m.private)
 # Methods whose step is DP-SGD (per-example gradients, clipped, noised): the only ones with a gradient to prune.
-DP_SGD_METHODS = ("dp-sgd", "dual-priv")
-METHOD_LABELS = {"non-private": "Non-private", "dp-sgd": "DP-SGD", "dual-priv": "Dual-Priv", "dp-zo": "DP-ZO"}
-METHOD_COLOURS = {"non-private": "#7f7f7f", "dp-sgd": "#1f77b4", "dual-priv": "#d62728", "dp-zo": "#2ca02c"}
+DP_SGD_METHODS = tuple(m.name for m in all_methods() if m.can_prune_update)
+METHOD_LABELS = {m.name: m.label for m in all_methods()}
+METHOD_COLOURS = {m.name: m.colour for m in all_methods()}
 
 INFINITY_WORDS = ("inf", "+inf", "infinity", "∞", ".inf")
 PRIVACY_UNIT = "one record = one source image"
@@ -28,11 +31,11 @@ PRIVACY_UNIT = "one record = one source image"
 
 def is_private(method: str) -> bool:
     """True for the methods that add DP noise and are accounted."""
-    return method in PRIVATE_METHODS
+    return method in method_names() and get_method(method).private
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    return get_method(method).label if method in method_names() else method
 
 
 def format_epsilon(value, digits: int | None = None) -> str:

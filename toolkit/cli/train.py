@@ -24,7 +24,8 @@ from toolkit.config import TrainConfig
 from toolkit.distributed import context, shutdown
 from toolkit.train import train
 from toolkit.validation import check_output_dir
-from toolkit.vocabulary import INFINITY_WORDS
+from toolkit.schema import choices_of, groups
+from toolkit.vocabulary import INFINITY_WORDS, parse_epsilon
 
 # Fields holding a path: in a config file they are relative to the file's folder.
 PATH_FIELDS = ("model_dir", "train_data", "eval_data", "image_folder", "output_dir", "checkpoint_path", "resume_from")
@@ -32,6 +33,13 @@ PATH_FIELDS = ("model_dir", "train_data", "eval_data", "image_folder", "output_d
 
 def _parse_float(text: str) -> float:
     return math.inf if text.strip().lower() in INFINITY_WORDS else float(text)
+
+
+def _parse_epsilon(text: str) -> float:
+    try:
+        return parse_epsilon(text)
+    except ValueError as err:  # argparse shows the message of an ArgumentTypeError as it is
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parse_fusion(text: str):
@@ -55,15 +63,25 @@ def field_parser(config_cls, name: str):
     base = next((a for a in args if a is not type(None)), hint) if args else hint
     if name == "fusion_noise_std":
         return _parse_fusion
+    if name == "epsilon":
+        return _parse_epsilon
     return {bool: _parse_bool, float: _parse_float, int: int}.get(base, str)
 
 
 def add_config_flags(parser, config_cls) -> None:
-    """One ``--field-name`` flag per dataclass field, typed from its annotation. A flag not given leaves no
+    """One ``--field-name`` flag per dataclass field, typed from its annotation, with the help, choices and
+    default of its schema (:mod:`toolkit.schema`), grouped as the schema groups them. A flag not given leaves no
     attribute (``argparse.SUPPRESS``), so a config file's value is overridden only by flags actually given."""
-    for f in dataclasses.fields(config_cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_parser(config_cls, f.name),
-                            default=argparse.SUPPRESS, help=f"(default: {f.default})")
+    for group, fields in groups(config_cls).items():
+        section = parser.add_argument_group(group)
+        for f in fields:
+            choices = choices_of(f)
+            default = "the method's default" if f.default is None and f.metadata.get("optional") else f.default
+            text = f.metadata.get("help", "")
+            section.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                                 type=field_parser(config_cls, f.name), default=argparse.SUPPRESS,
+                                 metavar="{" + ",".join(map(str, choices)) + "}" if choices else None,
+                                 help=f"{text} (default: {default})".replace("%", "%%"))
 
 
 def load_config_file(path: str | Path, config_cls=TrainConfig) -> dict:
@@ -85,7 +103,7 @@ def load_config_file(path: str | Path, config_cls=TrainConfig) -> dict:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in fields:
+        if name not in fields:  # the same policy as TrainConfig.from_dict(unknown="error"), with the file named
             raise ValueError(f"config file {str(path)!r}: unknown field {key!r} (see python -m toolkit train --help)")
         if isinstance(value, str) and name not in PATH_FIELDS:
             try:
@@ -104,7 +122,7 @@ def config_from_args(args, config_cls=TrainConfig):
     for f in dataclasses.fields(config_cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-    return config_cls(**values)
+    return config_cls.from_dict(values) if hasattr(config_cls, "from_dict") else config_cls(**values)
 
 
 @subcommand("train", help="fine-tune with non-private, dp-sgd, dual-priv or dp-zo, evaluate, and export "

@@ -20,9 +20,11 @@ from typing import Callable
 
 from toolkit.models import PRESETS
 from toolkit.tokens import STRATEGIES, resolve_keep
+from toolkit.config import method_rule
 from toolkit.train import TrainConfig
 from toolkit.validation import check_int
-from toolkit.vocabulary import DP_SGD_METHODS, INFINITY_WORDS, PRIVATE_METHODS, epsilon_to_json, format_epsilon
+from toolkit.methods import get_method, method_names
+from toolkit.vocabulary import INFINITY_WORDS, epsilon_to_json, format_epsilon
 
 # Bump when the canonical form in config_key changes: every key changes, finished cells re-run (the safe side).
 HASH_VERSION = 1
@@ -203,10 +205,12 @@ def _has_fused_tokens(c: TrainConfig) -> bool:
 
 
 def _rule_update_pruning(c: TrainConfig) -> str | None:
-    if c.grad_prune_ratio and c.method not in DP_SGD_METHODS:
+    if c.grad_prune_ratio and not get_method(c.method).can_prune_update:
+        pruners = [m for m in method_names() if get_method(m).can_prune_update]
         return (f"grad_prune_ratio={c.grad_prune_ratio} with method {c.method!r}: update pruning acts on the noisy "
-                f"DP-SGD gradient ({' / '.join(DP_SGD_METHODS)} only)")
+                f"DP-SGD gradient ({' / '.join(pruners)} only)")
     return None
+
 
 
 def _rule_fusion_noise(c: TrainConfig) -> str | None:
@@ -217,7 +221,7 @@ def _rule_fusion_noise(c: TrainConfig) -> str | None:
 
 
 def _rule_matched_noise(c: TrainConfig) -> str | None:
-    if c.fusion_noise_std == "matched" and (c.method not in PRIVATE_METHODS or math.isinf(c.epsilon)):
+    if c.fusion_noise_std == "matched" and (not get_method(c.method).private or math.isinf(c.epsilon)):
         return "fusion_noise_std='matched' is 0 without DP noise (non-private or ε = ∞): a no-op"
     return None
 
@@ -249,7 +253,8 @@ RULES: dict[str, Callable[[TrainConfig], str | None]] = {
 def _normalise(values: dict) -> dict:
     """Normalisation N1 on a raw cell dict: non-private ignores ε, so it is run (and shown) at ε = ∞."""
     v = dict(values)
-    if v.get("method", TrainConfig.method) == "non-private":
+    method = v.get("method", TrainConfig.method)
+    if method in method_names() and not get_method(method).private:
         v["epsilon"] = math.inf
     return v
 
@@ -327,6 +332,8 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
         if reason:
             skipped.append(Skipped(label, *reason))
             continue
+        if why := method_rule(resolved):
+            raise ValueError(f"sweep {sweep.name!r}, cell {label}: {why}")
         key = config_key(resolved)
         if key in seen:
             skipped.append(Skipped(label, "duplicate", f"same resolved config as cell {seen[key]!r}"))
@@ -340,7 +347,7 @@ def _resolve(sweep: Sweep, label: str, values: dict) -> TrainConfig:
     """``TrainConfig(**values).resolved()`` with a known token strategy (the rules look it up), its errors
     prefixed with the sweep and the cell."""
     try:
-        config = TrainConfig(**values).resolved()
+        config = TrainConfig(**values).resolved(method_rules=False)
         if config.token_strategy != "none":
             _strategy_spec(config.token_strategy)
         return config

@@ -24,7 +24,7 @@ import toolkit.train as train_module
 from toolkit.sweeps.plan import Cell, Sweep, SweepPlan, plan_sweep
 from toolkit.sweeps.store import finished_cell_ids, read_results, write_cell, write_json_atomic
 from toolkit.validation import check_choice, check_int
-from toolkit.vocabulary import DP_SGD_METHODS
+from toolkit.methods import get_method
 from toolkit.warmstart import start_model_id
 
 ON_ERROR = ("raise", "continue")
@@ -57,7 +57,7 @@ def result_row(cell: Cell, sweep: Sweep, result) -> dict:
     history = result.history
     losses = history["loss"].dropna() if "loss" in history else pd.Series(dtype=float)
     kept = history["kept_fraction"].dropna() if "kept_fraction" in history else pd.Series(dtype=float)
-    pruned = c.grad_prune_ratio if c.method in DP_SGD_METHODS else 0.0   # R1: only DP-SGD steps prune
+    pruned = c.grad_prune_ratio if get_method(c.method).can_prune_update else 0.0   # R1: only DP-SGD steps prune
     row.update(
         accuracy=result.accuracy, epsilon_spent=result.epsilon_spent, noise_multiplier=result.noise_multiplier,
         sample_rate=result.sample_rate, steps_done=result.steps,
