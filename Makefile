@@ -8,7 +8,7 @@ PORT ?= 7860
 # torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test warm-start app test chromium clean
+.PHONY: install install-test warm-start app test test-fast chromium clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,13 @@ chromium:
 app: install
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
+# Everything CI runs: every test, the doctests of the public API, and the 15 slowest durations.
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The fast lane while working: no slow or browser tests, no doctests (under 90 s on 2 quiet cores).
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow and not browser" --durations=10 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

@@ -36,8 +36,18 @@ def test_warm_start_reports_each_training_step_to_its_callback(tmp_path, monkeyp
     assert calls == []  # the cached copy is loaded: nothing trains, nothing to report
 
 
-def test_warm_start_trains_on_the_public_split_only():
-    assert ws.warm_start.__doc__ and "public" in ws.__doc__
+def test_warm_start_reads_only_public_splits_never_the_private_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
+    splits = []
+    real_make_vqa = ws.make_vqa
+
+    def recording_make_vqa(task, split, *args, **kwargs):
+        splits.append(split)
+        return real_make_vqa(task, split, *args, **kwargs)
+
+    monkeypatch.setattr(ws, "make_vqa", recording_make_vqa)
+    ws.warm_start("tiny", seed=4, steps=2, batch_size=4, progress=False)
+    assert splits and set(splits) <= {"public", "validation"} and "public" in splits
     with pytest.raises(ValueError, match="steps"):
         ws.warm_start("tiny", steps=-1)
 
