@@ -100,7 +100,7 @@ def test_bad_audit_settings_are_refused(kwargs, match):
 
 
 def test_bad_epsilon_is_refused():
-    with pytest.raises(ValueError, match="epsilon must be > 0"):
+    with pytest.raises(ValueError, match="epsilon must be a number > 0"):
         run_audit(config("dp-sgd", 0.0), canaries=16)
 
 
@@ -120,7 +120,7 @@ def test_cli_writes_the_audit_as_json(tmp_path, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--canaries", "1"], "canaries must be"),
     (["--canaries", "16", "--k", "9"], "2k <= canaries"),
-    (["--epsilon", "0"], "epsilon must be > 0"),
+    (["--epsilon", "0"], "epsilon must be a number > 0"),
 ])
 def test_cli_reports_bad_input(flags, message, capsys):
     assert main(["audit", "--method", "dp-sgd", "--progress", "false", *flags]) == 2

@@ -72,8 +72,8 @@ def test_resume_of_a_non_private_checkpoint_into_a_private_run_is_refused(tmp_pa
 
 @pytest.mark.parametrize("change, message", [
     (dict(method="dp-magic"), "unknown method"),
-    (dict(epsilon=0), "epsilon must be > 0"),
-    (dict(epsilon=-1), "epsilon must be > 0"),
+    (dict(epsilon=0), "epsilon must be a number > 0"),
+    (dict(epsilon=-1), "epsilon must be a number > 0"),
     (dict(delta=1.0), "delta must be in"),
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(grad_prune_ratio=1.0), "grad_prune_ratio must be in"),
@@ -114,7 +114,7 @@ def test_train_cli_writes_the_json_record(tmp_path):
 
 def test_train_cli_reports_bad_values_without_a_traceback(capsys):
     assert main(["train", "--method", "dp-sgd", "--epsilon", "-1", "--steps", "2"]) == 2
-    assert "epsilon must be > 0" in capsys.readouterr().err
+    assert "epsilon must be a number > 0" in capsys.readouterr().err
 
 
 def test_explicit_cpu_device_runs_and_a_missing_cuda_device_is_refused():

@@ -62,7 +62,7 @@ class TrainConfig:
     dataset_size: int | None = setting(None, group="data", minimum=1,
                                        help="declared (public) record count; default: the training set's size")
     # privacy
-    epsilon: float = setting(3.0, group="privacy", minimum=0, strict=True,
+    epsilon: float = setting(3.0, group="privacy", minimum=0, strict=True, allow_inf=True,
                              help="target ε ('inf' for no noise); only for private methods")
     delta: float = setting(1e-5, group="privacy", minimum=0, maximum=1, strict=True, help="target δ")
     max_grad_norm: float = setting(1.0, group="privacy", minimum=0, strict=True, help="clipping norm C")

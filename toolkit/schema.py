@@ -28,14 +28,15 @@ UNKNOWN_POLICIES = ("error", "warn", "ignore")
 
 def setting(default, *, group: str, help: str, choices: Iterable | Callable[[], Iterable] | None = None,
             minimum: float | None = None, maximum: float | None = None, strict: bool = False,
-            optional: bool = False, default_factory=None):
+            optional: bool = False, allow_inf: bool = False, default_factory=None):
     """A dataclass field with its schema in ``metadata``.
 
     ``choices`` is a sequence or a function returning one (for registries that grow); ``minimum`` / ``maximum``
-    bound a number (``strict``: the minimum itself is refused); ``optional``: ``None`` is allowed (it means "the
+    bound a number (``strict``: the minimum itself is refused; ``allow_inf``: +inf is a value, as ε = inf means
+    "no noise"); ``optional``: ``None`` is allowed (it means "the
     default of the method", see the field's help)."""
     metadata = dict(group=group, help=help, choices=choices, minimum=minimum, maximum=maximum, strict=strict,
-                    optional=optional or default is None)
+                    optional=optional or default is None, allow_inf=allow_inf)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -63,7 +64,14 @@ def check_field(field: dataclasses.Field, value) -> None:
         check_int(field.name, value, minimum=None if low is None else int(low) + bool(meta.get("strict")),
                   maximum=None if high is None else int(high))
         return
-    check_number(field.name, value, minimum=low, strict=bool(meta.get("strict")), allow_inf=high is None)
+    if low is not None and high is not None:  # one message naming the whole interval
+        inside = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            (low < value if meta.get("strict") else low <= value) and value <= high)
+        if not inside:
+            raise ValueError(f"{field.name} must be in {'(' if meta.get('strict') else '['}{low:g}, {high:g}], "
+                             f"got {value!r}")
+        return
+    check_number(field.name, value, minimum=low, strict=bool(meta.get("strict")), allow_inf=bool(meta.get("allow_inf")))
     if high is not None and value > high:
         raise ValueError(f"{field.name} must be <= {high:g}, got {value!r}")
 

@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed the usage error (or --help): report its code, not raise
+        return int(exit_.code or 0)
     _help, _configure, run = _SUBCOMMANDS[args.command]
     try:
         if args.json:  # before any work: a long run must not end unable to write its result
