@@ -107,6 +107,10 @@ class TrainConfig:
     output_dir: str | None = None           # export the trained model here (a new or empty folder)
     export_format: str = "auto"             # "adapter" (peft LoRA + base), "merged" (plain LLaVA), "auto":
                                             # adapter when LoRA trained, else merged
+    # --- issue 20: what a private run releases beyond ε (toolkit.privacy.release, toolkit.privacy.rules) ---
+    release_cost_stats: bool = False        # private runs: release per-step time and peak memory (functions of
+                                            # the secret batch size; then listed outside the guarantee)
+    allow_large_delta: bool = False         # accept delta >= 1/N (refused otherwise; marked in the card)
 
     @property
     def private(self) -> bool:

@@ -134,12 +134,14 @@ class FixedBatchSampler:
     """Shuffled fixed-size batches (an epoch is a permutation cut into ``batch_size`` pieces).
 
     For NON-private runs. In a private run its ε is not what the Poisson accountant reports; see
-    :func:`check_sampling`. With ``drop_last=False`` the last batch of an epoch may be smaller.
-    Iterating yields ``steps`` batches (default: one epoch), reshuffling at every epoch boundary.
+    :func:`check_sampling`, and the run names it outside the guarantee. With ``drop_last=False`` the last batch
+    of an epoch may be smaller. Iterating yields ``steps`` batches (default: one epoch), reshuffling at every
+    epoch boundary. The order comes from ``generator`` (a private run passes its secret one: which records share
+    a batch is secret too) or a generator seeded from ``seed``; :meth:`state_dict` saves it for a resume.
     """
 
     def __init__(self, n_records: int, batch_size: int, seed: int | None = None, steps: int | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, generator: torch.Generator | None = None):
         self.n_records = _check_n_records(n_records)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n_records:
             raise ValueError(f"batch_size must be an integer in [1, {n_records}], got {batch_size!r}")
@@ -150,7 +152,9 @@ class FixedBatchSampler:
         self.steps = per_epoch if steps is None else steps
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        self.generator = _make_generator(seed)
+        if generator is not None and seed is not None:
+            raise ValueError("give seed or generator, not both")
+        self.generator = generator if generator is not None else _make_generator(seed)
         self._epoch: list[torch.Tensor] = []
 
     def sample(self) -> torch.Tensor:
@@ -174,6 +178,18 @@ class FixedBatchSampler:
 
     def __len__(self) -> int:
         return self.steps
+
+    def state_dict(self) -> dict:
+        return {"n_records": self.n_records, "batch_size": self.batch_size, "generator": self.generator.get_state(),
+                "epoch": [b.clone() for b in self._epoch]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n_records") != self.n_records or state.get("batch_size") != self.batch_size:
+            raise ValueError(f"sampler state is for n_records={state.get('n_records')}, batch_size="
+                             f"{state.get('batch_size')}; this sampler has n_records={self.n_records}, "
+                             f"batch_size={self.batch_size}")
+        self.generator.set_state(state["generator"])
+        self._epoch = [b.clone() for b in state["epoch"]]
 
 
 def check_sampling(private: bool, sampling: str, allow_fixed_batches: bool = False) -> None:
