@@ -145,6 +145,9 @@ def check_config(c: TrainConfig) -> None:
         if not (isinstance(c.delta, (int, float)) and 0 < c.delta < 1):
             raise ValueError(f"delta must be in (0, 1), got {c.delta!r}")
         check_number("max_grad_norm", c.max_grad_norm, minimum=0)
+        if c.secure_mode and c.noise_seed is not None:  # issue 20
+            raise ValueError("secure_mode draws every secret from fresh OS randomness: noise_seed must be None "
+                             f"(got {c.noise_seed!r}; a seed would make the noise and batches re-creatable)")
     if c.steps is None and c.epochs is None:
         raise ValueError("give steps or epochs")
     if c.steps is not None:

@@ -53,7 +53,7 @@ from toolkit.checkpoint import (PrivacyPlan, check_plan_within_target, load_chec
 from toolkit.config import OPTIMIZERS, TrainConfig, planned_steps, resolve_device
 from toolkit.data import Collator, VQADataset, make_vqa
 from toolkit.distributed import (DistributedContext, broadcast_trainable, check_replicas_identical, context,
-                                 init_from_env, local_device, share, shared_secret_seed)
+                                 init_from_env, local_device, share, shared_secret_generator)
 from toolkit.evaluation import answer_records, choose_eval_mode
 from toolkit.export import save_trained
 from toolkit.feature_cache import cached_features
@@ -66,6 +66,7 @@ from toolkit.precision import resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
 from toolkit.privacy.rules import check_private_run
+from toolkit.secret_random import secret_generator
 from toolkit.privacy.release import (COST_STATS, TRAINING_STATS, WITHHELD, checkpoint_segments,
                                      outside_the_guarantee, released_stats, releases_cost_stats,
                                      releases_training_stats, segment_record)
@@ -169,17 +170,6 @@ def load_bundle(config: TrainConfig):
     return starting_model(config.model_dir, config.preset, config.warm_start_steps, progress=config.progress)
 
 
-def secret_generator(noise_seed: int | None, stream: int) -> torch.Generator:
-    """A generator for secret randomness: OS entropy unless a (reproducible, NOT private) ``noise_seed`` is given;
-    each ``stream`` (sampling, fusion noise) gets its own seed derived from it."""
-    generator = torch.Generator()
-    if noise_seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(np.random.SeedSequence([int(noise_seed), stream]).generate_state(1)[0]))
-    return generator
-
-
 def privacy_plan(c: TrainConfig, sample_rate: float, steps: int) -> PrivacyPlan | None:
     """σ calibrated so that ``steps`` Poisson steps at ``sample_rate`` spend at most ε (None: non-private)."""
     if not c.private:
@@ -196,11 +186,12 @@ def make_sampler(c: TrainConfig, n_records: int, n_held: int, sample_rate: float
     if not c.private and c.sampling == "fixed":
         return FixedBatchSampler(n_held, min(c.expected_batch_size, n_held), seed=c.seed)
     if dist is not None and dist.enabled:
-        generator = torch.Generator().manual_seed(shared_secret_seed(c.noise_seed, 1, dist))
+        generator = shared_secret_generator(c.noise_seed, 1, dist)
     else:
         generator = secret_generator(c.noise_seed, stream=1)
-    if c.sampling == "poisson":
-        return PoissonSampler(n_records, sample_rate, generator=generator)
+    if c.sampling == "poisson":  # secure mode re-draws the state per batch (not data-parallel: ranks must agree)
+        return PoissonSampler(n_records, sample_rate, generator=generator,
+                              secure=c.secure_mode and not (dist is not None and dist.enabled))
     # opted-in fixed batches: which records share a batch is secret too, never drawn from the public seed
     return FixedBatchSampler(n_held, min(c.expected_batch_size, n_held), generator=generator)
 

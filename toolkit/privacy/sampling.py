@@ -33,6 +33,8 @@ import warnings
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from toolkit.secret_random import reseed_from_os
+
 SAMPLINGS = ("poisson", "fixed")
 
 
@@ -76,7 +78,7 @@ class PoissonSampler(UniformWithReplacementSampler):
     """
 
     def __init__(self, n_records: int, sample_rate: float, seed: int | None = None, steps: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, secure: bool = False):
         n_records = _check_n_records(n_records)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
                 or not 0.0 < float(sample_rate) <= 1.0:
@@ -87,8 +89,11 @@ class PoissonSampler(UniformWithReplacementSampler):
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         if generator is not None and seed is not None:
             raise ValueError("give seed or generator, not both")
+        if secure and seed is not None:
+            raise ValueError("a secure sampler draws every batch from fresh OS randomness: a seed is refused")
         super().__init__(num_samples=n_records, sample_rate=float(sample_rate),
                          generator=generator if generator is not None else _make_generator(seed), steps=steps)
+        self.secure = bool(secure)
 
     @property
     def n_records(self) -> int:
@@ -100,6 +105,8 @@ class PoissonSampler(UniformWithReplacementSampler):
 
     def sample(self) -> torch.Tensor:
         """One Poisson batch: the sorted indices of the records drawn this step (``int64``, maybe empty)."""
+        if self.secure:  # secure mode: the generator's whole state from the OS before every batch
+            reseed_from_os(self.generator)
         mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
         return mask.nonzero(as_tuple=False).reshape(-1)
 
