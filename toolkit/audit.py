@@ -273,6 +273,12 @@ def make_canaries(m: int, image_size: int, question: str, rng: np.random.Generat
     return records
 
 
+def membership_coins(rng: np.random.Generator, canaries: list[VQARecord]) -> np.ndarray:
+    """The secret coins ``S_i``: canary ``i`` joins the training set iff ``True``; fair, independent of each other
+    and of the canaries themselves (their images and answers), drawn after them."""
+    return rng.random(len(canaries)) < 0.5
+
+
 def check_answers_known(tokenizer, answers) -> None:
     """Refuse answers the tokenizer cannot spell: they would all become ``<unk>`` and the audit would be blind."""
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -409,7 +415,7 @@ def run_audit(config: TrainConfig, *, canaries: int = 128, k: int | None = None,
         eval_set = make_vqa(c.task, c.eval_split, start.image_size, limit=c.eval_limit)
     question = data.records[0].question if len(data) else "what is this ?"
     canary_records = make_canaries(m, start.image_size, question, rng, answers)
-    included = rng.random(m) < 0.5                                     # the secret coins S_i
+    included = membership_coins(rng, canary_records)                    # the secret coins S_i
     scorer = _Scorer(start, c, canary_records)
     before = scorer(start)
     del start
