@@ -8,7 +8,7 @@ PORT ?= 7860
 # torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test warm-start app test chromium clean
+.PHONY: install install-test warm-start app test chromium clean mutations
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ app: install
 
 test: install-test
 	$(PY) -m pytest -q
+
+# issue 20: named semantic mutations of the privacy engine applied to a scratch copy; the privacy tests must kill
+# every one (slow lane: about 10 minutes on 2 cores; the table goes to benchmarks/RESULTS.md)
+mutations: install-test
+	$(PY) benchmarks/mutations.py --markdown
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

@@ -59,6 +59,7 @@ from toolkit.export import save_trained
 from toolkit.feature_cache import cached_features
 from toolkit.features import encode_records, make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses
+from toolkit.image_duplicates import report_overlap
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.models import apply_trainable, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
@@ -208,6 +209,8 @@ def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADat
         eval_set = load_llava_json(c.eval_data, c.image_folder, privacy_unit=False, limit=c.eval_limit)
     if eval_set is None and train_set is not None and c.train_data:
         eval_set = VQADataset([], name="none")
+    if c.train_data and c.eval_data:  # an evaluation picture that is a training one is warned about, by ids
+        report_overlap(train_set.records, eval_set.records)
     return train_set, eval_set
 
 
