@@ -38,7 +38,7 @@ MUTATIONS = (
              "toolkit/train.py", 'public = make_vqa(c.task, "public",', "public = make_vqa(c.task, c.train_split,",
              ("tests/test_privacy_claims.py", "-k", "public_update_mask")),
     Mutation("audit-coins-from-answer-parity", "audit coins are independent of the canaries",
-             "toolkit/audit.py", "return rng.random(len(canaries)) < 0.5",
+             "toolkit/audit/canaries.py", "return rng.random(len(canaries)) < 0.5",
              "return np.array([CANARY_ANSWERS.index(r.answer) % 2 == 0 for r in canaries])",
              ("tests/test_privacy_claims.py", "-k", "audit_coins")),
     Mutation("zo-noise-bf16", "DP-ZO's scalar noise is drawn in >= fp32",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import toolkit.audit as audit_module
+import toolkit.audit.run as audit_run_module
 from toolkit.audit import CANARY_ANSWERS, make_canaries, membership_coins, run_audit
 from toolkit.config import TrainConfig
 from toolkit.data import Collator, make_vqa
@@ -73,7 +73,7 @@ def test_the_audit_draws_its_membership_from_those_coins(monkeypatch):
         drawn.append(membership_coins(rng, canaries))
         return drawn[-1]
 
-    monkeypatch.setattr(audit_module, "membership_coins", recorded)
+    monkeypatch.setattr(audit_run_module, "membership_coins", recorded)
     config = TrainConfig(method="dp-sgd", epsilon=8.0, steps=2, train_limit=16, eval_limit=8, warm_start_steps=0,
                          expected_batch_size=8, progress=False, noise_seed=0)
     result = run_audit(config, canaries=16, k=2, seed=0)
