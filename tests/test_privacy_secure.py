@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,17 @@ def test_torch_seeds_keep_32_bits_so_secret_generators_fill_the_whole_state():
                            _stream(seeded_generator(entropy=[1, 0, 0, 1])))
     assert torch.equal(_stream(seeded_generator(entropy=[5, 6])), _stream(seeded_generator(entropy=[5, 6])))
     assert len(secret_random.os_entropy()) * 32 >= ENTROPY_BITS >= 128
+    # and its state is not one a 32-bit seed makes: after manual_seed(s) the Mersenne Twister's words follow
+    # w[i] = 1812433253 * (w[i-1] ^ (w[i-1] >> 30)) + i (mod 2^32) from w[0] = s, so 2^32 states in all
+    for generator in (seeded_generator(), seeded_generator(entropy=[5, 6])):
+        assert not _is_a_32_bit_seed_state(generator)
+    assert _is_a_32_bit_seed_state(torch.Generator().manual_seed(12345))
+
+
+def _is_a_32_bit_seed_state(generator) -> bool:
+    words = np.frombuffer(generator.get_state().numpy().tobytes()[24:24 + 8 * 624], dtype=np.uint64)
+    return all(int(words[i]) == (1812433253 * (int(words[i - 1]) ^ (int(words[i - 1]) >> 30)) + i) % 2 ** 32
+               for i in range(1, 8))
 
 
 def test_the_sampler_of_a_private_run_is_seeded_with_128_bits_of_os_entropy(monkeypatch):
