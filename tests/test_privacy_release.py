@@ -11,8 +11,10 @@ import math
 import pytest
 import torch
 
+from toolkit.checkpoint import PrivacyPlan
 from toolkit.export import EXPORT_FILE
 from toolkit.privacy import history_epsilon
+from toolkit.privacy.release import checkpoint_segments, outside_the_guarantee
 from toolkit.train import TrainConfig, train
 
 FAST = dict(steps=3, train_limit=32, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False)
@@ -115,3 +117,13 @@ def test_the_run_json_and_export_hold_every_segment_and_the_epsilon_of_their_com
     assert "Privacy history" in card
     assert f"| 1-2 | {first.noise_multiplier:.4g} | 0.25 | 1e-05 |" in card
     assert f"| 3-4 | {resumed.noise_multiplier:.4g} | 0.25 | 2e-05 |" in card
+
+
+def test_a_checkpoint_from_before_segments_were_recorded_still_carries_its_noise_seed():
+    plan = PrivacyPlan("dp-sgd", 3.0, 1e-5, 1.1, 0.25, 6, "prv")
+    config = TrainConfig(method="dp-sgd", noise_seed=4, steps=6).resolved().to_dict()
+    segments = checkpoint_segments(None, config, plan, step=3)
+    assert [(s["first_step"], s["last_step"], s["noise_seed_given"]) for s in segments] == [(1, 3, True)]
+    notes = outside_the_guarantee(TrainConfig(method="dp-sgd", steps=6).resolved(), (), segments + [{}])
+    assert any(n.startswith("steps 1-3") and "a noise_seed was given" in n for n in notes)
+    assert not any("noise_seed=4" in n for n in notes)

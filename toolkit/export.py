@@ -55,8 +55,8 @@ from transformers import LlavaForConditionalGeneration
 import toolkit
 from toolkit.config import TrainConfig
 from toolkit.features import make_pruner_for
-from toolkit.privacy.release import guarantee_lost, privacy_history_lines
 from toolkit.models import LORA_TARGETS, LlavaBundle, ModelLoadError, has_lora, load_model, save_model
+from toolkit.privacy.release import guarantee_lost, privacy_history_lines
 from toolkit.validation import check_output_dir
 from toolkit.vocabulary import format_epsilon, method_label
 from toolkit.warmstart import starting_model
