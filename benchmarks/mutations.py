@@ -89,7 +89,7 @@ MUTATIONS = (
              "toolkit/userdata.py", "records = check_training_images(records, refused)", "pass",
              ("tests/test_privacy_duplicates.py", "-k", "re_encoded")),
     Mutation("near-duplicates-silent", "near-duplicate pictures are warned about",
-             "toolkit/image_duplicates.py", "for i, j, distance in near_pairs(hashes):", "for i, j, distance in []:",
+             "toolkit/image_duplicates.py", "for i, j, distance in near_pairs(hashes)]", "for i, j, distance in []]",
              ("tests/test_privacy_duplicates.py", "-k", "jpeg")),
     Mutation("train-eval-overlap-unreported", "an evaluation picture that is a training one is reported",
              "toolkit/image_duplicates.py", "if (digest := pixel_digest(img)) in by_pixels:", "if False:",
