@@ -8,7 +8,7 @@ PORT ?= 7860
 # torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test warm-start app test test-fast chromium clean
+.PHONY: install install-test warm-start app test test-fast chromium clean mutations
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test: install-test
 # The fast lane while working: no slow or browser tests, no doctests (under 90 s on 2 quiet cores).
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow and not browser" --durations=10 tests
+
+# issue 20: named semantic mutations of the privacy engine applied to a scratch copy; the privacy tests must kill
+# every one (slow lane: about 10 minutes on 2 cores; the table goes to benchmarks/RESULTS.md)
+mutations: install-test
+	$(PY) benchmarks/mutations.py --markdown
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

@@ -157,7 +157,7 @@ def test_private_runs_release_no_training_statistics_by_default():
         assert not {"loss", "batch_size"} & columns
     summary = result.summary()
     assert summary["released_training_stats"] == []
-    assert not any("training statistics" in note for note in summary["outside_the_guarantee"])
+    assert not any("statistics of the private batches" in note for note in summary["outside_the_guarantee"])
 
 
 def test_released_training_statistics_are_named_outside_the_guarantee():

@@ -1,8 +1,9 @@
 """Save a run and resume it without ever spending more privacy than the run reports.
 
 A checkpoint holds the trained weights, the optimizer's state (for private methods: the accountant history and
-the noise generator), the sampler's state, and the run's **privacy plan**: method, target ε, δ, σ, q, planned
-steps, accountant. It is SECRET: the generator states let anyone re-create the noise and the Poisson batches.
+the noise generator), the sampler's state, the run's **privacy plan** (method, target ε, δ, σ, q, planned
+steps, accountant) and its **segments** so far (each one's σ, q, steps, δ and opt-outs such as a ``noise_seed``,
+:mod:`toolkit.privacy.release`), so every later segment reports a guarantee lost in an earlier one. It is SECRET: the generator states let anyone re-create the noise and the Poisson batches.
 Keep it with the private data; release only an export (:mod:`toolkit.export`).
 
 Resuming (:func:`resume_privacy`) follows one rule: the privacy plan comes from the checkpoint. A config that
@@ -68,10 +69,11 @@ class Checkpoint:
     optimizer: dict
     sampler: dict | None
     plan: PrivacyPlan | None
+    segments: list = dataclasses.field(default_factory=list)  # the run's life so far (toolkit.privacy.release)
 
 
 def save_checkpoint(path: str | os.PathLike, *, config: dict, step: int, module: nn.Module, optimizer,
-                    sampler, plan: PrivacyPlan | None) -> Path:
+                    sampler, plan: PrivacyPlan | None, segments: list | None = None) -> Path:
     """Write the checkpoint atomically (a crash never leaves a half-written file under ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict, step: int, module:
                  trainable={n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad},
                  optimizer=optimizer.state_dict(),
                  sampler=sampler.state_dict() if hasattr(sampler, "state_dict") else None,
-                 plan=dataclasses.asdict(plan) if plan is not None else None)
+                 plan=dataclasses.asdict(plan) if plan is not None else None, segments=list(segments or []))
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     os.replace(partial, path)
@@ -98,7 +100,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"{str(path)!r} is not a toolkit checkpoint of version {CHECKPOINT_VERSION}")
     plan = PrivacyPlan(**state["plan"]) if state.get("plan") else None
     return Checkpoint(state["config"], state["step"], state["trainable"], state["optimizer"], state.get("sampler"),
-                      plan)
+                      plan, state.get("segments") or [])
 
 
 def restore_trainable(module: nn.Module, checkpoint: Checkpoint) -> None:

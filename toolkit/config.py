@@ -142,6 +142,12 @@ class TrainConfig:
     output_dir: str | None = setting(None, group="your data", help="export the trained model here (new/empty)")
     export_format: str = setting("auto", group="your data", choices=EXPORT_FORMATS,
                                  help="'adapter' (peft LoRA + base), 'merged' (plain LLaVA), 'auto'")
+    # what a private run releases beyond ε (toolkit.privacy.release, toolkit.privacy.rules)
+    release_cost_stats: bool = setting(False, group="privacy",
+                                       help="private runs: release per-step time and peak memory (functions of the "
+                                            "secret batch size; then listed outside the guarantee)")
+    allow_large_delta: bool = setting(False, group="privacy",
+                                      help="accept delta >= 1/N (refused otherwise; marked in the card)")
 
     @property
     def private(self) -> bool:
@@ -195,6 +201,9 @@ def check_config(c: TrainConfig, method_rules: bool = True) -> None:
     check_fields(c)
     if c.delta >= 1:
         raise ValueError(f"delta must be in (0, 1), got {c.delta!r}")
+    if c.private and c.secure_mode and c.noise_seed is not None:
+        raise ValueError("secure_mode draws every secret from fresh OS randomness: noise_seed must be None "
+                         f"(got {c.noise_seed!r}; a seed would make the noise and batches re-creatable)")
     if c.steps is None and c.epochs is None:
         raise ValueError("give steps or epochs (e.g. --steps 100)")
     if method_rules and (reason := method_rule(c)):

@@ -30,10 +30,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from toolkit.secret_random import ENTROPY_BITS, os_entropy, secret_generator, seeded_generator
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,21 @@ def local_device(device: torch.device, ctx: DistributedContext) -> torch.device:
     return device
 
 
-def shared_secret_seed(noise_seed: int | None, stream: int, ctx: DistributedContext) -> int:
-    """A seed every rank agrees on: derived from ``noise_seed`` (reproducible, NOT private) or drawn from OS
-    entropy on rank 0 and broadcast (secret: it determines which records join each batch)."""
-    if noise_seed is not None:
-        return int(np.random.SeedSequence([int(noise_seed), stream]).generate_state(1)[0])
-    seed = torch.tensor([int(np.random.SeedSequence().generate_state(1)[0]) if ctx.is_main else 0],
-                        dtype=torch.int64)
+def shared_secret_entropy(ctx: DistributedContext, bits: int = ENTROPY_BITS) -> list[int]:
+    """``bits`` (≥ 128) of OS entropy drawn on rank 0 and broadcast, as 32-bit words every rank agrees on."""
+    words = torch.tensor(os_entropy(bits) if ctx.is_main else [0] * (-(-bits // 32)), dtype=torch.int64)
     if ctx.enabled:
-        dist.broadcast(seed, src=0)
-    return int(seed.item())
+        dist.broadcast(words, src=0)
+    return [int(w) for w in words.tolist()]
+
+
+def shared_secret_generator(noise_seed: int | None, stream: int, ctx: DistributedContext) -> torch.Generator:
+    """A generator every rank agrees on: its whole state from 128 bits of entropy drawn on rank 0 and broadcast
+    (secret: it decides which records join each batch), or derived from ``noise_seed`` (reproducible, NOT
+    private)."""
+    if noise_seed is not None:
+        return secret_generator(noise_seed, stream)
+    return seeded_generator(entropy=shared_secret_entropy(ctx) + [int(stream)])
 
 
 def share(idx: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:

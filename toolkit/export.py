@@ -56,6 +56,7 @@ import toolkit
 from toolkit.config import TrainConfig
 from toolkit.features import make_pruner_for
 from toolkit.models import LORA_TARGETS, LlavaBundle, ModelLoadError, has_lora, load_model, save_model
+from toolkit.privacy.release import guarantee_lost, privacy_history_lines
 from toolkit.validation import check_output_dir
 from toolkit.vocabulary import format_epsilon, method_label
 from toolkit.warmstart import starting_model
@@ -245,6 +246,7 @@ def _public_config(config: TrainConfig) -> dict:
 
 def export_metadata(result, fmt: str, base, lora, modules_to_save) -> dict:
     summary = result.summary()
+    segments = summary.get("privacy_segments", [])
     config = result.config
     eval_pruner = make_pruner_for(result.bundle, config, None if config.prune_at_eval else "none")
     answers = result.eval_answers
@@ -265,7 +267,9 @@ def export_metadata(result, fmt: str, base, lora, modules_to_save) -> dict:
             sample_rate=summary["sample_rate"], steps=summary["steps"], accountant=config.accountant,
             max_grad_norm=config.max_grad_norm, expected_batch_size=config.expected_batch_size,
             n_records=summary.get("n_records"), privacy_unit=summary.get("privacy_unit"),
-            sampling=config.sampling, noise_seed_given=config.noise_seed is not None,
+            sampling=config.sampling,
+            noise_seed_given=config.noise_seed is not None or guarantee_lost(segments)["noise_seed_given"],
+            segments=segments,
             outside_the_guarantee=[note.replace(f"noise_seed={config.noise_seed}", "a noise_seed (not saved here)")
                                    for note in summary["outside_the_guarantee"]],
             released_training_stats=summary["released_training_stats"],
@@ -322,6 +326,7 @@ def model_card(meta: dict) -> str:
     else:
         lines += ["**None.** This model was trained without differential privacy (method non-private).", "",
                   "| what | value |", "|---|---|", f"| steps | {p['steps']} |"] + pruning
+    lines += privacy_history_lines(p.get("segments", []))
     lines += ["", "### Outside the guarantee"]
     lines += [f"- {note}" for note in p["outside_the_guarantee"]]
     released = p["released_training_stats"]

@@ -29,7 +29,9 @@ and one record per ``user_id`` when records carry one).
 What leaves a private run: the model, ε spent per step, and the public config. The per-step mean loss and the
 realised Poisson batch size are functions of the private batch that ε does not cover (the loss has unbounded
 sensitivity), so they are kept out of the history, the progress bar and the callback unless
-``release_training_stats=True``; :attr:`TrainResult.released_stats` lists what was released.
+``release_training_stats=True``; so are the step time and peak memory (they grow with the secret batch size)
+unless ``release_cost_stats=True``. :attr:`TrainResult.released_stats` lists what was released, and a resumed
+run carries every earlier segment's opt-outs (:mod:`toolkit.privacy.release`).
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -51,12 +52,13 @@ from toolkit.checkpoint import (PrivacyPlan, check_plan_within_target, load_chec
 from toolkit.config import OPTIMIZERS, TrainConfig, planned_steps, resolve_device
 from toolkit.data import Collator, VQADataset, make_vqa
 from toolkit.distributed import (DistributedContext, broadcast_trainable, check_replicas_identical, context,
-                                 init_from_env, local_device, share, shared_secret_seed)
+                                 init_from_env, local_device, share, shared_secret_generator)
 from toolkit.evaluation import answer_records, choose_eval_mode
 from toolkit.export import save_trained
 from toolkit.feature_cache import cached_features
 from toolkit.features import encode_records, make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses
+from toolkit.image_duplicates import report_overlap
 from toolkit.methods import get_method
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.models import apply_trainable, enable_activation_checkpointing
@@ -64,6 +66,11 @@ from toolkit.optimizers import make_optimizer
 from toolkit.precision import resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
+from toolkit.privacy.rules import check_private_run
+from toolkit.secret_random import secret_generator
+from toolkit.privacy.release import (COST_STATS, TRAINING_STATS, WITHHELD, checkpoint_segments,
+                                     outside_the_guarantee, released_stats, releases_cost_stats,
+                                     releases_training_stats, segment_record)
 from toolkit.tokens import matched_fusion_sigma
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS, format_epsilon
 from toolkit.userdata import load_llava_json
@@ -71,10 +78,7 @@ from toolkit.validation import check_output_dir
 from toolkit.warmstart import starting_model
 
 __all__ = ["METHODS", "PRIVATE_METHODS", "OPTIMIZERS", "TrainConfig", "TrainResult", "TrainingCancelled", "train",
-           "load_bundle", "save_result", "TRAINING_STATS"]
-
-# History columns that are functions of the private batch and not covered by ε (see the module docstring).
-TRAINING_STATS = ("loss", "batch_size")
+           "load_bundle", "save_result", "TRAINING_STATS", "COST_STATS", "outside_the_guarantee"]
 
 
 class TrainingCancelled(RuntimeError):
@@ -121,24 +125,10 @@ class TrainResult:
             wall_time_s=self.wall_time_s, cancelled=self.cancelled, token_strategy=c.token_strategy,
             grad_prune_ratio=c.grad_prune_ratio, seed=c.seed, task=c.task,
             released_training_stats=list(self.released_stats),
-            outside_the_guarantee=outside_the_guarantee(c, self.released_stats), config=c.to_dict(), **self.extra,
+            outside_the_guarantee=outside_the_guarantee(c, self.released_stats,
+                                                        self.extra.get("privacy_segments", ())),
+            config=c.to_dict(), **self.extra,
         )
-
-
-def outside_the_guarantee(c: TrainConfig, released_stats) -> list[str]:
-    """What this run released or did that the (ε, δ) guarantee does not cover, in words."""
-    if not c.private:
-        return ["everything: a non-private run has no guarantee"]
-    notes = []
-    if released_stats:
-        notes.append(f"training statistics of the private batches: {', '.join(released_stats)} (per step)")
-    if c.fusion_noise_std:
-        notes.append("fusion noise on the contextual tokens (a heuristic, not part of the DP analysis)")
-    if c.noise_seed is not None:
-        notes.append(f"noise_seed={c.noise_seed} was given: whoever knows it can re-create the noise and the "
-                     "batches, so this run has NO privacy guarantee (reproducible experiments only)")
-    notes.append("hyper-parameters chosen on the private data, if any (their selection is not accounted)")
-    return notes
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -173,22 +163,12 @@ class Run:
     fusion_generator: torch.Generator
     started: float
     dist: DistributedContext = field(default_factory=context)   # data-parallel rank (toolkit.distributed)
+    past_segments: list = field(default_factory=list)  # a resumed run's earlier segments (toolkit.privacy.release)
 
 
 def load_bundle(config: TrainConfig):
     """The model a run starts from: a local directory, or the preset's cached public warm start."""
     return starting_model(config.model_dir, config.preset, config.warm_start_steps, progress=config.progress)
-
-
-def secret_generator(noise_seed: int | None, stream: int) -> torch.Generator:
-    """A generator for secret randomness: OS entropy unless a (reproducible, NOT private) ``noise_seed`` is given;
-    each ``stream`` (sampling, fusion noise) gets its own seed derived from it."""
-    generator = torch.Generator()
-    if noise_seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(np.random.SeedSequence([int(noise_seed), stream]).generate_state(1)[0]))
-    return generator
 
 
 def privacy_plan(c: TrainConfig, sample_rate: float, steps: int) -> PrivacyPlan | None:
@@ -204,13 +184,17 @@ def make_sampler(c: TrainConfig, n_records: int, n_held: int, sample_rate: float
                  dist: DistributedContext | None = None):
     # Which records join a step is part of the secret randomness: Poisson batches use a secret generator.
     # Data-parallel ranks all draw the same global batch (a secret seed shared from rank 0) and keep their share.
-    if c.sampling == "poisson":
-        if dist is not None and dist.enabled:
-            generator = torch.Generator().manual_seed(shared_secret_seed(c.noise_seed, 1, dist))
-        else:
-            generator = secret_generator(c.noise_seed, stream=1)
-        return PoissonSampler(n_records, sample_rate, generator=generator)
-    return FixedBatchSampler(n_held, min(c.expected_batch_size, n_held), seed=c.seed)
+    if not c.private and c.sampling == "fixed":
+        return FixedBatchSampler(n_held, min(c.expected_batch_size, n_held), seed=c.seed)
+    if dist is not None and dist.enabled:
+        generator = shared_secret_generator(c.noise_seed, 1, dist)
+    else:
+        generator = secret_generator(c.noise_seed, stream=1)
+    if c.sampling == "poisson":  # secure mode re-draws the state per batch (not data-parallel: ranks must agree)
+        return PoissonSampler(n_records, sample_rate, generator=generator,
+                              secure=c.secure_mode and not (dist is not None and dist.enabled))
+    # opted-in fixed batches: which records share a batch is secret too, never drawn from the public seed
+    return FixedBatchSampler(n_held, min(c.expected_batch_size, n_held), generator=generator)
 
 
 def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADataset | None):
@@ -225,6 +209,8 @@ def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADat
         eval_set = load_llava_json(c.eval_data, c.image_folder, privacy_unit=False, limit=c.eval_limit)
     if eval_set is None and train_set is not None and c.train_data:
         eval_set = VQADataset([], name="none")
+    if c.train_data and c.eval_data:  # an evaluation picture that is a training one is warned about, by ids
+        report_overlap(train_set.records, eval_set.records)
     return train_set, eval_set
 
 
@@ -274,7 +260,7 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
     lm = LlavaLM(bundle).bind_collator(collator).train()
 
     # 3. the privacy plan: the sampling rate comes from the declared dataset size; a resumed run keeps its plan
-    sample_rate = min(1.0, c.expected_batch_size / n_records)
+    sample_rate = check_private_run(c, n_records)  # δ < 1/N, batch ≤ N (toolkit.privacy.rules)
     steps = planned_steps(c, sample_rate)
     plan = privacy_plan(c, sample_rate, steps)
     start_step, history = 0, []
@@ -305,10 +291,12 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
         fusion_sigma = matched_fusion_sigma(noise_multiplier, c.max_grad_norm, c.expected_batch_size)
     elif c.fusion_noise_std:
         fusion_sigma = float(c.fusion_noise_std)
+    past = checkpoint_segments(checkpoint.segments, checkpoint.config, checkpoint.plan, checkpoint.step) \
+        if checkpoint is not None else []
     return Run(c, bundle, device, lm, optimizer, sampler, train_set, eval_set, eval_mode, candidates,
                train_features, eval_features,
                collator, eval_collator, pruner, n_records, trainable_params, sample_rate, steps, start_step, plan,
-               curve, fusion_sigma, secret_generator(c.noise_seed, stream=2), started, dist)
+               curve, fusion_sigma, secret_generator(c.noise_seed, stream=2), started, dist, past)
 
 
 def public_gradients(c: TrainConfig, bundle, lm: LlavaLM, collator: Collator, pruner,
@@ -379,14 +367,14 @@ def epsilon_now(run: Run) -> float:
 def run_steps(run: Run, callback: Callable[[dict], bool | None] | None):
     """The loop: returns (history rows, step timer, peak memory of a warm step, cancelled)."""
     c = run.config
-    release = (not c.private) or c.release_training_stats
+    release, release_cost = releases_training_stats(c), releases_cost_stats(c)
     timer, rows, peak, cancelled = StepTimer(skip=1), [], None, False
     measure_at = run.start_step + min(2, run.steps - run.start_step - 1)  # a warm step (lazy allocations done)
     bar = tqdm(total=run.steps, initial=run.start_step, desc=f"{c.method} ε={format_epsilon(c.epsilon if c.private else None)}",
                disable=not c.progress)
     batches = run.sampler.batches(run.steps - run.start_step)
     for step, idx in zip(range(run.start_step, run.steps), batches):
-        if step == measure_at:
+        if step == measure_at and release_cost:  # withheld costs are not even measured
             box = {}
             baseline = live_training_tensors(run.lm, getattr(run.optimizer, "optimizer", None)) + [run.train_features]
             peak = measure_peak(lambda: box.setdefault("loss", one_step(run, idx)), baseline, device=run.device.type)
@@ -394,8 +382,9 @@ def run_steps(run: Run, callback: Callable[[dict], bool | None] | None):
             timer.times.append(float("nan"))  # profiled steps are slower: not timed
         else:
             loss = timer.time(lambda: one_step(run, idx))
-        row = dict(step=step + 1, steps=run.steps, epsilon_spent=epsilon_now(run), lr=c.lr,
-                   step_time_s=timer.times[-1])
+        row = dict(step=step + 1, steps=run.steps, epsilon_spent=epsilon_now(run), lr=c.lr)
+        if release_cost:
+            row["step_time_s"] = timer.times[-1]
         if release:
             row.update(loss=loss, batch_size=int(len(idx)))
         if hasattr(run.optimizer, "last_kept_fraction"):
@@ -423,17 +412,22 @@ def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> Tra
                                  batch_size=c.eval_batch_size)
     accuracy = answers.accuracy if answers is not None else None
     steps_done = run.start_step + len(rows)
+    released = released_stats(c)
+    segments = list(run.past_segments)
+    if run.plan is not None and rows:
+        segments.append(segment_record(c, run.plan, run.start_step + 1, steps_done, released))
     if c.checkpoint_path and run.dist.is_main:
         save_checkpoint(c.checkpoint_path, config=c.to_dict(), step=steps_done, module=run.lm,
-                        optimizer=run.optimizer, sampler=run.sampler, plan=run.plan)
+                        optimizer=run.optimizer, sampler=run.sampler, plan=run.plan, segments=segments)
     timer.times = [t for t in timer.times if not math.isnan(t)]
-    released = TRAINING_STATS if (not c.private or c.release_training_stats) else ()
+    cost = releases_cost_stats(c)
     return TrainResult(
         config=c, history=pd.DataFrame(rows), accuracy=accuracy,
         epsilon_spent=epsilon_now(run) if c.private else math.inf,
         noise_multiplier=run.plan.noise_multiplier if run.plan else 0.0, sample_rate=run.sample_rate,
         steps=steps_done, peak_memory_mb=peak.peak_mb if peak else float("nan"),
-        memory_method=peak.method if peak else "not measured", step_time_s=timer.median,
+        memory_method=(peak.method if peak else "not measured") if cost else WITHHELD,
+        step_time_s=timer.median if cost else float("nan"),
         trainable_params=run.trainable_params, visual_tokens=run.pruner.n_out,
         visual_tokens_in=run.bundle.n_patches, wall_time_s=time.perf_counter() - run.started, cancelled=cancelled,
         released_stats=released, bundle=run.bundle, eval_answers=answers,
@@ -441,7 +435,8 @@ def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> Tra
                    privacy_unit=run.train_set.privacy_unit, train_data=run.train_set.name,
                    eval_data=run.eval_set.name, eval_records=len(run.eval_set),
                    eval_mode=run.eval_mode if answers is not None else "none (no evaluation set)",
-                   n_candidates=len(run.candidates), pruner=run.pruner.describe()),
+                   n_candidates=len(run.candidates), pruner=run.pruner.describe(),
+                   privacy_segments=segments),
     )
 
 
@@ -449,8 +444,8 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
           train_set: VQADataset | None = None, eval_set: VQADataset | None = None) -> TrainResult:
     """Fine-tune with ``config.method`` and evaluate on the held-out split.
 
-    ``callback(row)`` is called after every step with the history row (step, steps, epsilon_spent, lr,
-    step_time_s, and loss / batch_size where released); returning ``False`` cancels the run cleanly: training
+    ``callback(row)`` is called after every step with the history row (step, steps, epsilon_spent, lr, and
+    step_time_s / loss / batch_size where released); returning ``False`` cancels the run cleanly: training
     stops, the model is still evaluated, and the result has ``cancelled=True``. ``train_set`` / ``eval_set``
     replace the embedded task's splits with data sets of your own (see :func:`setup`).
     """

@@ -17,7 +17,8 @@ What is checked, each failure a :class:`~toolkit.data.DataValidationError` namin
   kept whole: the model trains on every assistant turn (see :class:`toolkit.data.Collator`);
 * **the privacy unit** (``privacy_unit=True``, for a training set): DP-SGD's guarantee is per record, which
   protects an image only if no image is in two records. The same image file, or the same image content (a
-  SHA-256 of the file bytes), under two record ids is refused with an error naming both. If records carry a
+  SHA-256 of the file bytes, and of the decoded pixels: :mod:`toolkit.image_duplicates`), under two record ids
+  is refused with an error naming both; nearly the same picture (perceptual hash) is warned about. If records carry a
   ``user_id`` (all of them must), each user may appear once: ε then protects a user. A user with several
   records would need user-level accounting, which the toolkit does not do; it refuses instead.
 
@@ -47,6 +48,7 @@ from pathlib import Path
 from PIL import Image
 
 from toolkit.data import DataValidationError, VQADataset, VQARecord
+from toolkit.image_duplicates import check_training_images
 from toolkit.validation import inside_folder
 
 IMAGE_UNIT = "one record = one image (no image file or content in two records)"
@@ -166,6 +168,8 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
         missing = next(r.id for r in records if r.user_id is None)
         raise DataValidationError(f"record {missing!r}: has no 'user_id' while other records have one: give every "
                                   "record a user_id (ε is then per user) or none (ε per image)")
+    if privacy_unit:  # the same picture re-encoded: equal decoded pixels refused, near ones warned (issue 20)
+        records = check_training_images(records, refused)
     unit = USER_UNIT if by_user else IMAGE_UNIT
     if limit is not None:
         records = records[:limit]

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from toolkit.compat import opacus_noise
+from toolkit.secret_random import reseed_from_os, seeded_generator
 from toolkit.privacy.accounting import (
     check_sampled_step,
     accountant_state,
@@ -102,11 +103,12 @@ class DPZeroOrder:
         self.secure_mode = bool(secure_mode)
         self.module = module
         self.optimizer = None  # no inner torch optimizer: the update is applied in place
-        self.noise_generator = torch.Generator()
-        if noise_seed is None:
-            self.noise_generator.seed()
-        else:
-            self.noise_generator.manual_seed(int(noise_seed))
+        if noise_seed is not None and self.secure_mode:
+            raise ValueError("secure_mode draws every noise sample from fresh OS randomness: a noise_seed is "
+                             "refused (it would make the noise re-creatable)")
+        # 128 bits of OS entropy in the whole generator state (torch's own seed() keeps 32 bits)
+        self.noise_generator = seeded_generator() if noise_seed is None \
+            else torch.Generator().manual_seed(int(noise_seed))
         self.steps_taken = 0
         self.last_clipped_scalars = torch.zeros(0, dtype=torch.float64)
         self.last_projected_grad = 0.0
@@ -181,6 +183,8 @@ class DPZeroOrder:
         self._noisy_update(torch.zeros(0, dtype=torch.float64), self._direction_seed(self.steps_taken))
 
     def _noisy_update(self, clipped: torch.Tensor, step_seed: int) -> None:
+        if self.secure_mode:
+            reseed_from_os(self.noise_generator)
         noise = opacus_noise(std=self.noise_multiplier * self.max_grad_norm,
                              reference=torch.zeros(1, dtype=torch.float64), generator=self.noise_generator,
                              secure_mode=self.secure_mode).to(torch.float64)

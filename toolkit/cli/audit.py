@@ -30,10 +30,15 @@ _AuditFlags = dataclasses.make_dataclass(
 _EPSILON_FIELDS = ("epsilon_target", "epsilon_reported", "epsilon_lower_bound", "epsilon_ceiling")
 
 
+def audit_config(args) -> TrainConfig:
+    """The run under audit: :data:`AUDIT_DEFAULTS` fill what neither the flags nor ``--config`` give."""
+    return TrainConfig(**dataclasses.asdict(config_from_args(args, _AuditFlags)))
+
+
 @subcommand("audit", help="empirical privacy audit in one run (Steinke et al. 2023): an ε lower bound from "
                           "canaries; above the reported ε proves a bug, below it proves nothing")
 def run(args) -> dict:
-    config = config_from_args(args, TrainConfig)
+    config = audit_config(args)
     result = run_audit(config, canaries=args.canaries, k=args.k, seed=args.canary_seed,
                        confidence=args.confidence)
     summary = result.summary()

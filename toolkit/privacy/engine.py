@@ -56,6 +56,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures, opacus_reset_accumulation
+from toolkit.secret_random import seeded_generator
 
 from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
 from .update_masks import PreNoiseMask, check_ratio, check_scope
@@ -125,11 +126,12 @@ class DPEngine:
         self.module.forbid_grad_accumulation()
 
         device = next(p for g in optimizer.param_groups for p in g["params"]).device
-        self.generator = torch.Generator(device=device)
-        if noise_seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(noise_seed))
+        if noise_seed is not None and secure_mode:
+            raise ValueError("secure_mode draws every noise sample from fresh OS randomness: a noise_seed is "
+                             "refused (it would make the noise re-creatable)")
+        # 128 bits of OS entropy in the whole generator state (torch's own seed() keeps 32 bits)
+        self.generator = seeded_generator(device) if noise_seed is None \
+            else torch.Generator(device=device).manual_seed(int(noise_seed))
         self.optimizer = optimizer_cls(
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size, grad_prune_ratio=grad_prune_ratio,

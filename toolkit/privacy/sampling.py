@@ -33,6 +33,8 @@ import warnings
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from toolkit.secret_random import reseed_from_os
+
 SAMPLINGS = ("poisson", "fixed")
 
 
@@ -76,7 +78,7 @@ class PoissonSampler(UniformWithReplacementSampler):
     """
 
     def __init__(self, n_records: int, sample_rate: float, seed: int | None = None, steps: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, secure: bool = False):
         n_records = _check_n_records(n_records)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
                 or not 0.0 < float(sample_rate) <= 1.0:
@@ -87,8 +89,11 @@ class PoissonSampler(UniformWithReplacementSampler):
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         if generator is not None and seed is not None:
             raise ValueError("give seed or generator, not both")
+        if secure and seed is not None:
+            raise ValueError("a secure sampler draws every batch from fresh OS randomness: a seed is refused")
         super().__init__(num_samples=n_records, sample_rate=float(sample_rate),
                          generator=generator if generator is not None else _make_generator(seed), steps=steps)
+        self.secure = bool(secure)
 
     @property
     def n_records(self) -> int:
@@ -100,6 +105,8 @@ class PoissonSampler(UniformWithReplacementSampler):
 
     def sample(self) -> torch.Tensor:
         """One Poisson batch: the sorted indices of the records drawn this step (``int64``, maybe empty)."""
+        if self.secure:  # secure mode: the generator's whole state from the OS before every batch
+            reseed_from_os(self.generator)
         mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
         return mask.nonzero(as_tuple=False).reshape(-1)
 
@@ -134,12 +141,14 @@ class FixedBatchSampler:
     """Shuffled fixed-size batches (an epoch is a permutation cut into ``batch_size`` pieces).
 
     For NON-private runs. In a private run its ε is not what the Poisson accountant reports; see
-    :func:`check_sampling`. With ``drop_last=False`` the last batch of an epoch may be smaller.
-    Iterating yields ``steps`` batches (default: one epoch), reshuffling at every epoch boundary.
+    :func:`check_sampling`, and the run names it outside the guarantee. With ``drop_last=False`` the last batch
+    of an epoch may be smaller. Iterating yields ``steps`` batches (default: one epoch), reshuffling at every
+    epoch boundary. The order comes from ``generator`` (a private run passes its secret one: which records share
+    a batch is secret too) or a generator seeded from ``seed``; :meth:`state_dict` saves it for a resume.
     """
 
     def __init__(self, n_records: int, batch_size: int, seed: int | None = None, steps: int | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, generator: torch.Generator | None = None):
         self.n_records = _check_n_records(n_records)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n_records:
             raise ValueError(f"batch_size must be an integer in [1, {n_records}], got {batch_size!r}")
@@ -150,7 +159,9 @@ class FixedBatchSampler:
         self.steps = per_epoch if steps is None else steps
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        self.generator = _make_generator(seed)
+        if generator is not None and seed is not None:
+            raise ValueError("give seed or generator, not both")
+        self.generator = generator if generator is not None else _make_generator(seed)
         self._epoch: list[torch.Tensor] = []
 
     def sample(self) -> torch.Tensor:
@@ -174,6 +185,18 @@ class FixedBatchSampler:
 
     def __len__(self) -> int:
         return self.steps
+
+    def state_dict(self) -> dict:
+        return {"n_records": self.n_records, "batch_size": self.batch_size, "generator": self.generator.get_state(),
+                "epoch": [b.clone() for b in self._epoch]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n_records") != self.n_records or state.get("batch_size") != self.batch_size:
+            raise ValueError(f"sampler state is for n_records={state.get('n_records')}, batch_size="
+                             f"{state.get('batch_size')}; this sampler has n_records={self.n_records}, "
+                             f"batch_size={self.batch_size}")
+        self.generator.set_state(state["generator"])
+        self._epoch = [b.clone() for b in state["epoch"]]
 
 
 def check_sampling(private: bool, sampling: str, allow_fixed_batches: bool = False) -> None:

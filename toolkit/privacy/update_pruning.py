@@ -52,6 +52,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise
 from toolkit.distributed import all_reduce_sum
+from toolkit.secret_random import reseed_from_os
 from toolkit.privacy.update_masks import PRUNE_SCOPES, PreNoiseMask, check_ratio, check_scope, magnitude_mask
 
 PRUNED_STATES = ("advance", "freeze")
@@ -125,6 +126,8 @@ class _UpdatePruningMixin:
             opacus_check_unprocessed(p.summed_grad)
             summed = p.summed_grad.to(_exact_dtype(p))
             if add_noise_here:
+                if self.secure_mode:  # the whole generator state from the OS before every draw
+                    reseed_from_os(self.generator)
                 noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
                                      generator=self.generator, secure_mode=self.secure_mode)
                 if keep is not None:
