@@ -285,4 +285,8 @@ def named_sweep(name: str, quick: bool | None = None, preset: str = "tiny", **ba
     if base:
         check_fields(base, "named_sweep overrides")
         sweep = dataclasses.replace(sweep, base={**sweep.base, **base})
+    if not sweep.base.get("train_data") and "release_cost_stats" not in base:
+        # The embedded digits are public: a built-in study's step time and memory are its results, not a
+        # function of anyone's secret batch. On your own data (train_data=...) they stay withheld by default.
+        sweep = dataclasses.replace(sweep, base={**sweep.base, "release_cost_stats": True})
     return sweep

@@ -99,10 +99,14 @@ def add_chance_line(fig, df: pd.DataFrame, n_eval: int | None = None, **where) -
 
 
 def ratio_text(values: pd.Series, methods: list[str], reference: str, unit: str, fmt: str) -> list[str]:
-    """Bar labels: each method's value with ``unit``, and its ratio to ``reference`` when that is measurable."""
+    """Bar labels: each method's value with ``unit``, and its ratio to ``reference`` when that is measurable. A
+    missing value reads "withheld": a private run does not release its step time or memory by default."""
     ref = values.get(reference)
     out = []
     for m in methods:
+        if not np.isfinite(values[m]):
+            out.append("withheld")
+            continue
         text = f"{values[m]:{fmt}} {unit}"
         if ref is not None and np.isfinite(ref) and ref > 0 and np.isfinite(values[m]):
             text += f"<br>{values[m] / ref:.2f}× {method_label(reference)}"
