@@ -37,6 +37,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,6 +58,7 @@ from toolkit.export import save_trained
 from toolkit.feature_cache import cached_features
 from toolkit.features import encode_records, make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses
+from toolkit.majority import majority_verdict
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.models import apply_trainable, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
@@ -65,7 +67,7 @@ from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, 
 from toolkit.privacy.curve import EpsilonCurve
 from toolkit.tokens import matched_fusion_sigma
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS, format_epsilon
-from toolkit.userdata import load_llava_json
+from toolkit.userdata import load_llava_json, shared_images
 from toolkit.validation import check_output_dir
 from toolkit.warmstart import starting_model
 
@@ -118,7 +120,8 @@ class TrainResult:
             memory_method=self.memory_method, step_time_s=self.step_time_s, visual_tokens=self.visual_tokens,
             visual_tokens_in=self.visual_tokens_in, trainable_params=self.trainable_params,
             wall_time_s=self.wall_time_s, cancelled=self.cancelled, token_strategy=c.token_strategy,
-            grad_prune_ratio=c.grad_prune_ratio, seed=c.seed, task=c.task,
+            grad_prune_ratio=c.grad_prune_ratio, seed=c.seed,
+            task=None if c.train_data else c.task,   # issue 22: a user-data run trained on no embedded task
             released_training_stats=list(self.released_stats),
             outside_the_guarantee=outside_the_guarantee(c, self.released_stats), config=c.to_dict(), **self.extra,
         )
@@ -224,6 +227,9 @@ def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADat
         eval_set = load_llava_json(c.eval_data, c.image_folder, privacy_unit=False, limit=c.eval_limit)
     if eval_set is None and train_set is not None and c.train_data:
         eval_set = VQADataset([], name="none")
+    if train_set is not None and eval_set is not None and (shared := shared_images(train_set, eval_set)):
+        warnings.warn(f"{len(shared)} evaluation record(s) use an image of the training set (e.g. eval "  # issue 22
+                      f"{shared[0][1]!r} = train {shared[0][0]!r}): their accuracy measures memorisation", stacklevel=2)
     return train_set, eval_set
 
 
@@ -440,7 +446,10 @@ def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> Tra
                    privacy_unit=run.train_set.privacy_unit, train_data=run.train_set.name,
                    eval_data=run.eval_set.name, eval_records=len(run.eval_set),
                    eval_mode=run.eval_mode if answers is not None else "none (no evaluation set)",
-                   n_candidates=len(run.candidates), pruner=run.pruner.describe()),
+                   n_candidates=len(run.candidates), pruner=run.pruner.describe(),
+                   # issue 22: is the accuracy distinguishable from always answering the most common answer?
+                   accuracy_vs_majority=majority_verdict(accuracy, len(run.eval_set),
+                                                         [r.answer for r in run.eval_set.records])),
     )
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -50,6 +51,7 @@ from toolkit.data import DataValidationError, VQADataset, VQARecord
 from toolkit.validation import inside_folder
 
 IMAGE_UNIT = "one record = one image (no image file or content in two records)"
+TINY_IMAGE_PX = 8   # a side shorter than this (e.g. a 1x1 image) is warned about
 USER_UNIT = "one record = one user (each user_id once, with one image)"
 
 
@@ -71,7 +73,7 @@ def read_records(path: Path) -> list:
     if not path.is_file():
         raise DataValidationError(f"data file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # a UTF-8 byte-order mark (Windows editors) is accepted
     except UnicodeDecodeError as err:
         raise DataValidationError(f"{str(path)!r} is not UTF-8 text ({err.reason})") from None
     if path.suffix == ".jsonl":
@@ -198,9 +200,13 @@ def _check_record(position: int, item, folder: Path, privacy_unit: bool, require
         _fail(where, f"image {image_name!r} not found in {str(folder)!r}")
     try:  # the header only: proves it is an image without decoding the pixels
         with Image.open(image_path) as img:
-            img.size
+            size = img.size
     except Exception as err:  # PIL raises many types for unreadable files
         _fail(where, f"image {image_name!r} is unreadable ({err.__class__.__name__}: {err})")
+    if min(size) < TINY_IMAGE_PX:  # issue 22: accepted, but not silently
+        warnings.warn(f"record {where}: image {image_name!r} is only {size[0]}x{size[1]} pixels; it is resized to "
+                      "the model's input and carries next to no information (a thumbnail or a broken export?)",
+                      stacklevel=2)
     history, question, answer = parse_conversation(where, item.get("conversations"), require_answers)
     user_id = item.get("user_id")
     if user_id is not None and (not isinstance(user_id, (str, int)) or isinstance(user_id, bool)):
@@ -228,3 +234,11 @@ def _check_unit(where, rid, image_name, image_path, digest, user_id, by_path, by
             _fail(where, f"records {by_user[key]!r} and {rid!r} have the same user_id {key!r}: a user with several "
                          "records needs user-level accounting, which the toolkit does not do; keep one record per user")
         by_user[key] = rid
+
+
+def shared_images(train_set: VQADataset, eval_set: VQADataset) -> list[tuple[str, str]]:
+    """(train id, eval id) pairs whose images have the same content (SHA-256 of the file bytes): an evaluation
+    record whose image was trained on measures memorisation, not generalisation."""
+    by_hash = {r.image_sha256: r.id for r in train_set.records if getattr(r, "image_sha256", None)}
+    return [(by_hash[r.image_sha256], r.id) for r in eval_set.records
+            if getattr(r, "image_sha256", None) in by_hash]
