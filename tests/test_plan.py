@@ -84,9 +84,9 @@ def test_the_plan_cli_takes_trains_flags_and_writes_json(tmp_path, capsys):
     assert "plan: dp-sgd" in capsys.readouterr().out
 
 
-def test_a_batch_larger_than_the_data_is_refused_by_name():
-    with pytest.raises(ValueError, match="expected_batch_size 1000 exceeds"):
-        plan(TrainConfig(method="dp-sgd", steps=5, expected_batch_size=1000, train_limit=100), TABLE)
+def test_a_batch_larger_than_the_data_samples_everyone_as_train_does():
+    p = plan(TrainConfig(method="dp-sgd", steps=5, expected_batch_size=1000, train_limit=100), TABLE, propose=False)
+    assert p.sample_rate == 1.0 and p.n == 100
 
 
 def test_infinite_epsilon_plans_no_noise():

@@ -107,6 +107,10 @@ class TrainConfig:
     output_dir: str | None = None           # export the trained model here (a new or empty folder)
     export_format: str = "auto"             # "adapter" (peft LoRA + base), "merged" (plain LLaVA), "auto":
                                             # adapter when LoRA trained, else merged
+    # issue 22: the privacy unit (toolkit.privacy.user_level)
+    privacy_unit: str = "record"            # "user": ε protects all records of one user_id (users Poisson-sampled,
+                                            # expected_batch_size counts users, one clipped mean per user)
+    user_records_per_step: int = 4          # K: at most this many records of a sampled user used per step
 
     @property
     def private(self) -> bool:
@@ -175,6 +179,11 @@ def check_config(c: TrainConfig) -> None:
     check_choice("eval_mode", c.eval_mode, EVAL_MODES)
     check_int("max_new_tokens", c.max_new_tokens, minimum=1)
     check_choice("export_format", c.export_format, EXPORT_FORMATS)
+    check_choice("privacy_unit", c.privacy_unit, ("record", "user"))   # issue 22
+    check_int("user_records_per_step", c.user_records_per_step, minimum=1)
+    if c.privacy_unit == "user" and not c.train_data:
+        raise ValueError("privacy_unit='user' needs train_data whose records carry a user_id (the embedded tasks "
+                         "have one record per image and no users)")
     if c.export_format == "adapter" and not c.trainable.startswith("lora"):
         raise ValueError(f"export_format 'adapter' needs a LoRA trainable mode (lora, lora+head), got "
                          f"{c.trainable!r}: use 'merged'")

@@ -152,9 +152,7 @@ def plan(config: TrainConfig, calibration: dict | None = None, propose: bool = T
     c = config.resolved()
     n, unit = count_units(c)
     batch = c.expected_batch_size
-    if batch > n:
-        raise ValueError(f"expected_batch_size {batch} exceeds the {n} {unit}s of the training data")
-    q = min(1.0, batch / n)
+    q = min(1.0, batch / n)   # as train: a batch above N samples everyone at every step
     steps = planned_steps(c, q)
     table = calibration if calibration is not None else load_calibration()
     if not c.private:

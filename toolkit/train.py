@@ -65,6 +65,7 @@ from toolkit.optimizers import make_optimizer
 from toolkit.precision import resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
+from toolkit.privacy.user_level import UserLevelRun
 from toolkit.tokens import matched_fusion_sigma
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS, format_epsilon
 from toolkit.userdata import load_llava_json, shared_images
@@ -222,7 +223,8 @@ def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADat
     evaluation file may share images between questions. Training on a file without an evaluation file
     evaluates nothing (the embedded test split would be meaningless for your model)."""
     if train_set is None and c.train_data:
-        train_set = load_llava_json(c.train_data, c.image_folder, limit=c.train_limit)
+        train_set = load_llava_json(c.train_data, c.image_folder, limit=c.train_limit,
+                                    several_per_user=c.privacy_unit == "user")
     if eval_set is None and c.eval_data:
         eval_set = load_llava_json(c.eval_data, c.image_folder, privacy_unit=False, limit=c.eval_limit)
     if eval_set is None and train_set is not None and c.train_data:
@@ -263,8 +265,9 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
         train_set = make_vqa(c.task, c.train_split, bundle.image_size, limit=c.train_limit)
     if eval_set is None:
         eval_set = make_vqa(c.task, c.eval_split, bundle.image_size, limit=c.eval_limit)
-    n_records = c.dataset_size or len(train_set)
-    if n_records < len(train_set):
+    users = UserLevelRun(c, train_set, dist.world_size) if c.privacy_unit == "user" else None   # issue 22
+    n_records = c.dataset_size or len(train_set) if users is None else users.n_users
+    if users is None and n_records < len(train_set):
         raise ValueError(f"dataset_size {n_records} is smaller than the training set ({len(train_set)} records)")
     eval_mode, candidates = choose_eval_mode(c.eval_mode, [r.answer for r in eval_set],
                                              eval_set.candidates if eval_set.candidates_declared else None)
@@ -293,7 +296,10 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
 
     public = public_gradients(c, bundle, lm, collator, pruner) if c.update_mask == "public" else None
     optimizer = make_optimizer(c, lm, noise_multiplier, sample_rate, public_gradients=public)
-    sampler = make_sampler(c, n_records, len(train_set), sample_rate, dist)
+    sampler = make_sampler(c, n_records, len(train_set), sample_rate, dist) if users is None else \
+        users.sampler(sample_rate, secret_generator(c.noise_seed, stream=1))
+    if users is not None:
+        users.attach(optimizer, sampler)
     if checkpoint is not None:
         restore_trainable(lm, checkpoint)
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -363,6 +369,8 @@ def one_step(run: Run, idx: torch.Tensor) -> float:
     if len(idx) == 0:
         run.optimizer.empty_step()  # another rank holds the whole batch: this one contributes a zero sum
         return float("nan")
+    if getattr(run.optimizer, "group_rows", None) is not None:   # issue 22: which user each row belongs to
+        run.optimizer.group_rows.set_records(idx)
     chunks = physical_chunks(idx, run.config.max_physical_batch_size)
     if len(chunks) == 1:
         return run.optimizer.step(lambda: batch_losses(run, idx))

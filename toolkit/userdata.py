@@ -126,7 +126,7 @@ def parse_conversation(where: str, turns, require_answer: bool = True) -> tuple[
 def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
                     candidates: tuple[str, ...] | None = None, *, privacy_unit: bool = True,
                     limit: int | None = None, require_answers: bool = True,
-                    refused: list | None = None) -> VQADataset:
+                    refused: list | None = None, several_per_user: bool = False) -> VQADataset:
     """Load and validate a LLaVA conversation file; images stay on disk (see the module docstring).
 
     Args:
@@ -135,6 +135,8 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
         candidates: the closed set of answers to rank at evaluation (default: the distinct answers).
         privacy_unit: enforce one image per record (and one record per ``user_id``): on for a training set,
             off for an evaluation or prediction set, where several questions may share an image.
+        several_per_user: a user_id may have several records (user-level DP, ``privacy_unit="user"``); every
+            record must then carry one.
         limit: keep the first ``limit`` records (all are still validated).
         require_answers: every conversation ends with a ``gpt`` answer; off for a prediction set, whose records
             may end with the question.
@@ -154,7 +156,7 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
     for position, item in enumerate(raw):
         try:
             record = _check_record(position, item, folder, privacy_unit, require_answers, seen_ids, by_path, by_hash,
-                                   by_user)
+                                   None if several_per_user else by_user)
         except DataValidationError as err:
             if refused is None:
                 raise
@@ -164,6 +166,9 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
         records.append(record)
     if not records:
         raise DataValidationError(f"{str(path)!r} holds no records")
+    if several_per_user and any(r.user_id is None for r in records):
+        missing = next(r.id for r in records if r.user_id is None)
+        raise DataValidationError(f"record {missing!r}: has no 'user_id'; user-level privacy needs one on every record")
     if privacy_unit and by_user and len(by_user) != len(records):
         missing = next(r.id for r in records if r.user_id is None)
         raise DataValidationError(f"record {missing!r}: has no 'user_id' while other records have one: give every "
@@ -228,11 +233,12 @@ def _check_unit(where, rid, image_name, image_path, digest, user_id, by_path, by
         _fail(where, f"records {by_hash[digest]!r} and {rid!r} have images with the same content "
                      f"({image_name!r} is a copy): {unit}")
     by_hash[digest] = rid
-    if user_id is not None:
+    if user_id is not None and by_user is not None:   # None: several records per user allowed (user-level DP)
         key = str(user_id)
         if key in by_user:
             _fail(where, f"records {by_user[key]!r} and {rid!r} have the same user_id {key!r}: a user with several "
-                         "records needs user-level accounting, which the toolkit does not do; keep one record per user")
+                         "records needs user-level privacy: pass privacy_unit='user' (ε per user, users sampled), or "
+                         "keep one record per user")
         by_user[key] = rid
 
 

@@ -119,7 +119,10 @@ def run(args) -> dict:
         check_output_dir(config.output_dir, "--output-dir")
     for note in silent_default_notes(config, args):   # issue 22: what would otherwise be ignored silently
         print(f"note: {note}", file=sys.stderr)
-    print(plan(config).line(), flush=True)            # issue 22: what this budget buys, before any work
+    try:                                              # issue 22: what this budget buys, before any work
+        print(plan(config).line(), flush=True)
+    except (ValueError, OSError) as err:              # bad input: train names it below, in its own words
+        print(f"plan: not available ({str(err).splitlines()[0]})", flush=True)
     if not config.progress:
         print(f"training started: {config.method}, {config.steps or config.epochs} "
               f"{'steps' if config.steps else 'epochs'} (progress bar off)", flush=True)
