@@ -92,3 +92,16 @@ def test_a_batch_larger_than_the_data_samples_everyone_as_train_does():
 def test_infinite_epsilon_plans_no_noise():
     p = plan(TrainConfig(method="dp-sgd", epsilon=math.inf, steps=5), TABLE)
     assert p.noise_multiplier == 0.0 and p.proposal is None
+
+
+def test_a_user_level_plan_counts_users_and_says_what_epsilon_protects(tmp_path):
+    paths = make_photo_dataset(tmp_path, n_train=12, n_test=2)
+    records = json.loads(open(paths["train"]).read())
+    for i, record in enumerate(records):
+        record["user_id"] = f"patient-{i // 3}"
+    open(paths["train"], "w").write(json.dumps(records))
+    p = plan(TrainConfig(method="dp-sgd", privacy_unit="user", user_records_per_step=2, epsilon=3.0, steps=5,
+                         expected_batch_size=2, train_data=paths["train"]), TABLE, propose=False)
+    assert (p.n, p.unit, p.sample_rate) == (4, "user", 0.5)
+    assert p.unit_sentence == "ε = 3 protects all records of one user (every image of one person), at most 2 of " \
+                              "them used per step"

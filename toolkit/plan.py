@@ -30,6 +30,7 @@ from pathlib import Path
 
 from toolkit.config import TrainConfig, planned_steps
 from toolkit.privacy.accounting import PrivacyBudgetError, calibrate_noise, epsilon_for
+from toolkit.privacy.user_level import unit_words
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "measured" / "plan_calibration.json"
 MIN_PROPOSED_STEPS = 30   # the calibration runs' length: fewer steps are outside what was measured
@@ -117,7 +118,7 @@ def load_calibration(path: str | Path | None = None) -> dict:
 def count_units(c: TrainConfig) -> tuple[int, str]:
     """(N, unit): the records of the training data, or its distinct users for user-level DP; the JSON is read,
     no image is opened. ``dataset_size`` (a declared size) wins, as in ``train``."""
-    unit = "user" if getattr(c, "privacy_unit", "record") == "user" else "record"
+    unit = c.privacy_unit
     if c.train_data:
         from toolkit.userdata import read_records   # the JSON only: no image is opened
         raw = read_records(Path(c.train_data))
@@ -138,9 +139,7 @@ def unit_sentence(c: TrainConfig, unit: str) -> str:
         return "nothing: a non-private run has no guarantee"
     eps = _fmt(float(c.epsilon))
     if unit == "user":
-        k = getattr(c, "user_records_per_step", 1)
-        return (f"ε = {eps} protects all records of one user (every image of one person), at most {k} of them "
-                "used per step")
+        return unit_words(eps, c.user_records_per_step)
     return f"ε = {eps} protects one record (one image); a person with several images is protected per image only"
 
 
