@@ -34,6 +34,7 @@ LORA_VARIANTS = ("standard", "ffa")
 EVAL_MODES = ("auto", "closed-set", "generate")
 EXPORT_FORMATS = ("auto", "adapter", "merged")
 SAMPLINGS = ("poisson", "fixed")
+PRIVACY_UNITS = ("record", "user")
 
 
 @dataclass
@@ -148,6 +149,12 @@ class TrainConfig:
                                             "secret batch size; then listed outside the guarantee)")
     allow_large_delta: bool = setting(False, group="privacy",
                                       help="accept delta >= 1/N (refused otherwise; marked in the card)")
+    # the privacy unit (toolkit.privacy.user_level)
+    privacy_unit: str = setting("record", group="privacy", choices=PRIVACY_UNITS,
+                                help="'user': ε protects all records of one user_id (users Poisson-sampled, "
+                                     "expected_batch_size counts users, one clipped mean per user)")
+    user_records_per_step: int = setting(4, group="privacy", minimum=1,
+                                         help="K: at most this many records of a sampled user used per step")
 
     @property
     def private(self) -> bool:
@@ -223,6 +230,9 @@ def check_config(c: TrainConfig, method_rules: bool = True) -> None:
     check_scale_fields(c)
     if c.resume_new_budget and not c.resume_from:
         raise ValueError("resume_new_budget applies to a resumed run: give resume_from too")
+    if c.privacy_unit == "user" and not c.train_data:
+        raise ValueError("privacy_unit='user' needs train_data whose records carry a user_id (the embedded tasks "
+                         "have one record per image and no users)")
     if c.export_format == "adapter" and not c.trainable.startswith("lora"):
         raise ValueError(f"export_format 'adapter' needs a LoRA trainable mode (lora, lora+head), got "
                          f"{c.trainable!r}: use 'merged'")

@@ -60,6 +60,7 @@ from toolkit.features import encode_records, make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses
 from toolkit.image_duplicates import report_overlap
 from toolkit.methods import get_method
+from toolkit.majority import majority_verdict
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.models import apply_trainable, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
@@ -71,6 +72,7 @@ from toolkit.secret_random import secret_generator
 from toolkit.privacy.release import (COST_STATS, TRAINING_STATS, WITHHELD, checkpoint_segments,
                                      outside_the_guarantee, released_stats, releases_cost_stats,
                                      releases_training_stats, segment_record)
+from toolkit.privacy.user_level import UserLevelRun
 from toolkit.tokens import matched_fusion_sigma
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS, format_epsilon
 from toolkit.userdata import load_llava_json
@@ -123,7 +125,8 @@ class TrainResult:
             memory_method=self.memory_method, step_time_s=self.step_time_s, visual_tokens=self.visual_tokens,
             visual_tokens_in=self.visual_tokens_in, trainable_params=self.trainable_params,
             wall_time_s=self.wall_time_s, cancelled=self.cancelled, token_strategy=c.token_strategy,
-            grad_prune_ratio=c.grad_prune_ratio, seed=c.seed, task=c.task,
+            grad_prune_ratio=c.grad_prune_ratio, seed=c.seed,
+            task=None if c.train_data else c.task,   # issue 22: a user-data run trained on no embedded task
             released_training_stats=list(self.released_stats),
             outside_the_guarantee=outside_the_guarantee(c, self.released_stats,
                                                         self.extra.get("privacy_segments", ())),
@@ -204,7 +207,8 @@ def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADat
     evaluation file may share images between questions. Training on a file without an evaluation file
     evaluates nothing (the embedded test split would be meaningless for your model)."""
     if train_set is None and c.train_data:
-        train_set = load_llava_json(c.train_data, c.image_folder, limit=c.train_limit)
+        train_set = load_llava_json(c.train_data, c.image_folder, limit=c.train_limit,
+                                    several_per_user=c.privacy_unit == "user")
     if eval_set is None and c.eval_data:
         eval_set = load_llava_json(c.eval_data, c.image_folder, privacy_unit=False, limit=c.eval_limit)
     if eval_set is None and train_set is not None and c.train_data:
@@ -244,8 +248,9 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
         train_set = make_vqa(c.task, c.train_split, bundle.image_size, limit=c.train_limit)
     if eval_set is None:
         eval_set = make_vqa(c.task, c.eval_split, bundle.image_size, limit=c.eval_limit)
-    n_records = c.dataset_size or len(train_set)
-    if n_records < len(train_set):
+    users = UserLevelRun(c, train_set, dist.world_size) if c.privacy_unit == "user" else None   # issue 22
+    n_records = c.dataset_size or len(train_set) if users is None else users.n_users
+    if users is None and n_records < len(train_set):
         raise ValueError(f"dataset_size {n_records} is smaller than the training set ({len(train_set)} records)")
     eval_mode, candidates = choose_eval_mode(c.eval_mode, [r.answer for r in eval_set],
                                              eval_set.candidates if eval_set.candidates_declared else None)
@@ -274,7 +279,10 @@ def setup(c: TrainConfig, train_set: VQADataset | None = None, eval_set: VQAData
 
     public = public_gradients(c, bundle, lm, collator, pruner) if c.update_mask == "public" else None
     optimizer = make_optimizer(c, lm, noise_multiplier, sample_rate, public_gradients=public)
-    sampler = make_sampler(c, n_records, len(train_set), sample_rate, dist)
+    sampler = make_sampler(c, n_records, len(train_set), sample_rate, dist) if users is None else \
+        users.sampler(sample_rate, secret_generator(c.noise_seed, stream=1))
+    if users is not None:
+        users.attach(optimizer, sampler)
     if checkpoint is not None:
         restore_trainable(lm, checkpoint)
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -346,6 +354,8 @@ def one_step(run: Run, idx: torch.Tensor) -> float:
     if len(idx) == 0:
         run.optimizer.empty_step()  # another rank holds the whole batch: this one contributes a zero sum
         return float("nan")
+    if getattr(run.optimizer, "group_rows", None) is not None:   # issue 22: which user each row belongs to
+        run.optimizer.group_rows.set_records(idx)
     chunks = physical_chunks(idx, run.config.max_physical_batch_size)
     if len(chunks) == 1:
         return run.optimizer.step(lambda: batch_losses(run, idx))
@@ -436,7 +446,10 @@ def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> Tra
                    eval_data=run.eval_set.name, eval_records=len(run.eval_set),
                    eval_mode=run.eval_mode if answers is not None else "none (no evaluation set)",
                    n_candidates=len(run.candidates), pruner=run.pruner.describe(),
-                   privacy_segments=segments),
+                   privacy_segments=segments,
+                   # issue 22: is the accuracy distinguishable from always answering the most common answer?
+                   accuracy_vs_majority=majority_verdict(accuracy, len(run.eval_set),
+                                                         [r.answer for r in run.eval_set.records])),
     )
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -52,6 +53,7 @@ from toolkit.image_duplicates import check_training_images
 from toolkit.validation import inside_folder
 
 IMAGE_UNIT = "one record = one image (no image file or content in two records)"
+TINY_IMAGE_PX = 8   # a side shorter than this (e.g. a 1x1 image) is warned about
 USER_UNIT = "one record = one user (each user_id once, with one image)"
 
 
@@ -73,7 +75,7 @@ def read_records(path: Path) -> list:
     if not path.is_file():
         raise DataValidationError(f"data file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # a UTF-8 byte-order mark (Windows editors) is accepted
     except UnicodeDecodeError as err:
         raise DataValidationError(f"{str(path)!r} is not UTF-8 text ({err.reason})") from None
     if path.suffix == ".jsonl":
@@ -126,7 +128,7 @@ def parse_conversation(where: str, turns, require_answer: bool = True) -> tuple[
 def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
                     candidates: tuple[str, ...] | None = None, *, privacy_unit: bool = True,
                     limit: int | None = None, require_answers: bool = True,
-                    refused: list | None = None) -> VQADataset:
+                    refused: list | None = None, several_per_user: bool = False) -> VQADataset:
     """Load and validate a LLaVA conversation file; images stay on disk (see the module docstring).
 
     Args:
@@ -135,6 +137,8 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
         candidates: the closed set of answers to rank at evaluation (default: the distinct answers).
         privacy_unit: enforce one image per record (and one record per ``user_id``): on for a training set,
             off for an evaluation or prediction set, where several questions may share an image.
+        several_per_user: a user_id may have several records (user-level DP, ``privacy_unit="user"``); every
+            record must then carry one.
         limit: keep the first ``limit`` records (all are still validated).
         require_answers: every conversation ends with a ``gpt`` answer; off for a prediction set, whose records
             may end with the question.
@@ -154,7 +158,7 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
     for position, item in enumerate(raw):
         try:
             record = _check_record(position, item, folder, privacy_unit, require_answers, seen_ids, by_path, by_hash,
-                                   by_user)
+                                   None if several_per_user else by_user)
         except DataValidationError as err:
             if refused is None:
                 raise
@@ -164,6 +168,9 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
         records.append(record)
     if not records:
         raise DataValidationError(f"{str(path)!r} holds no records")
+    if several_per_user and any(r.user_id is None for r in records):
+        missing = next(r.id for r in records if r.user_id is None)
+        raise DataValidationError(f"record {missing!r}: has no 'user_id'; user-level privacy needs one on every record")
     if privacy_unit and by_user and len(by_user) != len(records):
         missing = next(r.id for r in records if r.user_id is None)
         raise DataValidationError(f"record {missing!r}: has no 'user_id' while other records have one: give every "
@@ -202,9 +209,13 @@ def _check_record(position: int, item, folder: Path, privacy_unit: bool, require
         _fail(where, f"image {image_name!r} not found in {str(folder)!r}")
     try:  # the header only: proves it is an image without decoding the pixels
         with Image.open(image_path) as img:
-            img.size
+            size = img.size
     except Exception as err:  # PIL raises many types for unreadable files
         _fail(where, f"image {image_name!r} is unreadable ({err.__class__.__name__}: {err})")
+    if min(size) < TINY_IMAGE_PX:  # issue 22: accepted, but not silently
+        warnings.warn(f"record {where}: image {image_name!r} is only {size[0]}x{size[1]} pixels; it is resized to "
+                      "the model's input and carries next to no information (a thumbnail or a broken export?)",
+                      stacklevel=2)
     history, question, answer = parse_conversation(where, item.get("conversations"), require_answers)
     user_id = item.get("user_id")
     if user_id is not None and (not isinstance(user_id, (str, int)) or isinstance(user_id, bool)):
@@ -226,9 +237,10 @@ def _check_unit(where, rid, image_name, image_path, digest, user_id, by_path, by
         _fail(where, f"records {by_hash[digest]!r} and {rid!r} have images with the same content "
                      f"({image_name!r} is a copy): {unit}")
     by_hash[digest] = rid
-    if user_id is not None:
+    if user_id is not None and by_user is not None:   # None: several records per user allowed (user-level DP)
         key = str(user_id)
         if key in by_user:
             _fail(where, f"records {by_user[key]!r} and {rid!r} have the same user_id {key!r}: a user with several "
-                         "records needs user-level accounting, which the toolkit does not do; keep one record per user")
+                         "records needs user-level privacy: pass privacy_unit='user' (ε per user, users sampled), or "
+                         "keep one record per user")
         by_user[key] = rid

@@ -19,6 +19,7 @@ import hashlib
 import shutil
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,6 +42,7 @@ DEFAULT_STEPS = {"tiny": 1200, "tiny-siglip": 600, "llava576": 300}
 # Measured (scratch probe, digit accuracy on the validation split): tiny at 600 steps / lr 1e-3 was still climbing
 # when the cosine schedule ended (52 % at seed 0, 59 % at seed 1); 1200 steps at 2e-3 reach 83 % (seed 0).
 DEFAULT_LR = {"tiny": 2e-3}
+ETA_AFTER_STEPS = 10  # the warm start's expected time is measured over its first steps and printed
 VALIDATION_CHECKS = 6  # public-validation evaluations during a warm start (the best one is kept)
 
 
@@ -86,6 +88,10 @@ def warm_start(preset: str = "tiny", seed: int = 0, steps: int | None = None, ba
     if (path / "toolkit_bundle.json").is_file() and not refresh:
         return load_model(path)
     bundle = build_model(preset, seed=seed)
+    # issue 22: never train for minutes before the user's run without saying so
+    print(f"no cached public warm start for preset {preset!r} in {str(cache_dir())!r}: training it now ({steps} "
+          f"steps on the public split, done once and cached; the time it will take is printed after "
+          f"{ETA_AFTER_STEPS} steps; warm_start_steps=0 skips it)", file=sys.stderr, flush=True)
     _train_public(bundle, seed, steps, batch_size, lr, progress, callback)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_model(bundle, tmp)
@@ -181,6 +187,10 @@ def _train_public(bundle, seed: int, steps: int, batch_size: int, lr: float, pro
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{accuracy:.2f}")
         if callback is not None:
             callback(step + 1, steps)
+        if step + 1 == ETA_AFTER_STEPS and steps > ETA_AFTER_STEPS:
+            per_step = (time.perf_counter() - started) / (step + 1)
+            print(f"warm start: {per_step:.2f} s per step measured, about {per_step * (steps - step - 1) / 60:.1f} "
+                  "min left", file=sys.stderr, flush=True)
     if best[1] is not None:
         model.load_state_dict(best[1])
     for p in model.parameters():

@@ -15,7 +15,7 @@ from typing import Callable
 from toolkit.validation import check_writable_file
 
 _SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-MODULES = ("info", "warmstart", "tokens", "train", "predict", "bench", "sweep", "audit")
+MODULES = ("info", "warmstart", "tokens", "train", "plan", "predict", "bench", "sweep", "audit")
 
 
 def subcommand(name: str, help: str):

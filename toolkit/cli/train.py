@@ -14,6 +14,8 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
+import time
 import typing
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import yaml
 from toolkit.cli import subcommand
 from toolkit.config import TrainConfig
 from toolkit.distributed import context, shutdown
+from toolkit.plan import plan
+from toolkit.silent_defaults import json_safe, silent_default_notes
 from toolkit.train import train
 from toolkit.validation import check_output_dir
 from toolkit.schema import choices_of, groups
@@ -131,14 +135,26 @@ def run(args) -> dict:
     config = config_from_args(args).resolved()
     if config.output_dir:  # checked here too so that nothing runs (not even the data loading) before it fails
         check_output_dir(config.output_dir, "--output-dir")
+    for note in silent_default_notes(config, args):   # issue 22: what would otherwise be ignored silently
+        print(f"note: {note}", file=sys.stderr)
+    try:                                              # issue 22: what this budget buys, before any work
+        print(plan(config).line(), flush=True)
+    except (ValueError, OSError) as err:              # bad input: train names it below, in its own words
+        print(f"plan: not available ({str(err).splitlines()[0]})", flush=True)
+    if not config.progress:
+        print(f"training started: {config.method}, {config.steps or config.epochs} "
+              f"{'steps' if config.steps else 'epochs'} (progress bar off)", flush=True)
+    started = time.perf_counter()
     result = train(config)
+    if not config.progress:
+        print(f"training finished in {time.perf_counter() - started:.0f} s", flush=True)
     summary = result.summary()
     summary["history"] = result.history.to_dict(orient="records")
     ctx = context()
     if not ctx.is_main:  # data-parallel: rank 0 alone reports ε and writes the JSON
         args.json = None
         shutdown(ctx)
-        return summary
+        return json_safe(summary)
     if result.eval_answers is not None:
         summary["eval_predictions"] = [
             dict(id=r, prediction=p, correct=c)
@@ -151,9 +167,11 @@ def run(args) -> dict:
                                          "visual_tokens", "output_dir")}
     if ctx.enabled:
         shown["world_size"] = ctx.world_size
-    print(json.dumps({k: v for k, v in shown.items() if v is not None}, indent=2, default=str))
+    print(json.dumps(json_safe({k: v for k, v in shown.items() if v is not None}), indent=2, default=str))
+    if summary.get("accuracy_vs_majority") and summary["accuracy"] is not None:
+        print(summary["accuracy_vs_majority"]["sentence"])
     shutdown(ctx)
-    return summary
+    return json_safe(summary)
 
 
 @run.configure

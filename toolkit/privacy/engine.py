@@ -143,6 +143,7 @@ class DPEngine:
         # never unaccounted, whoever calls optimizer.step().
         self.optimizer.attach_step_hook(self._account)
         self.steps_taken = 0
+        self.group_rows = None   # issue 22: per-user averaging before clipping (toolkit.privacy.user_level)
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------ checks
@@ -248,6 +249,8 @@ class DPEngine:
                 self._backward(losses)
                 if self.grad_sample_mode != "ghost":
                     self._check_per_sample_gradients(batch_size)
+                    if self.group_rows is not None:   # issue 22: user-level DP clips one unit per user
+                        self.group_rows(self.optimizer.params)
                 if not last:
                     # Opacus: this step() only clips and adds to p.summed_grad (no noise, no accountant step);
                     # the following zero_grad keeps the sum and frees the chunk's per-example gradients.

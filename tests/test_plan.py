@@ -1,0 +1,107 @@
+"""``toolkit.plan`` / ``python -m toolkit plan``: the numbers come from the toolkit's own accountant, the verdict
+from the measured table, and nothing loads a model."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from toolkit.config import TrainConfig
+from toolkit.plan import load_calibration, plan, summarize_calibration
+from toolkit.privacy.accounting import calibrate_noise, epsilon_for
+from toolkit.samples import make_photo_dataset
+
+
+def _row(n, eps, ratio, seed, acc, learned):
+    return dict(task="photo", n=n, epsilon=eps, seed=seed, steps=30, expected_batch_size=n // 10, noise_ratio=ratio,
+                accuracy=acc, learned=learned, majority=0.5, eval_records=200)
+
+
+TABLE = summarize_calibration([_row(1000, 8.0, 0.01, 0, 0.8, True), _row(1000, 8.0, 0.01, 1, 0.82, True),
+                               _row(1000, 0.5, 0.05, 0, 0.5, False), _row(1000, 0.5, 0.05, 1, 0.51, False)])
+
+
+def test_plan_sigma_and_epsilon_come_from_the_toolkit_accountant():
+    p = plan(TrainConfig(method="dual-priv", epsilon=3.0, steps=20, expected_batch_size=70), TABLE, propose=False)
+    q = 70 / p.n
+    assert p.sample_rate == pytest.approx(q)
+    assert p.noise_multiplier == pytest.approx(calibrate_noise(3.0, 1e-5, q, 20))
+    assert p.epsilon_reached == pytest.approx(epsilon_for(p.noise_multiplier, q, 20, 1e-5))
+    assert p.epsilon_reached <= 3.0
+    assert p.noise_ratio == pytest.approx(p.noise_multiplier / 70)
+    assert p.noise_std == pytest.approx(p.noise_multiplier * p.max_grad_norm / 70)
+
+
+def test_plan_counts_the_records_of_a_data_file_without_loading_a_model(tmp_path):
+    paths = make_photo_dataset(tmp_path, n_train=40, n_test=4)
+    p = plan(TrainConfig(method="dp-sgd", epsilon=8.0, steps=5, expected_batch_size=10, train_data=paths["train"]),
+             TABLE, propose=False)
+    assert (p.n, p.unit, p.sample_rate) == (40, "record", 0.25)
+    assert "one record" in p.unit_sentence
+
+
+@pytest.mark.parametrize("ratio_eps, kind", [(50.0, "learned"), (0.3, "stuck")])
+def test_the_verdict_says_where_the_noise_falls_on_the_measured_table(ratio_eps, kind):
+    p = plan(TrainConfig(method="dual-priv", epsilon=ratio_eps, steps=30, expected_batch_size=70), TABLE,
+             propose=False)
+    assert p.evidence["kind"] == kind
+    assert ("learned" in p.verdict) if kind == "learned" else ("stayed at the majority class" in p.verdict)
+    assert p.evidence["runs"] == 2
+
+
+def test_the_published_calibration_table_is_measured_and_monotone_enough_to_read():
+    table = load_calibration()
+    assert table["runs"] >= 10 and table["script"] == "benchmarks/calibrate_plan.py"
+    learned = [c["noise_ratio"] for c in table["cells"] if c["learned"] == c["runs"]]
+    stuck = [c["noise_ratio"] for c in table["cells"] if c["learned"] == 0]
+    assert learned and stuck and max(learned) < min(stuck)
+
+
+def test_the_proposal_never_has_more_noise_than_the_config_at_the_same_compute():
+    p = plan(TrainConfig(method="dual-priv", epsilon=3.0, steps=200, expected_batch_size=16), TABLE)
+    assert p.proposal is not None
+    assert p.proposal["noise_ratio"] <= p.noise_ratio
+    assert p.proposal["expected_batch_size"] * p.proposal["steps"] <= 16 * 200
+    assert p.proposal["steps"] >= 30
+
+
+def test_a_non_private_plan_has_no_epsilon():
+    p = plan(TrainConfig(method="non-private", steps=10), TABLE)
+    assert not p.private and p.epsilon_reached is None and p.noise_ratio == 0.0
+    assert "non-private" in p.line()
+
+
+def test_the_plan_cli_takes_trains_flags_and_writes_json(tmp_path, capsys):
+    from toolkit.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--method", "dp-sgd", "--epsilon", "3", "--steps", "10", "--expected-batch-size", "64",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["steps"] == 10 and result["epsilon_reached"] <= 3.0 and "line" in result
+    assert "plan: dp-sgd" in capsys.readouterr().out
+
+
+def test_a_batch_larger_than_the_data_samples_everyone_as_train_does():
+    p = plan(TrainConfig(method="dp-sgd", steps=5, expected_batch_size=1000, train_limit=100), TABLE, propose=False)
+    assert p.sample_rate == 1.0 and p.n == 100
+
+
+def test_infinite_epsilon_plans_no_noise():
+    p = plan(TrainConfig(method="dp-sgd", epsilon=math.inf, steps=5), TABLE)
+    assert p.noise_multiplier == 0.0 and p.proposal is None
+
+
+def test_a_user_level_plan_counts_users_and_says_what_epsilon_protects(tmp_path):
+    paths = make_photo_dataset(tmp_path, n_train=12, n_test=2)
+    records = json.loads(open(paths["train"]).read())
+    for i, record in enumerate(records):
+        record["user_id"] = f"patient-{i // 3}"
+    open(paths["train"], "w").write(json.dumps(records))
+    p = plan(TrainConfig(method="dp-sgd", privacy_unit="user", user_records_per_step=2, epsilon=3.0, steps=5,
+                         expected_batch_size=2, train_data=paths["train"]), TABLE, propose=False)
+    assert (p.n, p.unit, p.sample_rate) == (4, "user", 0.5)
+    assert p.unit_sentence == "ε = 3 protects all records of one user (every image of one person), at most 2 of " \
+                              "them used per step"
