@@ -57,6 +57,7 @@ from toolkit.features import make_pruner_for
 from toolkit.model_card import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FILE, model_card
 from toolkit.models import LORA_TARGETS, LlavaBundle, ModelLoadError, has_lora, load_model, save_model
 from toolkit.processor import describe_preprocessing, make_processor, save_processor
+from toolkit.remote_export import add_remote_model, add_remote_processor, inference_plan
 from toolkit.validation import check_output_dir
 from toolkit.warmstart import starting_model
 
@@ -201,7 +202,8 @@ def save_trained(result, path: str | os.PathLike, export_format: str = "auto", b
         else:
             base, lora, saved = _save_adapter(bundle, config, tmp, path, base_model)
         save_processor(bundle, tmp)  # tokenizer, processor_config.json, chat_template.jinja
-        meta = export_metadata(result, fmt, base, lora, saved)
+        plan = _carry_inference_path(bundle, config, fmt, base, tmp)
+        meta = export_metadata(result, fmt, base, lora, saved, plan)
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(meta))
         if path.is_dir():
@@ -211,6 +213,20 @@ def save_trained(result, path: str | os.PathLike, export_format: str = "auto", b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _carry_inference_path(bundle, config: TrainConfig, fmt: str, base, folder: Path) -> dict:
+    """Add the remote-code files where the model answers on pruned visual tokens (:mod:`toolkit.remote_export`)."""
+    pruner = make_pruner_for(bundle, config, None if config.prune_at_eval else "none")
+    copied = fmt == "merged" or base["kind"] == "copy"
+    inference, settings, note = inference_plan(pruner, copied, fmt)
+    if settings is not None:
+        model_folder = folder if fmt == "merged" else folder / BASE_FOLDER
+        add_remote_model(model_folder, settings)
+        for processor_folder in {folder, model_folder}:
+            add_remote_processor(processor_folder, settings)
+    tokens = settings["n_out"] if settings is not None else _image_tokens(bundle)
+    return dict(inference=inference, inference_note=note, pruning=settings, image_tokens=tokens)
 
 
 def _save_adapter(bundle, config: TrainConfig, folder: Path, final: Path, base_model: str | None):
@@ -259,7 +275,7 @@ def _image_tokens(bundle) -> int:
     return int(make_processor(bundle)._get_num_multimodal_tokens(image_sizes=[[1, 1]]).num_image_tokens[0])
 
 
-def export_metadata(result, fmt: str, base, lora, modules_to_save) -> dict:
+def export_metadata(result, fmt: str, base, lora, modules_to_save, plan: dict) -> dict:
     summary = result.summary()
     config = result.config
     eval_pruner = make_pruner_for(result.bundle, config, None if config.prune_at_eval else "none")
@@ -268,8 +284,8 @@ def export_metadata(result, fmt: str, base, lora, modules_to_save) -> dict:
     return dict(
         format_version=FORMAT_VERSION, toolkit_version=toolkit.__version__, export_format=fmt,
         base_model=base, trainable=config.trainable, lora=lora, modules_to_save=modules_to_save,
-        adapter_base=(base or {}).get("adapter_base"), inference="stock",
-        image_tokens=_image_tokens(bundle), preprocessing=describe_preprocessing(bundle.image_processor),
+        adapter_base=(base or {}).get("adapter_base"), **plan,
+        preprocessing=describe_preprocessing(bundle.image_processor),
         prompt_template=bundle.prompt_template, image_size=bundle.image_size,
         image_mean=list(bundle.image_mean), image_std=list(bundle.image_std),
         train_pruner=summary.get("pruner"), eval_pruner=eval_pruner.describe(), prune_at_eval=config.prune_at_eval,
