@@ -1,7 +1,10 @@
 """A practitioner's client: answer a LLaVA-JSON file with an exported model using transformers, peft, PIL and torch
 only (no toolkit import, Hub offline). Run as a script by tests/test_real_client.py:
 
-    HF_HUB_OFFLINE=1 python tests/real_client.py EXPORT_DIR DATA.json IMAGE_FOLDER HOW MAX_NEW_TOKENS OUT.json
+    HF_HUB_OFFLINE=1 python tests/real_client.py JOBS.json OUT.json
+
+JOBS.json: a list of ``{"out", "data", "image_folder", "how", "max_new_tokens"}``; OUT.json gets one answer list
+per job, the toolkit modules found imported (none expected) and each model's class.
 
 HOW: ``merged`` (LlavaForConditionalGeneration), ``auto`` (AutoModelForImageTextToText), ``adapter``
 (PeftModel.from_pretrained on the base that adapter_config.json names), ``auto-peft`` (peft's AutoPeftModel),
@@ -34,9 +37,7 @@ def load(out: Path, how: str):
     return processor, model.eval()
 
 
-def main(out, data, image_folder, how, max_new_tokens, result_file):
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
-        raise SystemExit("run with HF_HUB_OFFLINE=1")
+def answer(out, data, image_folder, how, max_new_tokens):
     processor, model = load(Path(out), how)
     answers = []
     for record in json.loads(Path(data).read_text()):
@@ -48,9 +49,15 @@ def main(out, data, image_folder, how, max_new_tokens, result_file):
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False)
         answers.append(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return dict(answers=answers, model_class=type(model).__name__)
+
+
+def main(jobs_file, result_file):
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        raise SystemExit("run with HF_HUB_OFFLINE=1")
+    results = [answer(**job) for job in json.loads(Path(jobs_file).read_text())]
     imported = sorted(name for name in sys.modules if name == "toolkit" or name.startswith("toolkit."))
-    Path(result_file).write_text(json.dumps(dict(answers=answers, toolkit_modules=imported,
-                                                 model_class=type(model).__name__)))
+    Path(result_file).write_text(json.dumps(dict(results=results, toolkit_modules=imported)))
 
 
 if __name__ == "__main__":
