@@ -45,7 +45,8 @@ def loading_snippet(meta: dict) -> str:
         body = ADAPTER_SNIPPET.replace("BASE", base if base.startswith("out") else repr(base))
     else:
         body = MERGED_SNIPPET
-    return body + "\n" + ASK_SNIPPET
+    max_new = (meta.get("eval") or {}).get("max_new_tokens") or 8
+    return body + "\n" + ASK_SNIPPET.replace("max_new_tokens=8", f"max_new_tokens={max_new}")
 
 
 def _number(value, digits: int = 4) -> str:
@@ -125,8 +126,12 @@ def model_card(meta: dict) -> str:
                   "task type for LLaVA, so the adapter config carries an `auto_mapping` to "
                   "`LlavaForConditionalGeneration` instead.", ""]
     else:
-        lines += ["A plain LLaVA: `LlavaForConditionalGeneration.from_pretrained` (or `AutoModelForImageTextToText`) "
-                  "loads it.", ""]
+        plain = ("A plain LLaVA: `LlavaForConditionalGeneration.from_pretrained` (or `AutoModelForImageTextToText`) "
+                 "loads it.")
+        if meta.get("inference") == "remote-code":
+            plain = ("`LlavaForConditionalGeneration.from_pretrained` also loads these weights, but then feeds all "
+                     "visual tokens (see Inputs below).")
+        lines += [plain, ""]
     lines += inputs_section(meta)
     return "\n".join(lines)
 
