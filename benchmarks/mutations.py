@@ -78,7 +78,7 @@ MUTATIONS = (
              "toolkit/privacy/update_pruning.py", "reseed_from_os(self.generator)", "pass",
              ("tests/test_privacy_secure.py", "-k", "every_noise_draw")),
     Mutation("secure-mode-accepts-a-seed", "secure mode refuses a seed",
-             "toolkit/config.py", "if c.secure_mode and c.noise_seed is not None:", "if False:",
+             "toolkit/config.py", "if c.private and c.secure_mode and c.noise_seed is not None:", "if False:",
              ("tests/test_privacy_secure.py", "-k", "refuses_a_seed")),
     Mutation("secret-generator-32-bit-seed", "secret generators hold 128 bits of entropy",
              "toolkit/secret_random.py",

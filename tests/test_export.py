@@ -115,7 +115,9 @@ def test_the_secret_state_of_the_run_never_goes_into_the_export(tmp_path):
     names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
     allowed = {EXPORT_FILE, "README.md", ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "tokenizer_config.json",
                "base_model/config.json", "base_model/generation_config.json", "base_model/model.safetensors",
-               "base_model/tokenizer.json", "base_model/tokenizer_config.json", "base_model/toolkit_bundle.json"}
+               "base_model/tokenizer.json", "base_model/tokenizer_config.json", "base_model/toolkit_bundle.json",
+               "processor_config.json", "chat_template.jinja", "base_model/processor_config.json",
+               "base_model/chat_template.jinja", "modeling_dualpriv_llava.py", "base_model/modeling_dualpriv_llava.py"}
     assert names <= allowed, names - allowed
     for file in path.rglob("*.json"):
         assert "987654321" not in file.read_text(), file        # the noise seed would re-create the noise

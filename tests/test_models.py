@@ -176,9 +176,10 @@ def test_a_model_trained_from_a_local_checkpoint_exports_with_its_template_and_p
     assert result.bundle.prompt_template.startswith("USER:")
     loaded = load_trained(tmp_path / "out").bundle
     assert loaded.prompt_template == "USER: <image>\n{question} ASSISTANT:"
-    assert loaded.image_processor is not None and (tmp_path / "out" / "preprocessor_config.json").is_file()
+    assert loaded.image_processor is not None and (tmp_path / "out" / "processor_config.json").is_file()
     adapter = load_trained(result.save(tmp_path / "adapter", "adapter"))
-    assert adapter.metadata["base_model"] == dict(kind="reference", path=str(hf_checkpoint.resolve()))
+    assert adapter.metadata["base_model"]["kind"] == "reference"
+    assert adapter.metadata["base_model"]["path"] == str(hf_checkpoint.resolve())
     assert not (tmp_path / "adapter" / "base_model").exists()          # a local base is referenced, not copied
     for (name, a), (_, b) in zip(adapter.bundle.model.state_dict().items(), result.bundle.model.state_dict().items()):
         assert torch.equal(a, b), name

@@ -7,6 +7,10 @@ logical batch processed in physical chunks is ONE accounted step (checked withou
 tests against it; every one was seen to fail there."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +115,15 @@ def test_a_batch_in_physical_chunks_is_one_accounted_step_at_the_logical_rate(me
     assert result.epsilon_spent == pytest.approx(epsilon_for(result.noise_multiplier, 0.25, 3, 1e-5), abs=1e-9)
     assert result.history.epsilon_spent.tolist() == pytest.approx(
         [epsilon_for(result.noise_multiplier, 0.25, t, 1e-5) for t in (1, 2, 3)], abs=1e-4)  # the precomputed curve
+
+
+def test_every_mutation_of_make_mutations_still_finds_its_line_and_its_tests():
+    """A refactor that rewords a guarded line would silently turn its mutation into "NOT APPLIED"."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("dualpriv_mutations", root / "benchmarks" / "mutations.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module        # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    for mutation in module.MUTATIONS:
+        assert (root / mutation.path).read_text().count(mutation.old) == 1, mutation.name
+        assert (root / mutation.tests[0].split("::")[0]).is_file(), mutation.name

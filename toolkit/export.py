@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -55,15 +54,14 @@ from transformers import LlavaForConditionalGeneration
 import toolkit
 from toolkit.config import TrainConfig
 from toolkit.features import make_pruner_for
+from toolkit.model_card import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FILE, model_card
 from toolkit.models import LORA_TARGETS, LlavaBundle, ModelLoadError, has_lora, load_model, save_model
-from toolkit.privacy.release import guarantee_lost, privacy_history_lines
+from toolkit.privacy.release import guarantee_lost
+from toolkit.processor import describe_preprocessing, make_processor, save_processor
+from toolkit.remote_export import add_remote_model, add_remote_processor, inference_plan
 from toolkit.validation import check_output_dir
-from toolkit.vocabulary import format_epsilon, method_label
 from toolkit.warmstart import starting_model
 
-EXPORT_FILE = "dualpriv_export.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_FOLDER = "base_model"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -71,6 +69,7 @@ PEFT_PREFIX = "base_model.model."
 MODULES_TO_SAVE = {"lora": ("multi_modal_projector",), "lora+head": ("multi_modal_projector", "lm_head")}
 # LoRA on the language model's linears only: the vision tower has q/k/v projections too, and stays frozen.
 TARGET_REGEX = r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")"
+AUTO_MAPPING = {"base_model_class": "LlavaForConditionalGeneration", "parent_library": "transformers"}
 
 
 @dataclass
@@ -160,15 +159,31 @@ def lora_settings(model) -> dict:
 
 
 def _lora_config(settings: dict, modules_to_save, base: str | None):
-    return LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], target_modules=settings["target_modules"],
-                      lora_dropout=0.0, bias="none", modules_to_save=list(modules_to_save) or None,
-                      base_model_name_or_path=base)
+    config = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], target_modules=settings["target_modules"],
+                        lora_dropout=0.0, bias="none", modules_to_save=list(modules_to_save) or None,
+                        base_model_name_or_path=base)
+    # peft has no task type for LLaVA (AutoModelForCausalLM refuses its config): AutoPeftModel finds the class here.
+    config.auto_mapping = AUTO_MAPPING
+    return config
+
+
+def adapter_base_name(base_model: str | None, copied: Path | None) -> str:
+    """What ``adapter_config.json`` names as the base: the user's choice (an existing path is made absolute, else
+    it is taken as a Hub id), else the absolute path of the copied or referenced base: never cwd-relative."""
+    if base_model:
+        candidate = Path(base_model).expanduser()
+        return str(candidate.resolve()) if candidate.exists() else str(base_model)
+    return str(copied.resolve())
 
 
 # ------------------------------------------------------------------------------------------------ save
 
-def save_trained(result, path: str | os.PathLike, export_format: str = "auto") -> Path:
+def save_trained(result, path: str | os.PathLike, export_format: str = "auto", base_model: str | None = None) -> Path:
     """Write ``result`` (a :class:`toolkit.train.TrainResult`) to the new folder ``path``; return the path.
+
+    ``base_model`` (adapter format): the path or Hub id that ``adapter_config.json`` names as the base, for
+    ``AutoPeftModel`` (default: the absolute path of ``path/base_model`` for a preset, of the local checkpoint
+    otherwise). The toolkit itself always loads the base from the folder or the local path it recorded.
 
     The folder is written beside ``path`` under a temporary name and renamed when complete: a failure leaves
     nothing half-written. ``path`` must not exist or be empty.
@@ -186,9 +201,10 @@ def save_trained(result, path: str | os.PathLike, export_format: str = "auto") -
             save_model(dataclasses.replace(bundle, model=merged_model(bundle.model)), tmp)
             base, lora, saved = None, None, []
         else:
-            base, lora, saved = _save_adapter(bundle, config, tmp)
-        _save_preprocessing(bundle, tmp)
-        meta = export_metadata(result, fmt, base, lora, saved)
+            base, lora, saved = _save_adapter(bundle, config, tmp, path, base_model)
+        save_processor(bundle, tmp)  # tokenizer, processor_config.json, chat_template.jinja
+        plan = _carry_inference_path(bundle, config, fmt, base, tmp)
+        meta = export_metadata(result, fmt, base, lora, saved, plan)
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(meta))
         if path.is_dir():
@@ -200,12 +216,27 @@ def save_trained(result, path: str | os.PathLike, export_format: str = "auto") -
     return path
 
 
-def _save_adapter(bundle, config: TrainConfig, folder: Path):
+def _carry_inference_path(bundle, config: TrainConfig, fmt: str, base, folder: Path) -> dict:
+    """Add the remote-code files where the model answers on pruned visual tokens (:mod:`toolkit.remote_export`)."""
+    pruner = make_pruner_for(bundle, config, None if config.prune_at_eval else "none")
+    copied = fmt == "merged" or base["kind"] == "copy"
+    inference, settings, note = inference_plan(pruner, copied, fmt)
+    if settings is not None:
+        model_folder = folder if fmt == "merged" else folder / BASE_FOLDER
+        add_remote_model(model_folder, settings)
+        for processor_folder in {folder, model_folder}:
+            add_remote_processor(processor_folder, settings)
+    tokens = settings["n_out"] if settings is not None else _image_tokens(bundle)
+    return dict(inference=inference, inference_note=note, pruning=settings, image_tokens=tokens)
+
+
+def _save_adapter(bundle, config: TrainConfig, folder: Path, final: Path, base_model: str | None):
     modules_to_save = MODULES_TO_SAVE.get(config.trainable, ())
     settings = lora_settings(bundle.model)
     start = bundle.info.get("start") or {}
     if start.get("model_dir"):
         base = dict(kind="reference", path=start["model_dir"])
+        named = adapter_base_name(base_model, Path(start["model_dir"]))
     else:
         # the embedded starting model, re-created from its (deterministic, cached) recipe and copied
         original = starting_model(None, start.get("preset") or config.preset, start.get("warm_start_steps"),
@@ -213,8 +244,10 @@ def _save_adapter(bundle, config: TrainConfig, folder: Path):
         _check_same_frozen_weights(original.model, bundle.model, modules_to_save)
         save_model(original, folder / BASE_FOLDER)
         base = dict(kind="copy", path=BASE_FOLDER)
+        named = adapter_base_name(base_model, final / BASE_FOLDER)
+    base["adapter_base"] = named
     folder.mkdir(parents=True, exist_ok=True)
-    _lora_config(settings, modules_to_save, base["path"]).save_pretrained(folder)
+    _lora_config(settings, modules_to_save, named).save_pretrained(folder)
     save_file(adapter_state_dict(bundle.model, modules_to_save), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     return base, settings, list(modules_to_save)
 
@@ -231,12 +264,6 @@ def _check_same_frozen_weights(original, trained, modules_to_save) -> None:
                              "export with export_format='merged'")
 
 
-def _save_preprocessing(bundle, folder: Path) -> None:
-    bundle.tokenizer.save_pretrained(folder)
-    if bundle.image_processor is not None:
-        bundle.image_processor.save_pretrained(folder)
-
-
 def _public_config(config: TrainConfig) -> dict:
     """The run's config without its secret: a noise_seed would let anyone re-create the noise and batches."""
     public = config.to_dict()
@@ -244,7 +271,12 @@ def _public_config(config: TrainConfig) -> dict:
     return public
 
 
-def export_metadata(result, fmt: str, base, lora, modules_to_save) -> dict:
+def _image_tokens(bundle) -> int:
+    """``<image>`` placeholders the exported processor writes for one image."""
+    return int(make_processor(bundle)._get_num_multimodal_tokens(image_sizes=[[1, 1]]).num_image_tokens[0])
+
+
+def export_metadata(result, fmt: str, base, lora, modules_to_save, plan: dict) -> dict:
     summary = result.summary()
     segments = summary.get("privacy_segments", [])
     config = result.config
@@ -254,6 +286,8 @@ def export_metadata(result, fmt: str, base, lora, modules_to_save) -> dict:
     return dict(
         format_version=FORMAT_VERSION, toolkit_version=toolkit.__version__, export_format=fmt,
         base_model=base, trainable=config.trainable, lora=lora, modules_to_save=modules_to_save,
+        adapter_base=(base or {}).get("adapter_base"), **plan,
+        preprocessing=describe_preprocessing(bundle.image_processor),
         prompt_template=bundle.prompt_template, image_size=bundle.image_size,
         image_mean=list(bundle.image_mean), image_std=list(bundle.image_std),
         train_pruner=summary.get("pruner"), eval_pruner=eval_pruner.describe(), prune_at_eval=config.prune_at_eval,
@@ -280,84 +314,6 @@ def export_metadata(result, fmt: str, base, lora, modules_to_save) -> dict:
                       cancelled=summary["cancelled"]),
         config=_public_config(config),
     )
-
-
-def _number(value, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
-        return format_epsilon(value)
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def model_card(meta: dict) -> str:
-    """The export's README.md: what the model is, its privacy guarantee in numbers, and what it does not cover."""
-    p, t, e = meta["privacy"], meta["training"], meta["eval"]
-    pruner = meta["train_pruner"] or {}
-    lines = [
-        f"# {method_label(p['method'])} fine-tuned LLaVA ({meta['export_format']} export)",
-        "",
-        f"Made with the Dual-Priv Pruning toolkit {meta['toolkit_version']}. Trained on `{t['train_data']}`; "
-        f"what trained: `{meta['trainable']}`." + (" The run was stopped early (cancelled)." if t["cancelled"] else ""),
-        "",
-        "## Privacy guarantee",
-    ]
-    pruning = [
-        f"| visual tokens | {t['visual_tokens']} of {t['visual_tokens_in']} (strategy {t['token_strategy']}, "
-        f"scoring layer {pruner.get('layer')}, {pruner.get('n_contextual', 0)} fused) |",
-        f"| update pruning | {_number(t['grad_prune_ratio'])} of the noisy gradient's coordinates zeroed |",
-    ]
-    if p["private"]:
-        lines += [
-            f"(ε, δ)-differential privacy with **ε = {_number(p['epsilon_spent'])}** spent "
-            f"(target {_number(p['epsilon'])}), **δ = {_number(p['delta'])}**.",
-            "",
-            "| what | value |", "|---|---|",
-            f"| privacy unit | {p['privacy_unit']} |",
-            f"| N (records, declared) | {p['n_records']} |",
-            f"| sampling | {p['sampling']}, rate q = {_number(p['sample_rate'])} "
-            f"(expected batch {p['expected_batch_size']}) |",
-            f"| noise multiplier σ | {_number(p['noise_multiplier'])} |",
-            f"| steps | {p['steps']} |",
-            f"| accountant | {p['accountant']} |",
-            f"| clipping norm C | {_number(p['max_grad_norm'])} |",
-            f"| method | {method_label(p['method'])} ({p['method']}) |",
-        ] + pruning
-    else:
-        lines += ["**None.** This model was trained without differential privacy (method non-private).", "",
-                  "| what | value |", "|---|---|", f"| steps | {p['steps']} |"] + pruning
-    lines += privacy_history_lines(p.get("segments", []))
-    lines += ["", "### Outside the guarantee"]
-    lines += [f"- {note}" for note in p["outside_the_guarantee"]]
-    released = p["released_training_stats"]
-    lines += [f"- released training statistics: {', '.join(released) if released else 'none'}",
-              "- the evaluation below (its data is not covered by ε; its score is released as it is)",
-              "- the base model and its public warm-start data (public by assumption)", ""]
-    lines += [
-        "## Evaluation",
-        f"{e['mode'] or 'none'} on `{e['data']}` ({e['records']} records): accuracy "
-        f"{_number(e['accuracy'])}" + (f", ranking {len(e['candidates'])} candidate answers (taken from the "
-                                       "evaluation set, never from the training set; stored in "
-                                       f"`{EXPORT_FILE}` for prediction)" if e["mode"] == "closed-set" else ""),
-        "",
-        "## Use it",
-        "```bash",
-        "python -m toolkit predict --model THIS_FOLDER --data FILE.json --image-folder DIR --json predictions.json",
-        "```",
-        "```python",
-        "from toolkit.export import load_trained",
-        "model = load_trained('THIS_FOLDER')",
-        "```",
-    ]
-    if meta["export_format"] == "adapter":
-        base = meta["base_model"]
-        where = "`base_model/` in this folder" if base["kind"] == "copy" else f"`{base['path']}` (not copied)"
-        lines += ["", f"peft adapter (`{ADAPTER_CONFIG}`, `{ADAPTER_WEIGHTS}`) on the base model {where}; the "
-                  f"adapter file also holds the trained {', '.join(meta['modules_to_save']) or 'nothing else'}."]
-    else:
-        lines += ["", "A plain LLaVA: `LlavaForConditionalGeneration.from_pretrained(THIS_FOLDER)` loads it."]
-    lines += ["", f"Prompt template: `{meta['prompt_template']}`; images resized to {meta['image_size']} px.", ""]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ load

@@ -1,8 +1,9 @@
-"""Build LLaVA-family models: tiny presets from config, local checkpoints, and trainable-parameter choices.
+"""Build LLaVA-family models from the named presets, and the public face of the model modules.
 
 Nothing here downloads anything. A preset is a transformers ``LlavaForConditionalGeneration`` built from a
-config, with a byte-level tokenizer made on the spot; ``load_model`` reads a directory the user provides
-(a tiny model saved by :func:`save_model`, or a local copy of e.g. ``llava-1.5-7b-hf``).
+config, with a byte-level tokenizer made on the spot (:mod:`toolkit.tokenizer`) and a real image processor and
+chat template (:mod:`toolkit.processor`); ``load_model`` reads a directory the user provides (:mod:`toolkit.model_io`);
+what trains is :mod:`toolkit.trainable`. Every name stays importable from here (``from toolkit.models import X``).
 
 Example::
 
@@ -14,38 +15,27 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-from tokenizers import models as tokenizer_models
-from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, PreTrainedTokenizerFast, SiglipVisionConfig)
-from transformers.utils import logging as hf_logging
-from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
-from toolkit.data import preprocess_images
+from toolkit.bundle import LlavaBundle, ModelLoadError
+from toolkit.model_io import (BUNDLE_FILE, WEIGHT_FILES, check_loading_info, has_lora, load_model, quiet_transformers,
+                              save_model)
+from toolkit.processor import preset_image_processor
+from toolkit.tokenizer import (LLAVA15_TEMPLATE, PRESET_CHAT_TEMPLATE, PRESET_PROMPT_TEMPLATE, SPECIAL_TOKENS,
+                               TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE, build_tokenizer, chat_prompt_template)
+from toolkit.trainable import (CHECKPOINTING_MODES, LORA_TARGETS, TRAINABLE_MODES, apply_trainable,
+                               check_activation_checkpointing, count_trainable, enable_activation_checkpointing,
+                               freeze_all)
 
-# Public text the embedded byte-level tokenizer learns its merges from: the prompt template, every question and
-# answer of the embedded data sets (toolkit.data; repeated so that their merges come first), numbers, and a few
-# common English words. It only decides which strings are single tokens; any other text is still encoded, byte
-# by byte (never <unk>). 384 entries = 256 bytes + 5 special tokens + 123 merges, the smallest size at which
-# every embedded question word and answer is one token (tested); a larger vocabulary only widens the LM head.
-TOKENIZER_CORPUS = (
-    "user : <image> what digit is this ? assistant :",
-    " is the digit even or odd ? what is the left digit ? what is the right digit ?",
-    " what is the sum of the two digits ? which number is it ? yes no , . !",
-) * 4 + (" " + " ".join(str(i) for i in range(100)),) * 2 + (
-    " the a an of in on at to from with and or not is are was it this that which what where who how many",
-    " left right top bottom middle center up down image picture photo colour color red green blue yellow",
-    " black white grey gray dark light large small big one two three four five six seven eight nine ten",
-)
-TOKENIZER_VOCAB_SIZE = 384
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+__all__ = [
+    "BUNDLE_FILE", "CHECKPOINTING_MODES", "LLAVA15_TEMPLATE", "LORA_TARGETS", "LlavaBundle", "ModelLoadError",
+    "PRESETS", "PRESET_CHAT_TEMPLATE", "SPECIAL_TOKENS", "TOKENIZER_CORPUS", "TOKENIZER_VOCAB_SIZE",
+    "TRAINABLE_MODES", "WEIGHT_FILES", "apply_trainable", "build_model", "build_tokenizer", "chat_prompt_template",
+    "check_activation_checkpointing", "check_loading_info", "count_trainable", "enable_activation_checkpointing",
+    "freeze_all", "has_lora", "load_model", "quiet_transformers", "save_model",
+]
 
 PRESETS: dict[str, dict] = {
     # Unit-test size: 32x32 canvas, 4x4 patches -> 64 visual tokens (+[CLS]).
@@ -80,100 +70,6 @@ PRESETS: dict[str, dict] = {
                     "Llama 32x4096 (32 heads, MLP 11008, vocab 32000); memory/speed only",
     ),
 }
-
-TRAINABLE_MODES = ("lora", "lora+head", "projector", "lm-full")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class ModelLoadError(ValueError):
-    """A model directory is missing or does not hold a LLaVA-family model."""
-
-
-@dataclass
-class LlavaBundle:
-    """A LLaVA model with everything needed to feed it: tokenizer, image geometry, placeholder id."""
-
-    model: nn.Module
-    tokenizer: object
-    preset: str
-    image_size: int
-    patch_size: int
-    has_cls: bool
-    image_mean: tuple = (0.5, 0.5, 0.5)
-    image_std: tuple = (0.5, 0.5, 0.5)
-    prompt_template: str = "user : <image> {question} assistant :"
-    info: dict = field(default_factory=dict)
-    image_processor: object = None  # a local checkpoint's own (HF) image processor; None: resize + normalise
-
-    def preprocess(self, images) -> torch.Tensor:
-        """Pixel values ``[B, 3, H, W]`` for the vision tower: the checkpoint's own image processor when it has
-        one (LLaVA-1.5: resize the short side, centre crop, CLIP mean/std), else a square resize + mean/std."""
-        if self.image_processor is not None:
-            rgb = [image.convert("RGB") for image in images]
-            return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return preprocess_images(images, self.image_size, self.image_mean, self.image_std)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size
-        return side, side
-
-    @property
-    def n_patches(self) -> int:
-        rows, cols = self.grid
-        return rows * cols
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def vision_feature_layer(self) -> int:
-        return int(self.model.config.vision_feature_layer)
-
-    @property
-    def n_vision_layers(self) -> int:
-        return int(self.model.config.vision_config.num_hidden_layers)
-
-
-def build_tokenizer():
-    """A byte-level BPE tokenizer trained on the spot on :data:`TOKENIZER_CORPUS` (public text, no download).
-
-    Byte-level means every string is encodable: a word the merges never saw is spelled in bytes, so a user's
-    answer is never ``<unk>``. The merges make every embedded question word and answer (with its leading space,
-    as the collator encodes answers) a single token. Training is deterministic: the same corpus gives the same
-    vocabulary in every process (the warm-start cache relies on it).
-
-    Example::
-
-        >>> tok = build_tokenizer()
-        >>> tok.convert_ids_to_tokens(tok(" odd", add_special_tokens=False)["input_ids"])
-        ['Ġodd']
-        >>> tok.decode(tok(" Schloß Neuschwanstein", add_special_tokens=False)["input_ids"])
-        ' Schloß Neuschwanstein'
-    """
-
-    core = Tokenizer(tokenizer_models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
-    )
-    core.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<image>"],
-    )
-
 
 def _vision_config(spec: dict):
     common = dict(
@@ -243,270 +139,10 @@ def build_model(preset: str = "tiny", seed: int = 0, *, dtype: torch.dtype | Non
             model = LlavaForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    extra = {k: tuple(spec[k]) for k in ("image_mean", "image_std") if k in spec}
+    mean, std = tuple(spec.get("image_mean", (0.5,) * 3)), tuple(spec.get("image_std", (0.5,) * 3))
     return LlavaBundle(
         model=model, tokenizer=tokenizer, preset=preset, image_size=spec["image_size"],
-        patch_size=spec["patch_size"], has_cls=has_cls, info=dict(spec, preset=preset, seed=seed), **extra,
+        patch_size=spec["patch_size"], has_cls=has_cls, info=dict(spec, preset=preset, seed=seed),
+        image_mean=mean, image_std=std, prompt_template=PRESET_PROMPT_TEMPLATE, chat_template=PRESET_CHAT_TEMPLATE,
+        image_processor=preset_image_processor(spec["image_size"], mean, std),
     )
-
-
-BUNDLE_FILE = "toolkit_bundle.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-# LLaVA-1.5's prompt, used only when a local checkpoint has no chat template of its own.
-LLAVA15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
-
-
-def save_model(bundle: LlavaBundle, path: str | os.PathLike) -> Path:
-    """Save model, tokenizer and image geometry so that :func:`load_model` restores them offline.
-
-    A model carrying LoRA layers is refused: its weights are stored under names a plain LLaVA does not have.
-    Save a trained model with :func:`toolkit.export.save_trained` (merged, or as a peft adapter).
-    """
-    if has_lora(bundle.model):
-        raise ValueError("this model carries LoRA adapters: save_model would store weights that a plain LLaVA "
-                         "cannot load; use toolkit.export.save_trained(bundle, dir) (merged or peft adapter)")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    bundle.model.save_pretrained(path)
-    bundle.tokenizer.save_pretrained(path)
-    meta = dict(
-        preset=bundle.preset, image_size=bundle.image_size, patch_size=bundle.patch_size, has_cls=bundle.has_cls,
-        image_mean=list(bundle.image_mean), image_std=list(bundle.image_std),
-        prompt_template=bundle.prompt_template, info=bundle.info,
-        image_processor=bundle.image_processor is not None,
-    )
-    if bundle.image_processor is not None:
-        bundle.image_processor.save_pretrained(path)
-    (path / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    return path
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' warnings (its missing/unexpected-weights table among them) while loading: the
-    toolkit checks the loading report itself and raises instead."""
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def check_loading_info(path: Path, info: dict) -> None:
-    """Raise unless every weight of the model came from the checkpoint and every checkpoint weight was used."""
-    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
-    mismatched = list(info.get("mismatched_keys") or [])
-    if any("lora_" in k or ".base_layer." in k for k in unexpected):
-        raise ModelLoadError(f"{str(path)!r} holds LoRA weights saved unmerged, which a plain LLaVA cannot load "
-                             f"(e.g. {unexpected[0]!r}); load a toolkit export with toolkit.export.load_trained")
-    if missing:
-        raise ModelLoadError(f"{str(path)!r} lacks {len(missing)} weight(s) of the model (e.g. {missing[0]!r}): "
-                             "they would be left uninitialised")
-    if unexpected or mismatched:
-        example = unexpected[0] if unexpected else mismatched[0]
-        raise ModelLoadError(f"{str(path)!r} holds weights the model does not expect (e.g. {example!r})")
-
-
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LlavaBundle:
-    """Load a LLaVA-family model from a local directory, never from a hub.
-
-    Accepts a directory written by :func:`save_model` (or a merged :mod:`toolkit.export`) or a Hugging Face
-    LLaVA checkpoint (``config.json`` with ``model_type`` ``llava``, weights, tokenizer files, and optionally a
-    ``preprocessor_config.json`` and a chat template). A checkpoint is used with its own tokenizer, chat template
-    (rendered into the toolkit's ``prompt_template``) and image processor (size, mean/std, crop).
-
-    Raises:
-        ModelLoadError: the path does not exist, is not a directory, holds no LLaVA-family model or no weights,
-            or its weights do not cover the model exactly (a weight left uninitialised is an error, not a warning).
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {str(path)!r} is not a directory")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{str(path)!r} has no config.json: not a transformers model directory")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as err:  # transformers raises several types for a broken config
-        raise ModelLoadError(f"{str(path)!r}: config.json could not be read ({err})") from err
-    if getattr(config, "model_type", None) != "llava":
-        raise ModelLoadError(
-            f"{str(path)!r} holds a {getattr(config, 'model_type', 'unknown')!r} model, not a LLaVA-family one "
-            "(config.json model_type must be 'llava')"
-        )
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise ModelLoadError(f"{str(path)!r} has a LLaVA config.json but no weights (none of {', '.join(WEIGHT_FILES)})")
-    try:
-        with quiet_transformers():
-            model, info = LlavaForConditionalGeneration.from_pretrained(
-                path, local_files_only=True, attn_implementation="sdpa", dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise ModelLoadError(f"{str(path)!r}: the weights could not be loaded ({err.__class__.__name__}: "
-                             f"{str(err).splitlines()[0]})") from None
-    check_loading_info(path, info)
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise ModelLoadError(f"{str(path)!r}: the tokenizer could not be loaded ({err.__class__.__name__}: "
-                             f"{str(err).splitlines()[0]})") from None
-    model.eval()
-    meta_file = path / BUNDLE_FILE
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        return LlavaBundle(
-            model=model, tokenizer=tokenizer, preset=meta["preset"], image_size=meta["image_size"],
-            patch_size=meta["patch_size"], has_cls=meta["has_cls"], image_mean=tuple(meta["image_mean"]),
-            image_std=tuple(meta["image_std"]), prompt_template=meta["prompt_template"], info=meta["info"],
-            image_processor=_image_processor(path) if meta.get("image_processor") else None,
-        )
-    vision = config.vision_config
-    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    processor = _image_processor(path)
-    if processor is not None:
-        mean, std = tuple(getattr(processor, "image_mean", mean)), tuple(getattr(processor, "image_std", std))
-    template, source = chat_prompt_template(path, tokenizer)
-    return LlavaBundle(
-        model=model, tokenizer=tokenizer, preset=f"local:{path.name}", image_size=int(vision.image_size),
-        patch_size=int(vision.patch_size), has_cls=getattr(vision, "model_type", "") == "clip_vision_model",
-        image_mean=mean, image_std=std, prompt_template=template, image_processor=processor,
-        info=dict(path=str(path), prompt_template_source=source),
-    )
-
-
-def _image_processor(path: Path):
-    """The checkpoint's image processor (PIL backend: no torchvision needed), or None without a config."""
-    if not (path / "preprocessor_config.json").is_file():
-        return None
-    try:
-        with quiet_transformers():
-            return AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{str(path)!r}: preprocessor_config.json could not be read ({err})") from None
-
-
-def chat_prompt_template(path: Path, tokenizer) -> tuple[str, str]:
-    """The checkpoint's chat template rendered for one user turn (image, then the question) and the assistant's
-    reply prompt, as the toolkit's ``prompt_template`` (``<image>`` and ``{question}`` fields); and where it came
-    from. LLaVA-1.5-hf's ``chat_template.json`` gives ``"USER: <image>\n{question} ASSISTANT:"``."""
-    template, source = None, "default (LLaVA-1.5)"
-    for name in ("chat_template.json", "chat_template.jinja"):
-        file = path / name
-        if file.is_file():
-            text = file.read_text()
-            template = json.loads(text).get("chat_template") if name.endswith(".json") else text
-            source = name
-            break
-    if template is None and getattr(tokenizer, "chat_template", None):
-        template, source = tokenizer.chat_template, "tokenizer_config.json"
-    if not template:
-        return LLAVA15_TEMPLATE, source
-    sentinel = "\x00QUESTION\x00"
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sentinel}]}]
-    try:
-        rendered = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
-    except Exception as err:  # a template is arbitrary Jinja: any failure means "cannot use it"
-        raise ModelLoadError(f"{str(path)!r}: the chat template ({source}) could not be rendered ({err})") from None
-    if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token):
-        rendered = rendered[len(tokenizer.bos_token):]  # the collator adds BOS itself
-    if rendered.count("<image>") != 1 or rendered.count(sentinel) != 1:
-        raise ModelLoadError(f"{str(path)!r}: the chat template ({source}) does not render one '<image>' and the "
-                             "question for a single user turn")
-    # Braces in the rendered text are literal, except the question field.
-    rendered = rendered.replace("{", "{{").replace("}", "}}").replace(sentinel, "{question}")
-    return rendered.rstrip(" "), source
-
-
-def freeze_all(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
-def apply_trainable(bundle: LlavaBundle, mode: str = "lora", lora_rank: int = 8, lora_alpha: int | None = None,
-                    lora_variant: str = "standard") -> int:
-    """Choose what trains; the vision tower always stays frozen. Returns the number of trainable parameters.
-
-    Modes:
-        ``lora``: LoRA adapters on every linear of the language model (the paper's choice) + the projector.
-        ``lora_variant="ffa"`` freezes LoRA's A matrices (FFA-LoRA, Sun et al. 2024).
-        ``lora+head``: as ``lora``, plus the LM head (the answer head; cheap on small vocabularies).
-        ``projector``: the multimodal projector only.
-        ``lm-full``: the projector and every language-model weight.
-
-    The tower is frozen on purpose: Opacus refuses a trainable CLIP embeddings module, a trainable position
-    embedding gets a silently wrong per-sample gradient, and the last layer is unused at ``vision_feature_layer=-2``.
-    LoRA layers are injected in place (peft's ``inject_adapter_in_model``) so the LLaVA class keeps its API.
-    """
-    if mode not in TRAINABLE_MODES:
-        raise ValueError(f"unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}")
-    if lora_rank < 1:
-        raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-    model = bundle.model
-    freeze_all(model)
-    lm = model.model.language_model
-    if mode.startswith("lora"):
-        if not any("lora_A" in n for n, _ in lm.named_modules()):
-            config = LoraConfig(
-                r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
-                target_modules=list(LORA_TARGETS), bias="none",
-            )
-            inject_adapter_in_model(config, lm)
-        if lora_variant not in ("standard", "ffa"):
-            raise ValueError(f"unknown lora_variant {lora_variant!r}; choose 'standard' or 'ffa'")
-        # FFA-LoRA: A stays at its random init and only B trains, halving the coordinates DP-SGD must noise.
-        trained = "lora_B" if lora_variant == "ffa" else "lora_"
-        for name, p in lm.named_parameters():
-            p.requires_grad_(trained in name)
-    elif mode == "lm-full":
-        for p in lm.parameters():
-            p.requires_grad_(True)
-        for p in model.lm_head.parameters():
-            p.requires_grad_(True)
-    for p in model.model.multi_modal_projector.parameters():
-        p.requires_grad_(True)
-    if mode == "lora+head":
-        for p in model.lm_head.parameters():
-            p.requires_grad_(True)
-    return count_trainable(model)
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ------------------------------------------------------------------------------------------ activation memory
-
-CHECKPOINTING_MODES = ("hooks", "ghost", None)  # grad_sample_mode values (None: no per-example gradients)
-
-
-def check_activation_checkpointing(grad_sample_mode: str | None) -> None:
-    """Refuse activation checkpointing where per-example gradients would break.
-
-    Measured (tests/test_scale.py): with re-entrant checkpointing Opacus' hooks see each layer's forward once
-    (the first forward runs without grad and captures nothing; the recomputation in backward captures and is
-    consumed by the backward hook), so ``hooks`` and ``ghost`` per-example gradients/norms equal micro-batch
-    ones. ``functorch`` mode fails inside ``torch.func`` (``requires_grad_`` under a transform), and
-    non-re-entrant checkpointing leaves a second capture behind (no per-example gradient): neither is offered.
-    """
-    if grad_sample_mode not in CHECKPOINTING_MODES:
-        raise ValueError(f"activation_checkpointing does not work with grad_sample_mode={grad_sample_mode!r} "
-                         "(torch.func cannot run the recomputation); use grad_sample_mode='hooks' or 'ghost'")
-
-
-def enable_activation_checkpointing(bundle: LlavaBundle) -> None:
-    """Recompute each language-model layer's activations during backward instead of keeping them.
-
-    Re-entrant checkpointing (the only kind Opacus' hooks handle, see :func:`check_activation_checkpointing`);
-    the input embeddings are made to require grad so the recomputed layers backpropagate into LoRA weights even
-    when nothing before the LM trains.
-    """
-    lm = bundle.model.model.language_model
-    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    lm.enable_input_require_grads()
