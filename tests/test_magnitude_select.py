@@ -108,3 +108,23 @@ def test_bad_k_is_a_value_error(k):
 def test_integer_tensors_are_refused_with_a_named_error():
     with pytest.raises(TypeError, match="float tensors"):
         keep_largest([torch.arange(4, dtype=torch.float32), torch.tensor([1 + 2j])], 1)
+
+
+@pytest.mark.parametrize("sample", [1, 3, 1 << 16])
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_the_result_never_depends_on_the_bracketing_sample(monkeypatch, sample, kind):
+    """The one-pass bracket (fast path) and the radix fallback (when a tiny sample misses) give the exact mask."""
+    monkeypatch.setattr(magnitude_select, "_SAMPLE", sample)
+    tensors = random_tensors((torch.float32,), kind, seed=sample)
+    n = sum(t.numel() for t in tensors)
+    for k in (1, n // 7, n // 2, n - 1):
+        assert torch.equal(torch.cat([m.reshape(-1) for m in keep_largest(tensors, k)]), exact_keep(tensors, k))
+
+
+def test_the_fast_path_takes_continuous_data_in_one_pass():
+    tensors = random_tensors((torch.bfloat16,), "continuous", seed=5)
+    masks = [torch.ones(t.shape, dtype=torch.bool) for t in tensors]
+    flats = [t.reshape(-1) for t in tensors]
+    blocks = magnitude_select._plan_blocks(tensors, magnitude_select._BLOCK_ELEMENTS)
+    assert magnitude_select._bracketed_selection(masks, tensors, flats, blocks, torch.bfloat16, 1000)
+    assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), exact_keep(tensors, 1000))

@@ -33,6 +33,7 @@ import torch
 # 2**20 elements per block: ≈ 4 MiB of fp32 magnitudes plus same-sized temporaries; ≤ 24 MiB of transients in all.
 _BLOCK_ELEMENTS = 1 << 20
 _DIGIT_BITS = 16
+_SAMPLE = 1 << 16  # magnitudes sampled to bracket the threshold (the fast path of keep_largest)
 _INT_FOR = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
             torch.float64: torch.int64}
 
@@ -123,6 +124,8 @@ def keep_largest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     dtype = comparison_dtype(tensors)
     flats = [t.detach().reshape(-1) for t in tensors]
     blocks = _plan_blocks(tensors, _BLOCK_ELEMENTS)
+    if _bracketed_selection(masks, tensors, flats, blocks, dtype, k):
+        return masks
     prefix, shift, rank = _threshold_bin(flats, blocks, dtype, k)
     ties_to_drop = rank  # exact threshold (shift 0): the first `rank` values equal to it are dropped
     candidate_bits, candidate_positions = [], []
@@ -149,6 +152,45 @@ def keep_largest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     if shift:
         _keep_candidates(masks, tensors, candidate_bits, candidate_positions, rank)
     return masks
+
+
+def _bracketed_selection(masks, tensors, flats, blocks, dtype: torch.dtype, k: int) -> bool:
+    """The fast path, one pass: bracket the k-th smallest between two quantiles of a fixed-seed sample of
+    ``_SAMPLE`` magnitudes, write keep=True above the bracket, count what lies below it, and gather the values inside
+    it (with positions) to rank exactly. Returns False, with ``masks`` to be rewritten, when the bracket missed the
+    k-th value or held more than ``_BLOCK_ELEMENTS`` values; the result never depends on the sample, only the speed."""
+    total = sum(t.numel() for t in tensors)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.cat([flats[i][torch.randint(len(flats[i]), (max(1, _SAMPLE * len(flats[i]) // total),),
+                                               generator=generator).to(flats[i].device)].to(masks[0].device)
+                        for i in range(len(flats)) if len(flats[i])])
+    sample = sample.to(dtype).abs().view(_INT_FOR[dtype]).sort().values
+    m, q = len(sample), k / total
+    slack = 4.0 * (q * (1.0 - q) / m) ** 0.5 + 2.0 / m
+    lo = int(sample[max(0, int((q - slack) * m))])
+    hi = int(sample[min(m - 1, int((q + slack) * m) + 1)])
+    below, gathered, candidate_bits, candidate_positions, offset = 0, 0, [], [], 0
+    for pieces in blocks:
+        bits = _block_bits(flats, pieces, dtype)
+        at_least_lo = bits >= lo
+        keep = bits > hi
+        below += bits.numel() - int(at_least_lo.sum())
+        inside = (at_least_lo ^ keep).nonzero().reshape(-1)  # lo <= |x| <= hi (keep implies at_least_lo)
+        gathered += len(inside)
+        if gathered > _BLOCK_ELEMENTS:
+            return False
+        candidate_bits.append(bits[inside])
+        candidate_positions.append(inside + offset)
+        start_in_block = 0
+        for i, start, stop in pieces:
+            masks[i].view(-1)[start:stop] = keep[start_in_block:start_in_block + stop - start]
+            start_in_block += stop - start
+        offset += bits.numel()
+    rank = k - below  # the k-th smallest is the rank-th smallest inside the bracket, if it is inside at all
+    if not 1 <= rank <= gathered:
+        return False
+    _keep_candidates(masks, tensors, candidate_bits, candidate_positions, rank)
+    return True
 
 
 def _keep_candidates(masks, tensors, candidate_bits, candidate_positions, rank: int) -> None:
