@@ -8,7 +8,7 @@ PORT ?= 7860
 # torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test warm-start app test test-fast chromium clean mutations
+.PHONY: install install-test warm-start app test test-fast chromium clean mutations gpu-bench gpu-bench-smoke
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,3 +54,11 @@ mutations: install-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts
+
+# The GPU table (issue 23): CUDA, >= 80 GB, <= 8 min; writes benchmarks/results/gpu-<date>.json and .md.
+gpu-bench: $(VENV)/.installed
+	PYTHONPATH=. $(PY) benchmarks/gpu_bench.py
+
+# The same code path on a CPU, tiny preset (tests/test_gpu_bench.py runs it in CI).
+gpu-bench-smoke: $(VENV)/.installed
+	PYTHONPATH=. $(PY) benchmarks/gpu_bench.py --smoke --out artifacts/gpu-bench-smoke

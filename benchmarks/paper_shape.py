@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="warm-up + profiled + timed steps (>= 3)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the preset's (on for llava-7b-shape)")
     parser.add_argument("--full", action="store_true", help="measure the preset's real depth (needs a GPU)")
     parser.add_argument("--lm-layers", default="1,2", help="two LM depths for the estimate")
     parser.add_argument("--vision-layers", default="2,3", help="two vision depths for the estimate (>= 2)")

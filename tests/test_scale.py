@@ -370,3 +370,16 @@ def test_a_rank_with_an_empty_share_contributes_a_zero_clipped_sum():
     factors = up.per_example_clip_factors(grads, 1.0)
     assert factors.shape == (0,)
     assert torch.equal(up.clipped_sum(grads[0], factors, torch.float32), torch.zeros(3, 4))
+
+
+def test_llava_7b_shape_bench_uses_the_lean_settings_without_flags(monkeypatch):
+    """The 7B-shape preset's bench default is activation checkpointing; other presets stay off; a flag overrides."""
+    import toolkit.bench as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "measure_method", lambda **kw: seen.append(kw["activation_checkpointing"]) or dict(
+        method=kw["method"], peak_memory_mb=1.0, step_time_s=1.0, tokens_per_s=1.0))
+    bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False)
+    bench.run_bench(methods=("dual-priv",), preset="tiny", isolate=False)
+    bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False, activation_checkpointing=False)
+    assert seen == [True, False, False]

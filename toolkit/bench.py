@@ -35,7 +35,7 @@ from toolkit.data import Collator, make_vqa, preprocess_images
 from toolkit.features import make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses, tower_hidden_states
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
-from toolkit.models import apply_trainable, build_model, enable_activation_checkpointing
+from toolkit.models import PRESETS, apply_trainable, build_model, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
 from toolkit.precision import resolve_dtype
 from toolkit.vocabulary import METHODS
@@ -135,11 +135,14 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
               prune_tokens_for_all: bool = False, tower_in_step: bool = True, isolate: bool = True,
               progress: Callable[[str, int, int], None] | None = None, device: str = "auto", dtype: str = "auto",
               lm_layers: int | None = None, vision_layers: int | None = None,
-              activation_checkpointing: bool = False) -> pd.DataFrame:
+              activation_checkpointing: bool | None = None) -> pd.DataFrame:
     """Measure every method on the same model and batch; one row per method, with ratios.
 
     ``progress(method, index, total)`` is called before each method (the dashboard uses it).
+    ``activation_checkpointing=None``: the preset's bench default (on for ``llava-7b-shape``), else off.
     """
+    if activation_checkpointing is None:
+        activation_checkpointing = bool(PRESETS.get(preset, {}).get("bench", {}).get("activation_checkpointing"))
     methods = list(methods)
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown or not methods:

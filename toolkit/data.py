@@ -39,6 +39,12 @@ TASKS = {
     "right-digit": ("what is the right digit ?", 2, lambda d: str(d[1]), tuple(str(i) for i in range(10))),
     "sum": ("what is the sum of the two digits ?", 2, lambda d: str(d[0] + d[1]), tuple(str(i) for i in range(19))),
 }
+# Generated scenes (issue 23): 2-4 coloured squares/disks on a 3x3 grid; one question per scene about colour at a
+# position, count of a colour, or left/right relation. A "source image" is a scene index: the same SPLITS apply.
+SCENE_COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 240), "yellow": (240, 230, 40)}
+SCENE_ROWS, SCENE_COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
+TASKS["scene"] = ("what colour is the shape at the top left ?", 1, None,
+                  tuple(SCENE_COLOURS) + tuple(str(i) for i in range(5)) + ("yes", "no"))
 
 
 class DataValidationError(ValueError):
@@ -149,6 +155,8 @@ def make_vqa(task: str = "parity", split: str = "private", image_size: int = 32,
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     if image_size < 16 or image_size % 16:
         raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
+    if task == "scene":
+        return make_scenes(split, image_size, limit, seed)
     question, n_images, answer_of, candidates = TASKS[task]
     images, targets = _digits()
     start, stop = SPLITS[split]
@@ -163,6 +171,54 @@ def make_vqa(task: str = "parity", split: str = "private", image_size: int = 32,
         answer = answer_of([int(targets[i]) for i in group])
         records.append(VQARecord(f"{task}-{split}-{'-'.join(map(str, group))}", image, question, answer, group))
     return VQADataset(records, candidates, name=f"{task}/{split}")
+
+
+def render_scene(shapes: list[tuple[int, int, str, str]], image_size: int) -> Image.Image:
+    """Draw ``(row, column, colour, kind)`` shapes (kind ``square`` or ``disk``) on a black canvas, one per cell
+    of a 3x3 grid, each filling the middle 60 % of its cell (most patches stay background)."""
+    canvas = np.zeros((image_size, image_size, 3), dtype=np.uint8)
+    cell = image_size / 3
+    side = max(2, int(0.6 * cell))
+    yy, xx = np.mgrid[0:side, 0:side]
+    disk = (yy - (side - 1) / 2) ** 2 + (xx - (side - 1) / 2) ** 2 <= (side / 2) ** 2
+    for row, column, colour, kind in shapes:
+        top, left = int(row * cell + (cell - side) / 2), int(column * cell + (cell - side) / 2)
+        patch = canvas[top:top + side, left:left + side]
+        patch[disk if kind == "disk" else np.ones_like(disk)] = SCENE_COLOURS[colour]
+    return Image.fromarray(canvas, mode="RGB")
+
+
+def _scene_question(shapes, rng: np.random.Generator) -> tuple[str, str]:
+    """One question about the scene (kind drawn by ``rng``); a relation needs two shapes of unique colours in
+    different columns, otherwise a count question is asked."""
+    colours = [c for _, _, c, _ in shapes]
+    kind = ("colour", "count", "relation")[int(rng.integers(3))]
+    unique = [s for s in shapes if colours.count(s[2]) == 1]
+    pairs = [(a, b) for a in unique for b in unique if a[1] != b[1]]
+    if kind == "relation" and pairs:
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        return f"is the {a[2]} shape left of the {b[2]} shape ?", "yes" if a[1] < b[1] else "no"
+    if kind == "colour":
+        row, column, colour, _ = shapes[int(rng.integers(len(shapes)))]
+        return f"what colour is the shape at the {SCENE_ROWS[row]} {SCENE_COLUMNS[column]} ?", colour
+    colour = list(SCENE_COLOURS)[int(rng.integers(len(SCENE_COLOURS)))]
+    return f"how many {colour} shapes are there ?", str(colours.count(colour))
+
+
+def make_scenes(split: str = "private", image_size: int = 96, limit: int | None = None, seed: int = 0) -> VQADataset:
+    """The ``scene`` task: one generated scene and one question per record; scene ``i`` of ``SPLITS[split]`` is
+    drawn from ``default_rng([seed, i])``, so splits never share a scene and ``public`` is a public split."""
+    start, stop = SPLITS[split]
+    indices = list(range(start, stop))[:limit]
+    records = []
+    for i in indices:
+        rng = np.random.default_rng([seed, 7919, i])
+        cells = rng.choice(9, size=int(rng.integers(2, 5)), replace=False)
+        shapes = [(int(c) // 3, int(c) % 3, list(SCENE_COLOURS)[int(rng.integers(4))], ("square", "disk")[int(rng.integers(2))])
+                  for c in sorted(cells)]
+        question, answer = _scene_question(shapes, rng)
+        records.append(VQARecord(f"scene-{split}-{i}", render_scene(shapes, image_size), question, answer, (i,)))
+    return VQADataset(records, TASKS["scene"][3], name=f"scene/{split}")
 
 
 def dataset_sizes() -> dict:

@@ -1,6 +1,8 @@
 """``python -m toolkit bench``: peak memory and step time of several methods, side by side, in one run."""
 from __future__ import annotations
 
+import argparse
+
 from toolkit.cli import subcommand
 
 
@@ -49,5 +51,6 @@ def configure(parser) -> None:
     parser.add_argument("--lm-layers", type=int, default=None, help="override the preset's LM depth (same widths)")
     parser.add_argument("--vision-layers", type=int, default=None,
                         help="override the preset's vision depth (>= 2, same widths)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute LM layer activations in backward (not for dp-zo, which has no backward)")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute LM layer activations in backward (not for dp-zo, which has no backward); "
+                             "default: the preset's (on for llava-7b-shape), else off")

@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from toolkit.privacy.magnitude_select import keep_largest
+
 UPDATE_MASKS = ("noisy", "past-noisy", "public", "random")
 PRUNE_SCOPES = ("global", "per-tensor")
 
@@ -56,27 +58,12 @@ def _n_pruned(n: int, ratio: float) -> int:
     return min(n, int(math.floor(ratio * n + 1e-9)))
 
 
-def _keep_flat(magnitudes: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Keep-mask over a 1-D magnitude vector: False at the ``n_prune`` smallest entries.
-
-    Ties at the threshold are broken by position (earlier index pruned first), so the mask is a
-    deterministic function of the magnitudes. O(n) memory beyond the input, no full sort.
-    """
-    if n_prune <= 0:
-        return torch.ones_like(magnitudes, dtype=torch.bool)
-    threshold = torch.kthvalue(magnitudes, n_prune).values
-    below = magnitudes < threshold
-    at = magnitudes == threshold
-    still_needed = n_prune - int(below.sum())
-    prune_at = at & (torch.cumsum(at, dim=0) <= still_needed)
-    return ~(below | prune_at)
-
-
 def magnitude_mask(tensors: list[torch.Tensor], grad_prune_ratio: float, scope: str = "global") -> list[torch.Tensor]:
     """Keep-masks (True = keep) that drop the ``grad_prune_ratio`` fraction of smallest-|t| coordinates.
 
     ``floor(ratio · n)`` coordinates are dropped (n = all coordinates for ``global``, each tensor's own size for
     ``per-tensor``). Ties are broken by position (flattened, in list order). Magnitudes compared in ≥ fp32.
+    Exact, with O(block) extra memory whatever the number of coordinates (:mod:`toolkit.privacy.magnitude_select`).
     """
     ratio = check_ratio(grad_prune_ratio)
     check_scope(scope)
@@ -86,18 +73,9 @@ def magnitude_mask(tensors: list[torch.Tensor], grad_prune_ratio: float, scope: 
     if ratio == 0.0 or not tensors:
         return [torch.ones_like(g, dtype=torch.bool) for g in tensors]
 
-    def magnitudes(g: torch.Tensor) -> torch.Tensor:
-        return g.detach().reshape(-1).abs().to(torch.promote_types(g.dtype, torch.float32))
-
     if scope == "per-tensor":
-        return [_keep_flat(magnitudes(g), _n_pruned(g.numel(), ratio)).view(g.shape) for g in tensors]
-    device = tensors[0].device
-    dtype = torch.promote_types(torch.float32, tensors[0].dtype)
-    for g in tensors[1:]:
-        dtype = torch.promote_types(dtype, g.dtype)
-    flat = torch.cat([magnitudes(g).to(device=device, dtype=dtype) for g in tensors])
-    keep = _keep_flat(flat, _n_pruned(flat.numel(), ratio))
-    return [piece.view(g.shape).to(g.device) for piece, g in zip(keep.split([g.numel() for g in tensors]), tensors)]
+        return [keep_largest([g], _n_pruned(g.numel(), ratio))[0] for g in tensors]
+    return keep_largest(tensors, _n_pruned(sum(g.numel() for g in tensors), ratio))
 
 
 class PreNoiseMask:

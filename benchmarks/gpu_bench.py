@@ -1,0 +1,236 @@
+"""The GPU table in one command: 7B-shape peak memory and step time of the four methods at batch 4/8/16, bf16.
+
+    make gpu-bench            # CUDA, >= 80 GB: llava-7b-shape at full depth, <= 8 min wall
+    make gpu-bench-smoke      # the same code path on a CPU, tiny preset, 1 batch size (CI: tests/test_gpu_bench.py)
+
+One cell = one method at one batch size, measured by :func:`toolkit.bench.measure_method` in a fresh subprocess
+(its own ``max_memory_allocated`` / reserved; an OOM kills only that cell, which is recorded as ``oom`` and the
+run goes on). Cells run batch by batch (the batch-4 row is complete first); a cell is started only if the time
+left before ``--time-limit`` covers it (a cell is given at most the time left, then recorded as ``timeout``), so
+the run stops cleanly before the limit. Then the bf16 checks (a shallow copy of the preset, same widths): the
+per-example gradient norms of the bf16 model against the same weights in fp32, each example's clipped sum and its
+dtype (≥ fp32), and the noise added in fp32 (its measured std against σ·C). Progress: one line per cell.
+
+Writes ``<out>/gpu-<date>.json`` (every cell, the checks, the settings) and ``<out>/gpu-<date>.md`` (the table
+with DP-SGD / non-private throughput and Dual-Priv / DP-ZO, Dual-Priv / DP-SGD memory per batch size).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
+FULL = dict(preset="llava-7b-shape", batches=(4, 8, 16), steps=3, device="cuda", dtype="bfloat16", lm_layers=None,
+            vision_layers=None, check_layers=(1, 2), time_limit=450.0, min_cell_s=20.0, isolate=True)
+SMOKE = dict(preset="tiny", batches=(2,), steps=3, device="cpu", dtype="bfloat16", lm_layers=None,
+             vision_layers=None, check_layers=(None, None), time_limit=55.0, min_cell_s=1.0, isolate=False)
+
+
+def _preset_defaults(preset: str) -> dict:
+    """The preset's bench settings (llava-7b-shape: LoRA, 576 -> 64 tokens, activation checkpointing)."""
+    from toolkit.models import PRESETS
+
+    bench = PRESETS[preset].get("bench", {})
+    keep = bench.get("keep_tokens")
+    return dict(trainable=bench.get("trainable", "lora"), keep_tokens=keep, token_prune_ratio=None if keep else 0.75,
+                activation_checkpointing=bool(bench.get("activation_checkpointing", False)))
+
+
+def _in_process(fn, kwargs: dict) -> tuple[str, dict | None, str]:
+    """The smoke mode's cell: the same measurement without the subprocess (whose imports cost ~15 s each)."""
+    try:
+        return "ok", fn(**kwargs), ""
+    except Exception as err:  # recorded, the run goes on
+        return ("oom" if "out of memory" in str(err).lower() else "error"), None, repr(err)[-1500:]
+
+
+def _cell(kwargs: dict) -> dict:
+    from toolkit.bench import measure_method
+
+    record = measure_method(**kwargs)
+    if kwargs["device"].startswith("cuda"):
+        record["reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2 ** 20, 1)
+    return record
+
+
+def _child(args: list[str], timeout: float) -> tuple[str, dict | None, str]:
+    """Run ``python <this file> <args>`` with a timeout; (status, record or None, error tail)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    try:
+        proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env,
+                              timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        return "timeout", None, f"killed after {timeout:.0f} s"
+    if proc.returncode == 0:
+        return "ok", json.loads(proc.stdout.strip().splitlines()[-1]), ""
+    tail = proc.stderr[-1500:]
+    return ("oom" if "out of memory" in tail.lower() else "error"), None, tail
+
+
+def bf16_checks(preset: str, device: str, lm_layers: int | None, vision_layers: int | None) -> dict:
+    """Per-example norms bf16 vs fp32 (same weights), clipping and noise in ≥ fp32 with bf16 parameters."""
+    from toolkit.data import Collator, make_vqa, preprocess_images
+    from toolkit.forward import LlavaLM, answer_losses, select_features, tower_hidden_states
+    from toolkit.models import apply_trainable, build_model
+    from toolkit.privacy import make_private
+
+    bundle = build_model(preset, seed=0, device=device, lm_layers=lm_layers, vision_layers=vision_layers)
+    torch.manual_seed(0)
+    apply_trainable(bundle, "lora", lora_rank=8)
+    with torch.no_grad():  # peft zero-inits lora_B, which would make every lora_A gradient 0
+        for name, p in bundle.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    records = make_vqa("parity", "private", bundle.image_size, limit=4).records
+    pixels = preprocess_images([r.image for r in records], bundle.image_size, bundle.image_mean, bundle.image_std)
+    out, grads = {}, {}
+    models = {torch.bfloat16: copy.deepcopy(bundle.model).to(torch.bfloat16), torch.float32: bundle.model}
+    for dtype in (torch.float32, torch.bfloat16):
+        b = copy.copy(bundle)
+        b.model = models[dtype]
+        with torch.no_grad():
+            feats = select_features(b, tower_hidden_states(b, pixels.to(device, dtype)))[:, :16].detach()
+        collator = Collator(b.tokenizer, feats.shape[1], b.image_token_id, b.prompt_template)
+        batch = {k: v.to(device) for k, v in collator(records).items()}
+        lm = LlavaLM(b).bind_collator(collator).train()
+        params = [p for p in lm.parameters() if p.requires_grad]
+        engine = make_private(lm, torch.optim.SGD(params, lr=0.0), noise_multiplier=1.0, max_grad_norm=1e6,
+                              expected_batch_size=4, sample_rate=0.01, noise_seed=0)
+        answer_losses(engine.module, feats, batch).mean().backward()
+        opt = engine.optimizer
+        gs = [p.grad_sample.detach() for p in opt.params]
+        grads[dtype] = torch.stack([torch.cat([g[i].double().reshape(-1) for g in gs]).norm() for i in range(4)])
+        if dtype == torch.bfloat16:
+            C = 0.3 * float(grads[dtype].min())
+            opt.max_grad_norm = C
+            worst = 0.0
+            for i in range(4):
+                for p, g in zip(opt.params, gs):
+                    p.grad_sample, p.summed_grad = g[i:i + 1].clone(), None
+                opt.clip_and_accumulate()
+                out["clipped_sum_dtype"] = str({p.summed_grad.dtype for p in opt.params})
+                worst = max(worst, float(torch.cat([p.summed_grad.double().reshape(-1) for p in opt.params]).norm()) / C)
+            out["max_clipped_norm_over_C"] = worst
+            summed = [p.summed_grad.detach().clone() for p in opt.params]
+            opt.add_noise()
+            noise = torch.cat([(p.grad.double() * 4 - s.double()).reshape(-1) for p, s in zip(opt.params, summed)])
+            out["noise_std_over_sigma_C"] = float(noise.std()) / C
+            out["released_grad_dtype"] = str({p.grad.dtype for p in opt.params})
+    rel = ((grads[torch.bfloat16] - grads[torch.float32]).abs() / grads[torch.float32]).max()
+    out["per_example_norm_max_rel_err_bf16_vs_fp32"] = float(rel)
+    out["ok"] = bool(rel < 0.05 and out["max_clipped_norm_over_C"] <= 1 + 1e-6
+                     and out["clipped_sum_dtype"] == "{torch.float32}"
+                     and abs(out["noise_std_over_sigma_C"] - 1.0) < 0.1)
+    return out
+
+
+def markdown(cells: list[dict], checks: dict | None, settings: dict) -> str:
+    lines = [f"# GPU bench {settings['date']} — {settings['device_name']}", "",
+             f"preset {settings['preset']}, {settings['dtype']}, {settings['steps']} steps per cell (warm-up, "
+             "profiled, timed), " + ("each cell in a fresh subprocess." if settings["isolate"] else
+                                     "cells in one process (smoke)."), "",
+             "| batch | method | status | peak allocated MB | reserved MB | step s | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        r = c.get("record") or {}
+        lines.append(f"| {c['batch']} | {c['method']} | {c['status']} | {r.get('peak_memory_mb', '')} | "
+                     f"{r.get('reserved_mb', '')} | {r.get('step_time_s', '')} | {r.get('tokens_per_s', '')} |")
+    lines += ["", "| batch | DP-SGD / non-private tokens/s | Dual-Priv / DP-ZO memory | Dual-Priv / DP-SGD memory |"
+              " Dual-Priv / DP-SGD steps/s |", "|---|---|---|---|---|"]
+    for batch in settings["batches"]:
+        got = {c["method"]: c["record"] for c in cells if c["batch"] == batch and c["record"]}
+
+        def ratio(a, b, key, invert=False):
+            if a not in got or b not in got:
+                return "n/a"
+            x, y = got[a][key], got[b][key]
+            return f"{(y / x if invert else x / y):.3f}"
+        lines.append(f"| {batch} | {ratio('dp-sgd', 'non-private', 'tokens_per_s')} | "
+                     f"{ratio('dual-priv', 'dp-zo', 'peak_memory_mb')} | {ratio('dual-priv', 'dp-sgd', 'peak_memory_mb')}"
+                     f" | {ratio('dual-priv', 'dp-sgd', 'step_time_s', invert=True)} |")
+    if checks is not None:
+        lines += ["", "bf16 checks: " + ", ".join(f"{k} = {v}" for k, v in checks.items())]
+    return "\n".join(lines) + "\n"
+
+
+def run(mode: dict, out: Path, methods=METHODS) -> dict:
+    started = time.monotonic()
+    deadline = started + mode["time_limit"]
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    device_name = torch.cuda.get_device_name() if mode["device"].startswith("cuda") else "cpu"
+    settings = dict(mode, date=date, device_name=device_name, methods=list(methods))
+    cells, spent = [], []
+    for batch in mode["batches"]:
+        for method in methods:
+            left = deadline - time.monotonic()
+            need = max(mode["min_cell_s"], max(spent) if spent else mode["min_cell_s"])
+            cell = dict(batch=batch, method=method, record=None, error="")
+            if left < need:
+                cell["status"] = "skipped (time limit)"
+            else:
+                kwargs = dict(method=method, preset=mode["preset"], batch_size=batch, steps=mode["steps"],
+                              device=mode["device"], dtype=mode["dtype"], lm_layers=mode["lm_layers"],
+                              vision_layers=mode["vision_layers"], **_preset_defaults(mode["preset"]))
+                t0 = time.monotonic()
+                cell["status"], cell["record"], cell["error"] = (
+                    _child(["--cell", json.dumps(kwargs)], left) if mode["isolate"] else _in_process(_cell, dict(kwargs=kwargs)))
+                spent.append(time.monotonic() - t0)
+                cell["wall_s"] = round(spent[-1], 1)
+            cells.append(cell)
+            r = cell["record"] or {}
+            print(f"[{time.monotonic() - started:6.1f} s] batch {batch:>2} {method:<11} {cell['status']:<8} "
+                  f"peak {r.get('peak_memory_mb', '-')} MB  step {r.get('step_time_s', '-')} s", flush=True)
+    checks = None
+    left = deadline - time.monotonic()
+    if left > mode["min_cell_s"]:
+        lm, vision = mode["check_layers"]
+        spec = dict(preset=mode["preset"], device=mode["device"], lm_layers=lm, vision_layers=vision)
+        status, checks, error = (_child(["--check", json.dumps(spec)], left) if mode["isolate"]
+                                 else _in_process(bf16_checks, spec))
+        checks = checks if status == "ok" else dict(status=status, error=error[-300:])
+    else:
+        checks = dict(status="skipped (time limit)")
+    print(f"[{time.monotonic() - started:6.1f} s] bf16 checks: {checks}", flush=True)
+    result = dict(settings=settings, cells=cells, bf16_checks=checks, wall_s=round(time.monotonic() - started, 1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu-{date}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"gpu-{date}.md").write_text(markdown(cells, checks, settings))
+    print(f"wrote {out / f'gpu-{date}.json'} and .md ({result['wall_s']} s)")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (the CI's check of this path)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds (default 450; smoke 55)")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--check", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cell:  # child: one method at one batch size, one JSON line
+        print(json.dumps(_cell(json.loads(args.cell))))
+        return
+    if args.check:
+        print(json.dumps(bf16_checks(**json.loads(args.check))))
+        return
+    mode = dict(SMOKE if args.smoke else FULL)
+    if args.time_limit is not None:
+        mode["time_limit"] = args.time_limit
+    if mode["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu-bench needs a CUDA device (use make gpu-bench-smoke on a CPU)")
+    run(mode, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
