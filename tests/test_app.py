@@ -397,12 +397,20 @@ def test_finetune_runs_to_completion_and_writes_its_settings(settings):
 def test_a_result_within_noise_of_chance_is_flagged_in_plain_words():
     assert reference.chance_level("parity") == 0.5 and reference.chance_level("digit") == 0.1
     assert reference.eval_size("parity") == 297 and reference.eval_size("parity", eval_limit=32) == 32
-    assert reference.binomial_se(0.5, 297) == pytest.approx(0.029, abs=1e-3)
-    kind, text = reference.verdict(0.512, 0.5, 297)   # the old default's non-private result
-    assert kind == "warn" and "Within noise of chance" in text and "± 5.8 points" in text and "297" in text
-    kind, text = reference.verdict(0.75, 0.5, 297)
-    assert kind == "ok" and "8.6 standard errors above chance 50%" in text
-    assert reference.verdict(float("nan"), 0.5, 297)[0] == "warn"
+    read = reference.accuracy_verdict("parity", 0.512)   # the old default's non-private result
+    assert read["kind"] == "warn" and "Within noise of the majority class baseline" in read["sentence"]
+    assert "297 test records" in read["sentence"] and "majority class 51.2% (always 'odd')" in read["sentence"]
+    read = reference.accuracy_verdict("parity", 0.75)
+    assert read["kind"] == "ok" and "standard errors, one-sided binomial test" in read["sentence"]
+    assert reference.accuracy_verdict("parity", float("nan"))["kind"] == "warn"
+
+
+def test_an_epsilon_of_a_billion_is_flagged_effectively_non_private(settings):
+    final = list(_run(settings, epsilon=1e9, steps=2))[-1]
+    verdict = html.unescape(final["verdict"])
+    assert "dp-warn" in verdict and "Effectively non-private: ε = 1e+09 is at least 13.8" in verdict
+    assert "σ = " in verdict and "below 0.1" in verdict
+    assert "Effectively non-private" not in list(_run(settings, epsilon=3.0, steps=2))[-1]["verdict"]
 
 
 def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_path, monkeypatch):
@@ -413,7 +421,7 @@ def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_pa
                and "Non-private reference: coming" in u["verdict"] for u in updates)
     first = updates[-1]["verdict"]
     assert "Non-private reference, same 3 steps and batch size 8" in first and "measured live just now" in first
-    assert "standard errors" in first or "Within noise of chance" in first
+    assert "majority class" in first and "binomial test" in first or "one answer for (almost) everything" in first
     second = list(_run(settings, steps=3, compare=True, method="dp-sgd"))
     assert not any("Measuring the non-private reference" in u["status"] for u in second)
     assert "cached for these settings" in second[-1]["verdict"]
@@ -862,6 +870,8 @@ def test_fine_tune_on_your_data_then_download_the_model_card_and_ask_the_model(s
     assert spent and 0 < float(spent.group(1)) <= 2.0
     assert f"{float(spent.group(1)):.4g}" in final["result"] or spent.group(1) in final["result"]
     assert "one record = one image" in final["result"] and "accuracy (your evaluation file)" in final["result"]
+    verdict = html.unescape(final["verdict"])  # read against the baselines of the user's own test.json
+    assert "majority class 50.0%" in verdict and "chance 50.0% (2 answers)" in verdict and "of 4 test records" in verdict
     with zipfile.ZipFile(archive) as zf:
         assert {"README.md", "adapter_config.json", "dualpriv_export.json"} <= set(zf.namelist())
     photo = Image.open(next((tmp_path / "photos" / "images").glob("test-*")))

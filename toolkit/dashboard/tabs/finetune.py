@@ -20,6 +20,7 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
+from toolkit import stats
 from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.budget import AUTO_STRATEGY, budget_controls, token_budget
 from toolkit.dashboard.common import (
@@ -132,18 +133,26 @@ def peak_memory_text(summary: dict) -> str:
     return f"{format_value(peak, 4)} MB ({summary['memory_method']})"
 
 
-def comparison_html(config: TrainConfig, summary: dict, ref_entry: dict | None, ref_note: str) -> str:
-    """The result read against chance (binomial noise on the test set) and the non-private reference: a status
-    line, a warning when the accuracy is within noise of chance."""
-    n = reference.eval_size(config.task, config.eval_split, config.eval_limit)
-    kind, sentence = reference.verdict(summary["accuracy"], reference.chance_level(config.task), n)
+def comparison_html(config: TrainConfig, summary: dict, ref_entry: dict | None, ref_note: str,
+                    read: dict | None = None) -> str:
+    """The result read against the chance and majority-class baselines of the test set (``read``: its
+    :func:`toolkit.stats.verdict`), whether ε still protects anyone, and the non-private reference: one status
+    line, a warning unless the run measurably learned with a meaningful ε."""
+    if read is None:  # no predictions kept: the accuracy alone against the embedded set's baselines
+        read = reference.accuracy_verdict(config.task, summary["accuracy"], config.eval_split, config.eval_limit)
+    kind, sentences = read["kind"], [read["sentence"]]
+    if is_private(config.method):
+        strength, text = stats.privacy_strength(config.epsilon, summary.get("noise_multiplier"))
+        if strength != "ok":
+            kind = "warn"
+            sentences.insert(0, text)
     if ref_entry is not None:
-        ref = (f"Non-private reference, same {ref_entry['steps']} steps and batch size {config.expected_batch_size}: "
-               f"{100 * ref_entry['accuracy']:.1f}% (measured on this server on {ref_entry['measured_at']} in "
-               f"{ref_entry['wall_time_s']:g} s, one run; {ref_note}).")
+        sentences.append(f"Non-private reference, same {ref_entry['steps']} steps and batch size "
+                         f"{config.expected_batch_size}: {100 * ref_entry['accuracy']:.1f}% (measured on this server "
+                         f"on {ref_entry['measured_at']} in {ref_entry['wall_time_s']:g} s, one run; {ref_note}).")
     else:
-        ref = f"Non-private reference: {ref_note}."
-    return message_html(f"{sentence} {ref}", kind)
+        sentences.append(f"Non-private reference: {ref_note}.")
+    return message_html(" ".join(sentences), kind)
 
 
 def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) -> str:
@@ -225,7 +234,8 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     def remember(result) -> None:
         if not shown:
             summary = result.summary()
-            shown.update(result=result, summary=summary, path=write_settings(settings, summary, result.history))
+            shown.update(result=result, summary=summary, path=write_settings(settings, summary, result.history),
+                         read=reference.result_verdict(config, result))
 
     def finished(ref_entry, ref_note) -> dict:
         result, summary = shown["result"], shown["summary"]
@@ -236,7 +246,7 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
                                f"{done} in {result.wall_time_s:.1f} s · accuracy {accuracy}")
         return dict(status=status,
                     curve=training_curve_figure(result.history if len(result.history) else rows, target),
-                    verdict=comparison_html(config, summary, ref_entry, ref_note),
+                    verdict=comparison_html(config, summary, ref_entry, ref_note, shown["read"]),
                     result=result_markdown(summary, job.reason), settings=json_safe(summary), download=shown["path"])
 
     def on_event(kind: str, value) -> None:

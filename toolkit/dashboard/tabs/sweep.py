@@ -15,6 +15,7 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
+from toolkit import stats
 from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.common import (
     HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, message_html, progress_html,
@@ -170,7 +171,7 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
 def noise_note(table: pd.DataFrame, task: str, n_eval: int) -> str:
     """One sentence: the chance level, its noise band on ``n_eval`` test records, and how many points lie in it."""
     chance = reference.chance_level(task)
-    band = reference.NOISE_SE * reference.binomial_se(chance, n_eval)
+    band = stats.noise_band(chance, n_eval)
     inside = int((abs(pd.to_numeric(table["accuracy"], errors="coerce") - chance) < band).sum())
     return (f"Chance is {100 * chance:.0f}%; with {n_eval} test images a guesser lands within ± {100 * band:.1f} "
             f"points of it (the grey band), so {inside} of {len(table)} point(s) inside the band are "

@@ -19,7 +19,8 @@ from typing import Iterator
 
 import gradio as gr
 
-from toolkit.dashboard import datasets, jobs, model
+from toolkit import stats
+from toolkit.dashboard import datasets, jobs, model, reference
 from toolkit.dashboard.common import (
     HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, format_value, message_html,
     progress_html, routed, ui_batch_size, ui_choice, ui_number, ui_steps, warn,
@@ -117,9 +118,9 @@ def result_markdown(summary: dict, export_dir: Path) -> str:
 def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, batch_size,
                   session: str = "local") -> Iterator[dict]:
     """Generator: fine-tune on the validated data (its accepted records), export the model, and yield ``status``,
-    ``result`` (Markdown), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
+    ``verdict`` (HTML: the accuracy against the evaluation file's baselines), ``result`` (Markdown), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
     folder, for the session's state)."""
-    blank = dict(result="", downloads=None)
+    blank = dict(verdict="", result="", downloads=None)
     try:
         choice = datasets.DataChoice.from_state(data_state)
         validated = datasets.validate(choice)
@@ -166,7 +167,28 @@ def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, bat
     done = f"Stopped early ({job.reason})" if result.cancelled else "Finished"
     yield dict(status=message_html(f"{done}: {result.steps} steps in {result.wall_time_s:.0f} s; the model is "
                                    "exported (download the adapter and its model card below).", "ok"),
+               verdict=verdict_html(config, summary, reference.result_verdict(config, result, eval_set)
+                                    if len(eval_set) else None),
                result=result_markdown(summary, export_dir), downloads=downloads, model=str(export_dir))
+
+
+def verdict_html(config: TrainConfig, summary: dict, read: dict | None) -> str:
+    """The accuracy on the user's evaluation file read against its chance and majority-class baselines (and
+    whether ε still protects anyone), as one status line."""
+    sentences, kind = [], "ok"
+    if read is None:
+        sentences.append("Not scored: the data set has no evaluation file (test.json), so nothing says whether the "
+                         "model learned.")
+        kind = "warn"
+    else:
+        sentences.append(read["sentence"])
+        kind = read["kind"]
+    if config.private:
+        strength, text = stats.privacy_strength(config.epsilon, summary.get("noise_multiplier"))
+        if strength != "ok":
+            sentences.insert(0, text)
+            kind = "warn"
+    return message_html(" ".join(sentences), kind)
 
 
 @functools.lru_cache(maxsize=2)
@@ -249,6 +271,7 @@ def build(settings: AppSettings) -> list:
                 refused = gr.Dataframe(value=datasets.refused_table(None), label="Refused records", wrap=True,
                                        interactive=False, elem_id="yd-refused")
                 train_status = gr.HTML(elem_id="yd-train-status")
+                verdict = gr.HTML(elem_id="yd-verdict")
                 result = gr.Markdown(elem_id="yd-result")
                 downloads = gr.File(label="Your model: the export (zip) and its model card", file_count="multiple",
                                     interactive=False, elem_id="yd-downloads")
@@ -256,7 +279,7 @@ def build(settings: AppSettings) -> list:
                 answer = gr.Markdown(elem_id="yd-answer")
                 overlay = gr.Plot(label="The visual tokens the model used", elem_id="yd-overlay")
     check_outputs = dict(status=status, summary=summary, refused=refused, data=data_state)
-    train_outputs = dict(status=train_status, result=result, downloads=downloads, model=model_state)
+    train_outputs = dict(status=train_status, verdict=verdict, result=result, downloads=downloads, model=model_state)
     ask_outputs = dict(status=ask_status, answer=answer, overlay=overlay)
 
     def check(zip_v, path_v):
