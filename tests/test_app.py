@@ -489,7 +489,9 @@ def test_every_run_is_kept_compared_pinned_and_exported_as_a_csv_the_sweep_tab_r
     view = runs.runs_view(session)
     assert list(view.columns) == list(runs.SHOWN.values())
     assert list(view["ε"]) == ["3", "∞"] and list(view["visual tokens"]) == ["16/64 (dual-priv)", "64/64 (none)"]
-    assert view["accuracy %"].iloc[0] == round(100 * private["accuracy"], 1)
+    assert view["accuracy"].iloc[0] == f"{100 * private['accuracy']:.1f}%"   # the format of every tab
+    assert list(view["data set"]) == ["embedded", "embedded"] and view["verdict"].iloc[0] == "not scored"
+    assert list(view["memory (MB)"])[0] == "withheld" and list(view["memory (MB)"])[1] != "withheld"
     session = runs.set_pins(session, [2])
     assert [r["pinned"] for r in session] == [False, True] and runs.runs_view(session)["pin"].tolist() == ["", "★"]
     shown = runs.refresh(settings, session)
@@ -500,6 +502,8 @@ def test_every_run_is_kept_compared_pinned_and_exported_as_a_csv_the_sweep_tab_r
     path = runs.export_runs(settings, session)
     table = pd.read_csv(path)
     assert list(table.columns) == runs.COLUMNS and table["epsilon"].tolist()[1] == math.inf
+    # a private run's peak memory depends on its secret batch sizes: not in the CSV either
+    assert math.isnan(table["peak_memory_mb"].iloc[0]) and table["peak_memory_mb"].iloc[1] > 0
     loaded = sweep.load_sweep_csv(path)  # the privacy–utility tab reads the export back
     assert "Loaded 2 runs of 2 method(s)" in loaded["status"] and loaded["figure"] is not None
     assert runs.clear_unpinned(session) == [session[1]]
@@ -511,7 +515,21 @@ def test_a_sweep_adds_its_cells_to_the_runs():
                               epsilon_spent=[1.9, math.inf], steps_done=[5, 5], wall_time_s=[3.0, 2.0], seed=[0, 0]))
     rows = runs.runs_from_sweep(cells, 4)
     assert [r["run"] for r in rows] == [4, 5] and [r["source"] for r in rows] == ["sweep", "sweep"]
-    assert math.isinf(rows[1]["epsilon"]) and "· sweep" in runs.runs_view(rows)["method"].iloc[0]
+    view = runs.runs_view(rows)
+    assert math.isinf(rows[1]["epsilon"]) and list(view["kind"]) == ["sweep", "sweep"]
+    assert list(view["data set"]) == ["embedded parity"] * 2 and list(view["accuracy"]) == ["60.0%", "70.0%"]
+    assert view["verdict"].iloc[0] == "learned (p = 0.001)"   # 60 % of 297 against the majority class 51.2 %
+
+
+def test_a_private_result_table_withholds_its_step_time_and_memory(settings):
+    final = list(_run(settings, steps=3))[-1]
+    assert "| peak memory | withheld for private runs" in final["result"]
+    assert "| step time (median) | withheld for private runs" in final["result"] and "secret" in final["result"]
+    assert "peak_memory_mb" not in final["settings"] and "step_time_s" not in final["settings"]
+    written = json.loads(Path(final["download"]).read_text())
+    assert "peak_memory_mb" not in written and all("step_time_s" not in row for row in written["history"])
+    public = list(_run(settings, steps=3, method="non-private"))[-1]
+    assert "withheld" not in public["result"] and "peak_memory_mb" in public["settings"]
 
 
 # ----------------------------------------------------------------------------------------------- tokens

@@ -56,8 +56,9 @@ def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "ti
                    delete_cache=(3600, 86400)) as demo:
         heading = gr.Markdown(header(), elem_id="header")
         runs_state = gr.State([])  # the session's runs (one dict each): written by jobs, read by the Runs tab
-        may_train_warm_start = (finetune.build(s, runs_state) + runs.build(s, runs_state) + yourdata.build(s)
-                                + tokens.build(s) + memory.build(s) + sweep.build(s, runs_state) + audit.build(s))
+        may_train_warm_start = (finetune.build(s, runs_state) + runs.build(s, runs_state)
+                                + yourdata.build(s, runs_state) + tokens.build(s) + memory.build(s)
+                                + sweep.build(s, runs_state) + audit.build(s, runs_state))
         for event in may_train_warm_start:  # the header then says the warm start is cached
             event.then(header, None, heading, queue=False, show_progress="hidden", api_name=False)
         timer = gr.Timer(HEADER_REFRESH_S, active=not model.warm_start_cached(s))

@@ -24,9 +24,9 @@ from toolkit import stats
 from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.budget import AUTO_STRATEGY, budget_controls, token_budget
 from toolkit.dashboard.common import (
-    APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError,
-    format_value, json_safe, message_html, progress_html, routed, ui_batch_size, ui_choice,
-    ui_fraction, ui_number, ui_steps, warn,
+    APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, WITHHELD_TEXT, WITHHELD_WHY,
+    AppSettings, InputError, format_value, json_safe, message_html, progress_html, public_summary, routed,
+    ui_batch_size, ui_choice, ui_fraction, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.tokens import STRATEGIES
@@ -111,8 +111,9 @@ def result_markdown(summary: dict, reason: str | None) -> str:
                              f"(δ = {summary['delta']:g})" if private else "∞ (non-private: no guarantee)"),
         ("privacy unit", APP_PRIVACY_UNIT if private else "–"),
         ("noise multiplier σ", format_value(summary["noise_multiplier"])),
-        ("peak memory", peak_memory_text(summary)),
-        ("step time (median)", f"{format_value(summary['step_time_s'])} s"),
+        ("peak memory", f"{WITHHELD_TEXT} (see below)" if private else peak_memory_text(summary)),
+        ("step time (median)", f"{WITHHELD_TEXT} (see below)" if private else
+         f"{format_value(summary['step_time_s'])} s"),
         ("visual tokens fed to the LLM", f"{summary['visual_tokens']} of {summary['visual_tokens_in']} "
                                          f"({summary['token_strategy']})"),
         ("gradient prune ratio", format_value(summary["grad_prune_ratio"])),
@@ -122,6 +123,8 @@ def result_markdown(summary: dict, reason: str | None) -> str:
     if summary.get("fusion_noise_std"):
         rows.append(("fusion noise σ (heuristic, outside the DP guarantee)", format_value(summary["fusion_noise_std"])))
     lines += ["", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if private:
+        lines += ["", f"Step time and peak memory are {WITHHELD_TEXT}: {WITHHELD_WHY}."]
     return "\n".join(lines)
 
 
@@ -159,7 +162,7 @@ def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) 
     """Write the run's summary, config and history as strict JSON under the app's results folder; its path."""
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=settings.results_dir()))
     path = folder / f"dualpriv-{summary['method']}-settings.json"
-    record = dict(summary, history=history.to_dict(orient="records"), privacy_unit=APP_PRIVACY_UNIT)
+    record = public_summary(dict(summary, history=history.to_dict(orient="records"), privacy_unit=APP_PRIVACY_UNIT))
     path.write_text(json.dumps(json_safe(record), indent=2, default=str))
     return str(path)
 
@@ -199,7 +202,8 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     message + progress bar), ``curve`` (plotly figure of loss and ε spent), ``verdict`` (HTML: the accuracy read
     against chance and, with ``compare``, the non-private reference of these settings), ``result`` (Markdown),
     ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None); the last update of a
-    finished run also has ``summary`` (``TrainResult.summary()``, for the session's runs table)."""
+    finished run also has ``summary`` (``TrainResult.summary()``) and ``read`` (its verdict), for the session's runs
+    table."""
     blank = dict(curve=None, verdict="", result="", settings=None, download=None)
     try:
         config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
@@ -247,7 +251,8 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
         return dict(status=status,
                     curve=training_curve_figure(result.history if len(result.history) else rows, target),
                     verdict=comparison_html(config, summary, ref_entry, ref_note, shown["read"]),
-                    result=result_markdown(summary, job.reason), settings=json_safe(summary), download=shown["path"])
+                    result=result_markdown(summary, job.reason), settings=json_safe(public_summary(summary)),
+                    download=shown["path"])
 
     def on_event(kind: str, value) -> None:
         if kind == "row":
@@ -281,7 +286,7 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
         return
     result, (ref_entry, ref_note) = outcome.value
     remember(result)
-    yield dict(finished(ref_entry, ref_note), summary=shown["summary"])
+    yield dict(finished(ref_entry, ref_note), summary=shown["summary"], read=shown["read"])
 
 
 def build(settings: AppSettings, runs_state: gr.State) -> list:
@@ -341,11 +346,12 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
         for update in finetune(s, method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v,
                                batch_v, lr_v, fusion_v, release_v, secure_v, compare=compare_v,
                                session=jobs.session_id(request)):
-            summary = update.pop("summary", None)
+            summary, read = update.pop("summary", None), update.pop("read", None)
             shown = routed(update, outputs)
             if summary is not None:
                 runs_v = list(runs_v or [])
-                shown[runs_state] = runs_v + [session_runs.run_from_summary(summary, session_runs.next_number(runs_v))]
+                shown[runs_state] = runs_v + [session_runs.run_from_summary(
+                    summary, session_runs.next_number(runs_v), data=session_runs.embedded_data(s), read=read)]
             yield shown
 
     run_event = jobs.wire_run_button(

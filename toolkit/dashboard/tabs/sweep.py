@@ -233,7 +233,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
             shown = routed(update, outputs)
             if results is not None:
                 runs_v = list(runs_v or [])
-                shown[runs_state] = runs_v + session_runs.runs_from_sweep(results, session_runs.next_number(runs_v))
+                shown[runs_state] = runs_v + session_runs.runs_from_sweep(results, session_runs.next_number(runs_v), s)
             yield shown
 
     def load(path_v):

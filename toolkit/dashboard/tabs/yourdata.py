@@ -26,6 +26,7 @@ from toolkit.dashboard.common import (
     progress_html, routed, ui_batch_size, ui_choice, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.images import load_upload
+from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.data import VQADataset, VQARecord
 from toolkit.export import EXPORT_FILE
 from toolkit.predict import Predictor
@@ -119,7 +120,8 @@ def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, bat
                   session: str = "local") -> Iterator[dict]:
     """Generator: fine-tune on the validated data (its accepted records), export the model, and yield ``status``,
     ``verdict`` (HTML: the accuracy against the evaluation file's baselines), ``result`` (Markdown), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
-    folder, for the session's state)."""
+    folder, for the session's state) with ``summary``, ``read`` (its verdict) and ``data`` (the data set's name)
+    for the session's runs table."""
     blank = dict(verdict="", result="", downloads=None)
     try:
         choice = datasets.DataChoice.from_state(data_state)
@@ -165,11 +167,11 @@ def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, bat
     result, downloads = outcome.value
     summary = result.summary()
     done = f"Stopped early ({job.reason})" if result.cancelled else "Finished"
+    read = reference.result_verdict(config, result, eval_set) if len(eval_set) else None
     yield dict(status=message_html(f"{done}: {result.steps} steps in {result.wall_time_s:.0f} s; the model is "
                                    "exported (download the adapter and its model card below).", "ok"),
-               verdict=verdict_html(config, summary, reference.result_verdict(config, result, eval_set)
-                                    if len(eval_set) else None),
-               result=result_markdown(summary, export_dir), downloads=downloads, model=str(export_dir))
+               verdict=verdict_html(config, summary, read), result=result_markdown(summary, export_dir),
+               downloads=downloads, model=str(export_dir), summary=summary, read=read, data=choice.source)
 
 
 def verdict_html(config: TrainConfig, summary: dict, read: dict | None) -> str:
@@ -231,8 +233,9 @@ def ask(settings: AppSettings, export_dir, image, question) -> dict:
                        f"tokens used).{fitted}", overlay=overlay)
 
 
-def build(settings: AppSettings) -> list:
-    """The Your data tab (inside the app's ``gr.Blocks``); returns its events that may train the warm start."""
+def build(settings: AppSettings, runs_state: gr.State) -> list:
+    """The Your data tab (inside the app's ``gr.Blocks``); a finished run is added to ``runs_state``. Returns its
+    events that may train the warm start."""
     s = settings
     with gr.Tab("Your data", id="yourdata"):
         data_state, model_state = gr.State(None), gr.State(None)
@@ -285,17 +288,23 @@ def build(settings: AppSettings) -> list:
     def check(zip_v, path_v):
         return routed(choose_data(s, zip_v, path_v), check_outputs)
 
-    def run(data_v, method_v, eps_v, steps_v, batch_v, request: gr.Request):
+    def run(data_v, method_v, eps_v, steps_v, batch_v, runs_v, request: gr.Request):
         for update in train_on_data(s, data_v, method_v, eps_v, steps_v, batch_v, session=jobs.session_id(request)):
-            yield routed(update, train_outputs)
+            summary, read, data = update.pop("summary", None), update.pop("read", None), update.pop("data", None)
+            shown = routed(update, train_outputs)
+            if summary is not None:
+                runs_v = list(runs_v or [])
+                shown[runs_state] = runs_v + [session_runs.run_from_summary(
+                    summary, session_runs.next_number(runs_v), "your-data", data, read, task=None)]
+            yield shown
 
     def answer_it(model_v, image_v, question_v):
         return routed(ask(s, model_v, image_v, question_v), ask_outputs)
 
     validate_button.click(check, [zip_file, server_path], list(check_outputs.values()), concurrency_limit=2,
                           api_name="validate_data")
-    run_event = jobs.wire_run_button(run_button, run, [data_state, method, epsilon, steps, batch],
-                                     list(train_outputs.values()), api_name="finetune_your_data")
+    run_event = jobs.wire_run_button(run_button, run, [data_state, method, epsilon, steps, batch, runs_state],
+                                     list(train_outputs.values()) + [runs_state], api_name="finetune_your_data")
     cancel_button.click(jobs.cancel_from_page, None, train_status, concurrency_limit=None, show_progress="hidden",
                         api_name=False)
     ask_button.click(answer_it, [model_state, image, question], list(ask_outputs.values()), concurrency_limit=1,
