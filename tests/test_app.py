@@ -415,7 +415,10 @@ def test_an_epsilon_of_a_billion_is_flagged_effectively_non_private(settings):
 
 def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_path, monkeypatch):
     monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    config = finetune.build_train_config(settings, *[GOOD[k] for k in list(GOOD)[:8]], 3, 8, "")
+    assert finetune.reference_to_measure(config, True)     # the queue's estimate counts the reference run ...
     updates = list(_run(settings, steps=3, compare=True))
+    assert not finetune.reference_to_measure(config, True)  # ... until it is cached: then only the run itself
     # the run's own result is on the page while its reference is being measured
     assert any("Measuring the non-private reference" in u["status"] and "accuracy" in u["result"]
                and "Non-private reference: coming" in u["verdict"] for u in updates)
@@ -431,6 +434,17 @@ def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_pa
     assert "this run is that reference" in other  # a non-private run with new settings is its own reference
     off = list(_run(settings, steps=3))[-1]["verdict"]
     assert "Non-private reference: off" in off
+
+
+def test_a_cached_reference_is_not_replaced_by_a_slower_measurement(settings, tmp_path):
+    store = reference.ReferenceStore(tmp_path / "references.json")
+    config = reference.reference_config(finetune.build_train_config(settings, *[GOOD[k] for k in list(GOOD)[:8]],
+                                                                    3, 8, ""))
+    fast = store.put(config, dict(accuracy=0.8, wall_time_s=13.6, steps=3))
+    kept = store.put(config, dict(accuracy=0.7, wall_time_s=99.5, steps=3))   # measured again under load
+    assert kept == fast and store.get(config)["wall_time_s"] == 13.6 and store.get(config)["accuracy"] == 0.8
+    faster = store.put(config, dict(accuracy=0.81, wall_time_s=9.0, steps=3))
+    assert store.get(config) == faster
 
 
 def test_released_training_loss_is_drawn_and_marked_outside_the_guarantee(settings):
@@ -839,8 +853,43 @@ def test_a_zip_member_cannot_write_outside_its_folder(settings, tmp_path, member
         zf.writestr(member, "x")
     with pytest.warns(UserWarning):
         out = yourdata.choose_data(settings, str(archive), "")
-    assert "must be relative" in html.unescape(out["status"]) and out["data"] is None
+    assert "points outside the zip's own folder" in html.unescape(out["status"]) and out["data"] is None
     assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/absolute-escape.txt").exists()
+
+
+def _uploaded_files(settings) -> list:
+    uploads = settings.results_dir() / "uploads"
+    return [p for p in uploads.rglob("*")] if uploads.exists() else []
+
+
+def test_a_refused_zip_leaves_no_file_and_its_reasons_are_sentences(settings, tmp_path):
+    archive = tmp_path / "half.zip"
+    with zipfile.ZipFile(archive, "w") as zf:   # ten good members are unpacked before the bad one is met
+        for i in range(10):
+            zf.writestr(f"photos/images/{i}.png", "x")
+        zf.writestr("../escaped.txt", "x")
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(settings, str(archive), "")
+    assert out["data"] is None and _uploaded_files(settings) == []
+    bad = tmp_path / "bad.zip"                  # valid zip, but its only record's image is not an image
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("photos/images/a.png", "not a picture")
+        zf.writestr("photos/train.json", json.dumps([{"id": "a", "image": "images/a.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "x"}]}]))
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(settings, str(bad), "")
+    text = html.unescape(out["status"])
+    assert "not an image that can be read" in text and "Error" not in text, text
+    assert _uploaded_files(settings) == []
+    assert (settings.results_dir() / "uploads").stat().st_mode & 0o777 == 0o700   # private to the server's user
+
+
+def test_a_new_data_set_clears_the_previous_results(settings, tmp_path):
+    out = yourdata.choose_data(settings, str(_photo_zip(tmp_path, bad_records=False)), "")
+    assert out["data"] is not None
+    for key, value in yourdata.CLEARED.items():   # the previous model, result, downloads and answers leave
+        assert out[key] == value
+    assert out["model"] is None and out["downloads"] is None and out["result"] == ""
 
 
 def test_a_zip_with_a_symbolic_link_or_that_is_no_zip_is_refused(settings, tmp_path):

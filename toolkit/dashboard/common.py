@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class AppSettings:
         """Where run settings and sweep CSVs are written (created if missing)."""
         root = Path(self.output_dir) if self.output_dir else Path(temp_root()) / "runs"
         root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)  # people's uploads, models and results: the server's user only
         return root
 
 
@@ -129,9 +131,22 @@ def warn(text: str) -> str:
     return message_html(text, "error")
 
 
+# Library wording a person should not have to read: exception class names, and Pillow's "cannot identify".
+_CLASS_NAME = re.compile(r"\b(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Warning)\b:?\s*")
+_NOT_AN_IMAGE = re.compile(r"cannot identify image file [^)]*")
+
+
+def plain_reason(text: str) -> str:
+    """``text`` without exception class names ("UnidentifiedImageError: ..."), in words a person reads."""
+    text = _NOT_AN_IMAGE.sub("the file is not an image that can be read (PNG, JPEG, ...)", str(text))
+    text = _CLASS_NAME.sub("", text).strip()
+    text = re.sub(r"\(\s*\)", "", text).strip()
+    return text or "an unexpected problem"
+
+
 def failure_html(what: str, err: BaseException, toast: bool = False) -> str:
-    """The status line of a job that raised: ``<what> failed: <type>: <message>`` (also a toast with ``toast``)."""
-    text = f"{what} failed: {type(err).__name__}: {err}"
+    """The status line of a job that raised: ``<what> failed: <reason in words>`` (also a toast with ``toast``)."""
+    text = f"{what} failed: {plain_reason(str(err)) if str(err) else 'an unexpected problem'}"
     return warn(text) if toast else message_html(text, "error")
 
 

@@ -74,6 +74,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     public warm start starts training at once, as the server's own job in the line (the header follows it), so
     the first user's job waits for less of it."""
     os.makedirs(temp_root(), exist_ok=True)
+    os.chmod(temp_root(), 0o700)  # Gradio's uploads and downloads: private to the server's user
     # The profiler (memory measurement) first runs in a worker thread; kineto's one-time init then logged
     # "ERROR: External init callback must run in same thread as registerClient". Initialised here, in the
     # main thread, it stays quiet.

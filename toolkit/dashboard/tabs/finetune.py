@@ -167,6 +167,15 @@ def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) 
     return str(path)
 
 
+def reference_to_measure(config: TrainConfig, compare: bool) -> bool:
+    """Whether the job will train a non-private reference after the run (so its wait counts it): asked for, not
+    cached, and not the run itself."""
+    if not compare:
+        return False
+    ref_config = reference.reference_config(config)
+    return not reference.same_settings(config, ref_config) and reference.ReferenceStore().get(ref_config) is None
+
+
 def measure_reference(job: jobs.Job, settings: AppSettings, config: TrainConfig, result) -> tuple[dict | None, str]:
     """Worker side, after the user's run: the non-private reference of ``config``'s settings, from the cache, from
     the run itself (a non-private run with those settings), or measured now with its own progress line.
@@ -209,7 +218,8 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
         config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
                                     token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise,
                                     release_stats, secure_mode)
-        job = jobs.claim(session, "fine-tune", units=config.steps * (2 if compare else 1),
+        runs = 2 if reference_to_measure(config, compare) else 1   # a cached reference costs nothing: not counted
+        job = jobs.claim(session, "fine-tune", units=config.steps * runs,
                          pace_key=f"fine-tune step of {settings.preset}")
     except InputError as err:
         yield dict(blank, status=warn(f"Not started: {err}"))

@@ -52,10 +52,17 @@ def _refused_note(count: int) -> str:
     return f" {count} refused record(s) are left out." if count else ""
 
 
+# What a new data set clears: the previous data set's model, its result, downloads and answers.
+CLEARED = dict(train_status="", verdict="", result="", downloads=None, model=None, ask_status="", answer="",
+               overlay=None)
+
+
 def choose_data(settings: AppSettings, zip_file, server_path) -> dict:
     """Unpack (zip) or locate (server path) a data set and validate it. Returns ``status`` (HTML), ``summary``
-    (Markdown), ``refused`` (DataFrame) and ``data`` (the choice for the session's state, or None)."""
-    blank = dict(summary="", refused=datasets.refused_table(None), data=None)
+    (Markdown), ``refused`` (DataFrame), ``data`` (the choice for the session's state, or None) and the
+    :data:`CLEARED` values (the previous data set's results leave the page). A refused zip leaves no file."""
+    blank = dict(CLEARED, summary="", refused=datasets.refused_table(None), data=None)
+    folder = None
     try:
         if zip_file:
             folder = datasets.extract_zip(zip_file, settings.results_dir() / "uploads")
@@ -68,11 +75,12 @@ def choose_data(settings: AppSettings, zip_file, server_path) -> dict:
             raise InputError("no data given: upload a zip (data zip) or type a path under the data root (data path)")
         validated = datasets.validate(choice)
     except InputError as err:
+        datasets.discard(folder)
         return dict(blank, status=warn(f"Not validated: {err}"))
     accepted = len(validated.train_set)
-    return dict(status=message_html(f"Validated: {accepted} training record(s) accepted."
-                                    f"{_refused_note(len(validated.refused))}",
-                                    "warn" if validated.refused else "ok"),
+    return dict(blank, status=message_html(f"Validated: {accepted} training record(s) accepted."
+                                           f"{_refused_note(len(validated.refused))}",
+                                           "warn" if validated.refused else "ok"),
                 summary=datasets.summary_markdown(validated), refused=datasets.refused_table(validated),
                 data=choice.to_state())
 
@@ -281,8 +289,10 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                 ask_status = gr.HTML(elem_id="yd-ask-status")
                 answer = gr.Markdown(elem_id="yd-answer")
                 overlay = gr.Plot(label="The visual tokens the model used", elem_id="yd-overlay")
-    check_outputs = dict(status=status, summary=summary, refused=refused, data=data_state)
     train_outputs = dict(status=train_status, verdict=verdict, result=result, downloads=downloads, model=model_state)
+    check_outputs = dict(status=status, summary=summary, refused=refused, data=data_state, train_status=train_status,
+                         verdict=verdict, result=result, downloads=downloads, model=model_state,
+                         ask_status=ask_status, answer=answer, overlay=overlay)
     ask_outputs = dict(status=ask_status, answer=answer, overlay=overlay)
 
     def check(zip_v, path_v):
@@ -303,6 +313,9 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
 
     validate_button.click(check, [zip_file, server_path], list(check_outputs.values()), concurrency_limit=2,
                           api_name="validate_data")
+    # a new upload: the previous data set's results leave the page at once (Validate then fills it again)
+    zip_file.upload(lambda: routed(CLEARED, check_outputs), None,
+                    [check_outputs[k] for k in CLEARED], queue=False, show_progress="hidden", api_name=False)
     run_event = jobs.wire_run_button(run_button, run, [data_state, method, epsilon, steps, batch, runs_state],
                                      list(train_outputs.values()) + [runs_state], api_name="finetune_your_data")
     cancel_button.click(jobs.cancel_from_page, None, train_status, concurrency_limit=None, show_progress="hidden",
