@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit.dashboard import AppSettings, InputError, common, datasets, images, jobs, model, reference
+from toolkit.dashboard import AppSettings, InputError, common, datasets, images, jobs, line, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
 from toolkit.dashboard.tabs import audit, finetune, memory, runs, sweep, tokens, yourdata
 from toolkit.dashboard.ui import build_app, header_markdown
@@ -122,7 +122,7 @@ def test_a_failing_job_returns_its_error_and_frees_the_session():
 
     _, outcome = _drain_stream(jobs.stream(job, work, dict, blank={}, first_status="", poll_s=0.05))
     assert isinstance(outcome.error, RuntimeError) and str(outcome.error) == "broken"
-    assert "The run failed: RuntimeError: broken" in common.failure_html("The run", outcome.error)
+    assert "The run failed: broken" in common.failure_html("The run", outcome.error)   # words, no class name
     assert jobs.running_job("failing") is None
 
 
@@ -171,7 +171,7 @@ def test_one_heavy_job_at_a_time_in_order_and_a_queued_one_sees_its_place(monkey
     assert "3rd in line" in html.unescape(status3)
     # nothing of this kind has finished yet: the wait is unknown, never a guess
     assert "Wait unknown: no test job has finished on this server yet" in status2
-    monkeypatch.setattr(jobs, "_PACES", {"test job": __import__("collections").deque([2.0])})  # 2 s per unit
+    monkeypatch.setattr(line, "_PACES", {"test job": __import__("collections").deque([2.0])})  # 2 s per unit
     status3 = next(third)["status"]
     assert re.search(r"Estimated wait ≈ \d+ s", status3) and "from the last 1 test job on this server" in status3
     assert ran == []
@@ -703,7 +703,8 @@ def test_load_sweep_csv_draws_the_curve(tmp_path):
     out = sweep.load_sweep_csv(str(path))
     assert "Loaded 5 runs of 3 method(s)" in out["status"]
     assert out["figure"] is not None and len(out["table"]) == 5
-    assert list(out["table"]["epsilon"]) == [1.0, 3.0, 1.0, 3.0, "∞"]
+    assert list(out["table"]["ε"]) == [1.0, 3.0, 1.0, 3.0, "∞"]
+    assert list(out["table"]["accuracy"]) == ["50.0%", "60.0%", "55.0%", "70.0%", "90.0%"]
     assert out["figure"].layout.width is None  # fills the app's plot area
 
 
@@ -742,8 +743,9 @@ def test_small_sweep_runs(settings):
     final = list(sweep.sweep(settings, ["dual-priv"], "2", 1, 2, 8))[-1]
     assert "Sweep done: 1 of 1 runs" in final["status"], final["status"]
     table = final["table"]
-    assert list(table["method"]) == ["dual-priv"] and list(table["epsilon"]) == [2.0]
-    assert 0 < table["epsilon_spent"].iloc[0] <= 2.0
+    assert list(table["method"]) == ["Dual-Priv"] and list(table["ε"]) == [2.0]   # labels as in every tab
+    assert 0 < table["ε spent"].iloc[0] <= 2.0 and table["accuracy"].iloc[0].endswith("%")
+    assert list(table["memory (MB)"]) == ["withheld"]          # a private run's memory: secret batch sizes
     assert Path(final["download"]).is_file()
     assert final["figure"] is not None
     assert "Chance is 50%; with 32 test images a guesser lands within ± 17.7 points" in html.unescape(final["status"])
@@ -783,8 +785,9 @@ def test_empty_tables_are_headed_by_their_columns(settings):
     assert set(tables) == {"mem-table", "sw-table", "runs-table", "yd-refused"}
     assert list(tables["yd-refused"].value["headers"]) == datasets.REFUSED_COLUMNS
     assert tables["mem-table"].headers == memory.TABLE_COLUMNS
-    assert tables["sw-table"].headers == sweep.SHOWN_COLUMNS
-    assert tables["sw-table"].postprocess(None).headers == sweep.SHOWN_COLUMNS  # a cleared table keeps them
+    labels = [sweep.VIEW_LABELS[c] for c in sweep.SHOWN_COLUMNS]
+    assert tables["sw-table"].headers == labels
+    assert tables["sw-table"].postprocess(None).headers == labels  # a cleared table keeps them
 
 
 def test_the_header_is_refreshed_after_every_job_that_may_train_the_warm_start(settings):

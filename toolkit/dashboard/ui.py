@@ -22,6 +22,8 @@ CSS = """
 .dp-progress progress {width: 60%; height: 14px; vertical-align: middle;}
 .dp-progress span {margin-left: 8px;}
 .dp-queued {border: 1px solid #a4cafe;}
+/* table headers wrap between words, never inside one ("memor-y") */
+#mem-table th *, #runs-table th *, #sw-table th *, #yd-refused th * {word-break: keep-all; overflow-wrap: normal;}
 """
 HEADER_REFRESH_S = 2.0
 

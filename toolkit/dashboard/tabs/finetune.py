@@ -306,6 +306,10 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
     with gr.Tab("Fine-tune", id="finetune"):
         with gr.Row():
             with gr.Column(scale=2):
+                # the actions first: Run and Cancel stay on the first screen, whatever the settings below
+                with gr.Row():
+                    run_button = gr.Button("Run", variant="primary", elem_id="ft-run")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
                 method = gr.Radio(METHOD_CHOICES, value="dual-priv", label="Method", info=HELP["method"],
                                   elem_id="ft-method")
                 with gr.Row():
@@ -336,9 +340,6 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                                     elem_id="ft-lr")
                 compare = gr.Checkbox(True, label="Compare with a non-private reference (measured once, cached)",
                                       info=HELP["compare"], elem_id="ft-compare")
-                with gr.Row():
-                    run_button = gr.Button("Run", variant="primary", elem_id="ft-run")
-                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Choose the settings and press Run."), elem_id="ft-status")
                 curve = gr.Plot(label="Loss and ε spent per step", elem_id="ft-curve")

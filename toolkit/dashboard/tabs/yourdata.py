@@ -280,6 +280,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                                  elem_id="yd-status")
                 summary = gr.Markdown(elem_id="yd-summary")
                 refused = gr.Dataframe(value=datasets.refused_table(None), label="Refused records", wrap=True,
+                                       column_widths=["18%", "10%", "14%", "58%"],  # the reason is read in full
                                        interactive=False, elem_id="yd-refused")
                 train_status = gr.HTML(elem_id="yd-train-status")
                 verdict = gr.HTML(elem_id="yd-verdict")
