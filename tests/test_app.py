@@ -436,6 +436,31 @@ def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_pa
     assert "Non-private reference: off" in off
 
 
+@pytest.mark.slow
+def test_the_queued_wait_counts_only_what_will_run_and_is_near_the_real_wait(settings, tmp_path, monkeypatch):
+    """The issue's case: a reference cached by the first run must not be counted in the next one's wait."""
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    jobs.forget_durations()
+    list(_run(settings, session="first", steps=20, compare=True))   # its pace: run + reference (40 units)
+    running = threading.Thread(target=lambda: list(_run(settings, session="second", steps=20, compare=True)))
+    running.start()
+    deadline = time.monotonic() + 30
+    while not (jobs.LINE.snapshot()[0] and jobs.LINE.snapshot()[0].session == "second"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    queued = _run(settings, session="third", steps=5)
+    status = html.unescape(next(queued)["status"])
+    estimate = float(re.search(r"Estimated wait ≈ (\d+) s", status).group(1))
+    while "Queued" in html.unescape(next(queued)["status"]):
+        pass
+    real = time.monotonic() - started
+    list(queued)
+    running.join()
+    print(f"queued wait: estimated {estimate:.0f} s, real {real:.1f} s")
+    assert real / 1.5 - 1 <= estimate <= 1.5 * real + 1, (estimate, real)
+
+
 def test_a_cached_reference_is_not_replaced_by_a_slower_measurement(settings, tmp_path):
     store = reference.ReferenceStore(tmp_path / "references.json")
     config = reference.reference_config(finetune.build_train_config(settings, *[GOOD[k] for k in list(GOOD)[:8]],
