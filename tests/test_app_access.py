@@ -86,3 +86,15 @@ def test_a_browser_cannot_fetch_another_browsers_files_even_with_the_url(tmp_pat
     assert stranger.get(url).status_code == 404         # no cookie at all
     assert bob.get(f"/gradio_api/file={root}/a1b2/../a1b2/model.zip").status_code == 404
     assert bob.get(f"/gradio_api/file={outside}").status_code == 200   # not the app's: Gradio's checks decide
+
+
+def test_the_app_refuses_to_start_a_share_link_without_authentication(monkeypatch):
+    """The real command line: ``python app.py --share`` stops before serving anything."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != access.AUTH_ENV}
+    done = subprocess.run([sys.executable, "app.py", "--share", "--port", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "needs authentication" in done.stderr, done.stderr[-500:]
+    assert "Running on" not in done.stdout
