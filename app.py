@@ -8,7 +8,8 @@ Heavy jobs wait in one line, one at a time (``docs/DASHBOARD.md``). The app is a
 ``toolkit/dashboard/`` (one module per tab, the job runner, the page) and ``toolkit.train`` / ``toolkit.tokens`` /
 ``toolkit.bench``.
 
-Flags: ``--host`` (default 127.0.0.1), ``--port`` (7860), ``--share`` (off), ``--max-steps`` (200),
+Flags: ``--host`` (default 127.0.0.1), ``--port`` (7860), ``--share`` (off), ``--auth-file`` (``user:password``
+lines; required beyond loopback and with ``--share``; or ``DUALPRIV_APP_AUTH``), ``--max-steps`` (200),
 ``--time-limit`` seconds (600), ``--preset``, ``--warm-start-steps`` (0 skips the warm start, for tests),
 ``--train-limit`` / ``--eval-limit`` (fewer records: faster), ``--data-root`` (a folder of data sets users may
 pick by relative path), ``--no-bench-isolate``.
@@ -36,6 +37,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Imported after the lines above on purpose: gradio and transformers read those variables when imported.
 from toolkit.dashboard import build_app as _build_app  # noqa: E402
+from toolkit.dashboard.access import AccessError, auth_from, require_auth  # noqa: E402
 from toolkit.dashboard.ui import launch  # noqa: E402
 from toolkit.models import PRESETS  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
@@ -50,7 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    parser.add_argument("--share", action="store_true",
+                        help="create a public Gradio share link (off by default; needs authentication)")
+    parser.add_argument("--auth-file", default=None,
+                        help="a file of 'user:password' lines that only you can read (chmod 600): the accounts "
+                             "that may log in; or set DUALPRIV_APP_AUTH. Required with --share or a host other "
+                             "than 127.0.0.1 / localhost")
     parser.add_argument("--max-steps", type=int, default=200, help="most optimizer steps a job may run (default 200)")
     parser.add_argument("--time-limit", type=float, default=600.0,
                         help="seconds after which a fine-tune is stopped cleanly (default 600)")
@@ -73,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--warm-start-steps must be >= 0, got {args.warm_start_steps}")
     if args.data_root is not None and not os.path.isdir(args.data_root):
         parser.error(f"--data-root must be an existing folder, got {args.data_root!r}")
+    try:
+        args.auth = auth_from(args.auth_file)
+        require_auth(args.host, args.share, args.auth)
+    except AccessError as err:
+        parser.error(str(err))
     return args
 
 
@@ -84,7 +96,7 @@ def main(argv=None) -> None:
     if args.no_bench_isolate:
         options["bench_isolate"] = False
     demo = build_app(max_steps=args.max_steps, time_limit=args.time_limit, preset=args.preset, **options)
-    launch(demo, host=args.host, port=args.port, share=args.share)
+    launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
 
 
 if __name__ == "__main__":

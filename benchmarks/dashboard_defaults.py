@@ -6,7 +6,7 @@ privacy-utility tab's default ε, each a real run built exactly as the tab build
 Every run uses the app's settings (tiny preset, its public warm start, the parity task) and the tab's widget
 defaults (batch 32, method-default learning rate, token prune ratio 0.75, update prune ratio 0.2) with fresh
 secret noise, as a user's click would. Reported: test accuracy, its verdict against chance (the page's own
-``toolkit.dashboard.reference.verdict``) and CPU seconds of one thread (``time.process_time`` with one torch
+``toolkit.dashboard.reference.result_verdict``) and CPU seconds of one thread (``time.process_time`` with one torch
 thread: comparable on a loaded machine, an upper bound for wall time on a quiet core).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from toolkit.dashboard.budget import BUDGET_RATIO
 from toolkit.dashboard.common import AppSettings
-from toolkit.dashboard.reference import chance_level, eval_size, verdict
+from toolkit.dashboard.reference import result_verdict
 from toolkit.dashboard.tabs.finetune import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, build_train_config
 from toolkit.train import train
 from toolkit.vocabulary import format_epsilon, parse_epsilons
@@ -37,10 +37,9 @@ def measure(settings: AppSettings, method: str, epsilon: float, steps: int) -> d
     config = tab_config(settings, method, epsilon, steps)
     started = time.process_time()
     result = train(config)
-    chance = chance_level(settings.task)
-    kind, _ = verdict(result.accuracy, chance, eval_size(settings.task, "test", settings.eval_limit))
+    read = result_verdict(config, result)
     return dict(method=method, epsilon=epsilon, steps=steps, accuracy=100 * result.accuracy,
-                verdict="learned" if kind == "ok" else "within noise of chance",
+                verdict="learned" if read["learned"] else f"not learned (baseline: {read['baseline']})",
                 cpu_s=time.process_time() - started)
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit.dashboard import AppSettings, InputError, common, datasets, images, jobs, model, reference
+from toolkit.dashboard import AppSettings, InputError, common, datasets, images, jobs, line, model, reference
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
 from toolkit.dashboard.tabs import audit, finetune, memory, runs, sweep, tokens, yourdata
 from toolkit.dashboard.ui import build_app, header_markdown
@@ -122,7 +122,7 @@ def test_a_failing_job_returns_its_error_and_frees_the_session():
 
     _, outcome = _drain_stream(jobs.stream(job, work, dict, blank={}, first_status="", poll_s=0.05))
     assert isinstance(outcome.error, RuntimeError) and str(outcome.error) == "broken"
-    assert "The run failed: RuntimeError: broken" in common.failure_html("The run", outcome.error)
+    assert "The run failed: broken" in common.failure_html("The run", outcome.error)   # words, no class name
     assert jobs.running_job("failing") is None
 
 
@@ -171,7 +171,7 @@ def test_one_heavy_job_at_a_time_in_order_and_a_queued_one_sees_its_place(monkey
     assert "3rd in line" in html.unescape(status3)
     # nothing of this kind has finished yet: the wait is unknown, never a guess
     assert "Wait unknown: no test job has finished on this server yet" in status2
-    monkeypatch.setattr(jobs, "_PACES", {"test job": __import__("collections").deque([2.0])})  # 2 s per unit
+    monkeypatch.setattr(line, "_PACES", {"test job": __import__("collections").deque([2.0])})  # 2 s per unit
     status3 = next(third)["status"]
     assert re.search(r"Estimated wait ≈ \d+ s", status3) and "from the last 1 test job on this server" in status3
     assert ran == []
@@ -397,23 +397,34 @@ def test_finetune_runs_to_completion_and_writes_its_settings(settings):
 def test_a_result_within_noise_of_chance_is_flagged_in_plain_words():
     assert reference.chance_level("parity") == 0.5 and reference.chance_level("digit") == 0.1
     assert reference.eval_size("parity") == 297 and reference.eval_size("parity", eval_limit=32) == 32
-    assert reference.binomial_se(0.5, 297) == pytest.approx(0.029, abs=1e-3)
-    kind, text = reference.verdict(0.512, 0.5, 297)   # the old default's non-private result
-    assert kind == "warn" and "Within noise of chance" in text and "± 5.8 points" in text and "297" in text
-    kind, text = reference.verdict(0.75, 0.5, 297)
-    assert kind == "ok" and "8.6 standard errors above chance 50%" in text
-    assert reference.verdict(float("nan"), 0.5, 297)[0] == "warn"
+    read = reference.accuracy_verdict("parity", 0.512)   # the old default's non-private result
+    assert read["kind"] == "warn" and "Within noise of the majority class baseline" in read["sentence"]
+    assert "297 test records" in read["sentence"] and "majority class 51.2% (always 'odd')" in read["sentence"]
+    read = reference.accuracy_verdict("parity", 0.75)
+    assert read["kind"] == "ok" and "standard errors, one-sided binomial test" in read["sentence"]
+    assert reference.accuracy_verdict("parity", float("nan"))["kind"] == "warn"
+
+
+def test_an_epsilon_of_a_billion_is_flagged_effectively_non_private(settings):
+    final = list(_run(settings, epsilon=1e9, steps=2))[-1]
+    verdict = html.unescape(final["verdict"])
+    assert "dp-warn" in verdict and "Effectively non-private: ε = 1e+09 is at least 13.8" in verdict
+    assert "σ = " in verdict and "below 0.1" in verdict
+    assert "Effectively non-private" not in list(_run(settings, epsilon=3.0, steps=2))[-1]["verdict"]
 
 
 def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_path, monkeypatch):
     monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    config = finetune.build_train_config(settings, *[GOOD[k] for k in list(GOOD)[:8]], 3, 8, "")
+    assert finetune.reference_to_measure(config, True)     # the queue's estimate counts the reference run ...
     updates = list(_run(settings, steps=3, compare=True))
+    assert not finetune.reference_to_measure(config, True)  # ... until it is cached: then only the run itself
     # the run's own result is on the page while its reference is being measured
     assert any("Measuring the non-private reference" in u["status"] and "accuracy" in u["result"]
                and "Non-private reference: coming" in u["verdict"] for u in updates)
     first = updates[-1]["verdict"]
     assert "Non-private reference, same 3 steps and batch size 8" in first and "measured live just now" in first
-    assert "standard errors" in first or "Within noise of chance" in first
+    assert "majority class" in first and "binomial test" in first or "one answer for (almost) everything" in first
     second = list(_run(settings, steps=3, compare=True, method="dp-sgd"))
     assert not any("Measuring the non-private reference" in u["status"] for u in second)
     assert "cached for these settings" in second[-1]["verdict"]
@@ -423,6 +434,42 @@ def test_the_non_private_reference_is_measured_once_then_cached(settings, tmp_pa
     assert "this run is that reference" in other  # a non-private run with new settings is its own reference
     off = list(_run(settings, steps=3))[-1]["verdict"]
     assert "Non-private reference: off" in off
+
+
+@pytest.mark.slow
+def test_the_queued_wait_counts_only_what_will_run_and_is_near_the_real_wait(settings, tmp_path, monkeypatch):
+    """The issue's case: a reference cached by the first run must not be counted in the next one's wait."""
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    jobs.forget_durations()
+    list(_run(settings, session="first", steps=20, compare=True))   # its pace: run + reference (40 units)
+    running = threading.Thread(target=lambda: list(_run(settings, session="second", steps=20, compare=True)))
+    running.start()
+    deadline = time.monotonic() + 30
+    while not (jobs.LINE.snapshot()[0] and jobs.LINE.snapshot()[0].session == "second"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    queued = _run(settings, session="third", steps=5)
+    status = html.unescape(next(queued)["status"])
+    estimate = float(re.search(r"Estimated wait ≈ (\d+) s", status).group(1))
+    while "Queued" in html.unescape(next(queued)["status"]):
+        pass
+    real = time.monotonic() - started
+    list(queued)
+    running.join()
+    print(f"queued wait: estimated {estimate:.0f} s, real {real:.1f} s")
+    assert real / 1.5 - 1 <= estimate <= 1.5 * real + 1, (estimate, real)
+
+
+def test_a_cached_reference_is_not_replaced_by_a_slower_measurement(settings, tmp_path):
+    store = reference.ReferenceStore(tmp_path / "references.json")
+    config = reference.reference_config(finetune.build_train_config(settings, *[GOOD[k] for k in list(GOOD)[:8]],
+                                                                    3, 8, ""))
+    fast = store.put(config, dict(accuracy=0.8, wall_time_s=13.6, steps=3))
+    kept = store.put(config, dict(accuracy=0.7, wall_time_s=99.5, steps=3))   # measured again under load
+    assert kept == fast and store.get(config)["wall_time_s"] == 13.6 and store.get(config)["accuracy"] == 0.8
+    faster = store.put(config, dict(accuracy=0.81, wall_time_s=9.0, steps=3))
+    assert store.get(config) == faster
 
 
 def test_released_training_loss_is_drawn_and_marked_outside_the_guarantee(settings):
@@ -481,7 +528,9 @@ def test_every_run_is_kept_compared_pinned_and_exported_as_a_csv_the_sweep_tab_r
     view = runs.runs_view(session)
     assert list(view.columns) == list(runs.SHOWN.values())
     assert list(view["ε"]) == ["3", "∞"] and list(view["visual tokens"]) == ["16/64 (dual-priv)", "64/64 (none)"]
-    assert view["accuracy %"].iloc[0] == round(100 * private["accuracy"], 1)
+    assert view["accuracy"].iloc[0] == f"{100 * private['accuracy']:.1f}%"   # the format of every tab
+    assert list(view["data set"]) == ["embedded", "embedded"] and view["verdict"].iloc[0] == "not scored"
+    assert list(view["memory (MB)"])[0] == "withheld" and list(view["memory (MB)"])[1] != "withheld"
     session = runs.set_pins(session, [2])
     assert [r["pinned"] for r in session] == [False, True] and runs.runs_view(session)["pin"].tolist() == ["", "★"]
     shown = runs.refresh(settings, session)
@@ -492,6 +541,8 @@ def test_every_run_is_kept_compared_pinned_and_exported_as_a_csv_the_sweep_tab_r
     path = runs.export_runs(settings, session)
     table = pd.read_csv(path)
     assert list(table.columns) == runs.COLUMNS and table["epsilon"].tolist()[1] == math.inf
+    # a private run's peak memory depends on its secret batch sizes: not in the CSV either
+    assert math.isnan(table["peak_memory_mb"].iloc[0]) and table["peak_memory_mb"].iloc[1] > 0
     loaded = sweep.load_sweep_csv(path)  # the privacy–utility tab reads the export back
     assert "Loaded 2 runs of 2 method(s)" in loaded["status"] and loaded["figure"] is not None
     assert runs.clear_unpinned(session) == [session[1]]
@@ -503,7 +554,21 @@ def test_a_sweep_adds_its_cells_to_the_runs():
                               epsilon_spent=[1.9, math.inf], steps_done=[5, 5], wall_time_s=[3.0, 2.0], seed=[0, 0]))
     rows = runs.runs_from_sweep(cells, 4)
     assert [r["run"] for r in rows] == [4, 5] and [r["source"] for r in rows] == ["sweep", "sweep"]
-    assert math.isinf(rows[1]["epsilon"]) and "· sweep" in runs.runs_view(rows)["method"].iloc[0]
+    view = runs.runs_view(rows)
+    assert math.isinf(rows[1]["epsilon"]) and list(view["kind"]) == ["sweep", "sweep"]
+    assert list(view["data set"]) == ["embedded parity"] * 2 and list(view["accuracy"]) == ["60.0%", "70.0%"]
+    assert view["verdict"].iloc[0] == "learned (p = 0.001)"   # 60 % of 297 against the majority class 51.2 %
+
+
+def test_a_private_result_table_withholds_its_step_time_and_memory(settings):
+    final = list(_run(settings, steps=3))[-1]
+    assert "| peak memory | withheld for private runs" in final["result"]
+    assert "| step time (median) | withheld for private runs" in final["result"] and "secret" in final["result"]
+    assert "peak_memory_mb" not in final["settings"] and "step_time_s" not in final["settings"]
+    written = json.loads(Path(final["download"]).read_text())
+    assert "peak_memory_mb" not in written and all("step_time_s" not in row for row in written["history"])
+    public = list(_run(settings, steps=3, method="non-private"))[-1]
+    assert "withheld" not in public["result"] and "peak_memory_mb" in public["settings"]
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -663,7 +728,8 @@ def test_load_sweep_csv_draws_the_curve(tmp_path):
     out = sweep.load_sweep_csv(str(path))
     assert "Loaded 5 runs of 3 method(s)" in out["status"]
     assert out["figure"] is not None and len(out["table"]) == 5
-    assert list(out["table"]["epsilon"]) == [1.0, 3.0, 1.0, 3.0, "∞"]
+    assert list(out["table"]["ε"]) == [1.0, 3.0, 1.0, 3.0, "∞"]
+    assert list(out["table"]["accuracy"]) == ["50.0%", "60.0%", "55.0%", "70.0%", "90.0%"]
     assert out["figure"].layout.width is None  # fills the app's plot area
 
 
@@ -702,8 +768,9 @@ def test_small_sweep_runs(settings):
     final = list(sweep.sweep(settings, ["dual-priv"], "2", 1, 2, 8))[-1]
     assert "Sweep done: 1 of 1 runs" in final["status"], final["status"]
     table = final["table"]
-    assert list(table["method"]) == ["dual-priv"] and list(table["epsilon"]) == [2.0]
-    assert 0 < table["epsilon_spent"].iloc[0] <= 2.0
+    assert list(table["method"]) == ["Dual-Priv"] and list(table["ε"]) == [2.0]   # labels as in every tab
+    assert 0 < table["ε spent"].iloc[0] <= 2.0 and table["accuracy"].iloc[0].endswith("%")
+    assert list(table["memory (MB)"]) == ["withheld"]          # a private run's memory: secret batch sizes
     assert Path(final["download"]).is_file()
     assert final["figure"] is not None
     assert "Chance is 50%; with 32 test images a guesser lands within ± 17.7 points" in html.unescape(final["status"])
@@ -743,8 +810,9 @@ def test_empty_tables_are_headed_by_their_columns(settings):
     assert set(tables) == {"mem-table", "sw-table", "runs-table", "yd-refused"}
     assert list(tables["yd-refused"].value["headers"]) == datasets.REFUSED_COLUMNS
     assert tables["mem-table"].headers == memory.TABLE_COLUMNS
-    assert tables["sw-table"].headers == sweep.SHOWN_COLUMNS
-    assert tables["sw-table"].postprocess(None).headers == sweep.SHOWN_COLUMNS  # a cleared table keeps them
+    labels = [sweep.VIEW_LABELS[c] for c in sweep.SHOWN_COLUMNS]
+    assert tables["sw-table"].headers == labels
+    assert tables["sw-table"].postprocess(None).headers == labels  # a cleared table keeps them
 
 
 def test_the_header_is_refreshed_after_every_job_that_may_train_the_warm_start(settings):
@@ -813,8 +881,43 @@ def test_a_zip_member_cannot_write_outside_its_folder(settings, tmp_path, member
         zf.writestr(member, "x")
     with pytest.warns(UserWarning):
         out = yourdata.choose_data(settings, str(archive), "")
-    assert "must be relative" in html.unescape(out["status"]) and out["data"] is None
+    assert "points outside the zip's own folder" in html.unescape(out["status"]) and out["data"] is None
     assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/absolute-escape.txt").exists()
+
+
+def _uploaded_files(settings) -> list:
+    uploads = settings.results_dir() / "uploads"
+    return [p for p in uploads.rglob("*")] if uploads.exists() else []
+
+
+def test_a_refused_zip_leaves_no_file_and_its_reasons_are_sentences(settings, tmp_path):
+    archive = tmp_path / "half.zip"
+    with zipfile.ZipFile(archive, "w") as zf:   # ten good members are unpacked before the bad one is met
+        for i in range(10):
+            zf.writestr(f"photos/images/{i}.png", "x")
+        zf.writestr("../escaped.txt", "x")
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(settings, str(archive), "")
+    assert out["data"] is None and _uploaded_files(settings) == []
+    bad = tmp_path / "bad.zip"                  # valid zip, but its only record's image is not an image
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("photos/images/a.png", "not a picture")
+        zf.writestr("photos/train.json", json.dumps([{"id": "a", "image": "images/a.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "x"}]}]))
+    with pytest.warns(UserWarning):
+        out = yourdata.choose_data(settings, str(bad), "")
+    text = html.unescape(out["status"])
+    assert "not an image that can be read" in text and "Error" not in text, text
+    assert _uploaded_files(settings) == []
+    assert (settings.results_dir() / "uploads").stat().st_mode & 0o777 == 0o700   # private to the server's user
+
+
+def test_a_new_data_set_clears_the_previous_results(settings, tmp_path):
+    out = yourdata.choose_data(settings, str(_photo_zip(tmp_path, bad_records=False)), "")
+    assert out["data"] is not None
+    for key, value in yourdata.CLEARED.items():   # the previous model, result, downloads and answers leave
+        assert out[key] == value
+    assert out["model"] is None and out["downloads"] is None and out["result"] == ""
 
 
 def test_a_zip_with_a_symbolic_link_or_that_is_no_zip_is_refused(settings, tmp_path):
@@ -862,6 +965,8 @@ def test_fine_tune_on_your_data_then_download_the_model_card_and_ask_the_model(s
     assert spent and 0 < float(spent.group(1)) <= 2.0
     assert f"{float(spent.group(1)):.4g}" in final["result"] or spent.group(1) in final["result"]
     assert "one record = one image" in final["result"] and "accuracy (your evaluation file)" in final["result"]
+    verdict = html.unescape(final["verdict"])  # read against the baselines of the user's own test.json
+    assert "majority class 50.0%" in verdict and "chance 50.0% (2 answers)" in verdict and "of 4 test records" in verdict
     with zipfile.ZipFile(archive) as zf:
         assert {"README.md", "adapter_config.json", "dualpriv_export.json"} <= set(zf.namelist())
     photo = Image.open(next((tmp_path / "photos" / "images").glob("test-*")))

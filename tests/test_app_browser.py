@@ -30,6 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 START_TIMEOUT_S = 120
+SERVER: dict = {}   # what the tests need to know of the served app (its temporary folder)
 
 
 def _free_port() -> int:
@@ -59,6 +60,7 @@ def app_url(tmp_path_factory):
                DUALPRIV_APP_EVAL_LIMIT="32", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")), GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")
+    SERVER["temp"] = Path(env["GRADIO_TEMP_DIR"])
     log = open(ARTIFACTS / "app_browser_server.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port),
                              "--max-steps", "20", "--time-limit", "120"],
@@ -115,16 +117,20 @@ def _set_number(page, elem_id: str, value) -> None:
 def test_default_run_is_read_against_chance_and_a_measured_reference(page):
     from playwright.sync_api import expect
 
+    for element in ("#ft-run", "#ft-cancel", "#ft-status"):   # the actions and the status on the first screen
+        box = page.locator(element).bounding_box()
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= 1000, (element, box)
+    page.screenshot(path=str(ARTIFACTS / "app_first_screen.png"), full_page=False)
     started = time.monotonic()
     page.locator("#ft-run").click()
     expect(page.locator("#ft-run")).to_be_disabled()  # no second click on one's own running job
     verdict = page.locator("#ft-verdict")
     expect(page.locator("#ft-result")).to_contain_text("accuracy", timeout=150_000)  # the result, at once
-    expect(verdict).to_contain_text("chance 50%")
+    expect(verdict).to_contain_text("chance 50.0% (2 answers), majority class")
     expect(verdict).to_contain_text("Non-private reference, same", timeout=150_000)  # then its reference
     text = verdict.inner_text()
     # 32 test images on an untrained model: the note must say whether the result is noise
-    assert "chance 50%" in text and "32 test images" in text, text
+    assert "chance 50.0%" in text and "of 32 test records" in text, text
     assert "measured live just now" in text, text
     expect(page.locator("#ft-run")).to_be_enabled()
     page.locator("#ft-verdict").scroll_into_view_if_needed()
@@ -282,6 +288,8 @@ def test_your_data_upload_validate_train_download_the_card_and_ask(page, tmp_pat
     _set_number(page, "yd-batch", 8)
     page.locator("#yd-run").click()
     expect(page.locator("#yd-train-status")).to_contain_text("Finished: 10 steps", timeout=150_000)
+    expect(page.locator("#yd-verdict")).to_contain_text("majority class")   # read against its own test set
+    print("verdict on the user's photos:", page.locator("#yd-verdict").inner_text())
     result = page.locator("#yd-result").inner_text()
     assert "ε spent / target" in result and "accuracy (your evaluation file)" in result, result
     spent = result.split("ε spent / target")[1].split("/")[0].strip()
@@ -298,6 +306,43 @@ def test_your_data_upload_validate_train_download_the_card_and_ask(page, tmp_pat
     expect(page.locator("#yd-answer")).to_contain_text("Answer:", timeout=60_000)
     expect(page.locator("#yd-overlay .js-plotly-plot")).to_be_visible()
     page.screenshot(path=str(ARTIFACTS / "app_your_data.png"), full_page=True)
+    page.get_by_role("tab", name="Fine-tune").click()
+
+
+def test_another_browser_cannot_fetch_the_export_and_a_new_upload_clears_it(browser, page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Your data").click()
+    card = page.locator("#yd-downloads a[download='README.md']")
+    url = card.get_attribute("href")
+    url = url if url.startswith("http") else page.url.rstrip("/") + "/" + url.lstrip("/")
+    assert page.context.request.get(url).status == 200            # the owner fetches it
+    other = browser.new_context()
+    try:
+        other.new_page().goto(page.url)                           # another session, with the URL in hand
+        assert other.request.get(url).status == 404
+    finally:
+        other.close()
+    page.get_by_role("tab", name="Runs").click()                  # the user-data run and the audit are listed
+    table = page.locator("#runs-table")
+    expect(table).to_contain_text("photos.zip")
+    expect(table).to_contain_text("canaries")
+    page.get_by_role("tab", name="Your data").click()
+    uploads = SERVER["temp"] / "runs" / "uploads"
+    before = sorted(uploads.iterdir())
+    evil = tmp_path / "evil.zip"
+    with __import__("zipfile").ZipFile(evil, "w") as zf:
+        for i in range(10):
+            zf.writestr(f"photos/images/{i}.png", "x")
+        zf.writestr("../escaped.txt", "x")
+    page.locator("#yd-zip").get_by_role("button", name=re.compile("clear|remove", re.I)).first.click()
+    page.locator("#yd-zip input[type=file]").set_input_files(str(evil))   # a second upload
+    page.locator("#yd-validate").click()
+    expect(page.locator("#yd-status")).to_contain_text("points outside the zip's own folder")
+    expect(page.locator("#yd-result")).not_to_contain_text("Your model")  # the first data set's results left
+    expect(page.locator("#yd-downloads a")).to_have_count(0)
+    assert sorted(uploads.iterdir()) == before                      # the refused zip left no file
+    assert uploads.stat().st_mode & 0o777 == 0o700
     page.get_by_role("tab", name="Fine-tune").click()
 
 
@@ -348,6 +393,16 @@ def test_finetune_bad_input_and_tokens_in_chromium(page):
     expect(page.locator("#tok-original img")).to_be_visible()   # the image as given, beside the decision
     expect(page.locator("#tok-overlay")).to_contain_text("contextual clusters")
     page.screenshot(path=str(ARTIFACTS / "app_tokens.png"), full_page=True)
+
+
+def test_an_epsilon_of_a_billion_is_flagged(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Fine-tune").click()
+    _set_number(page, "ft-epsilon", "1e9")
+    _set_number(page, "ft-steps", 2)
+    page.locator("#ft-run").click()
+    expect(page.locator("#ft-verdict")).to_contain_text("Effectively non-private", timeout=60_000)
 
 
 def test_the_server_log_is_readable(page):

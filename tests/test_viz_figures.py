@@ -167,7 +167,8 @@ def test_training_curve_shows_loss_and_epsilon_against_the_target():
     assert "not released: outside the DP guarantee" in no_loss.layout.annotations[0].text
     assert "released: outside the DP guarantee" in fig.layout.annotations[0].text  # a private run's loss
     non_private = training_curve_figure([dict(step=1, steps=2, loss=0.7, epsilon_spent=math.inf)])
-    assert [t.name for t in non_private.data] == ["loss"] and "non-private: ∞" in non_private.layout.annotations[1].text
+    assert [t.name for t in non_private.data] == ["loss"] and "non-private: ε = ∞" in non_private.layout.annotations[0].text
+    assert len(no_loss.layout.annotations) == 2 and len(non_private.layout.annotations) == 1   # no blank half
 
 
 def test_figures_refuse_bad_input():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import gradio as gr
 import pandas as pd
 
 from toolkit.validation import check_choice, check_fraction, check_int, check_number, parse_number
-from toolkit.vocabulary import METHOD_LABELS, METHODS, PRIVACY_UNIT, epsilon_to_json, format_epsilon
+from toolkit.vocabulary import METHOD_LABELS, METHODS, PRIVACY_UNIT, epsilon_to_json, format_epsilon, is_private
 
 APP_PRIVACY_UNIT = f"{PRIVACY_UNIT} of the embedded data"
 METHOD_CHOICES = [(METHOD_LABELS[m], m) for m in METHODS]  # (label shown, value passed)
@@ -36,6 +37,12 @@ HELP = dict(
                "probability batch / records).",
 )
 GRAD_RATIO_MEANING = "the fraction of noisy-gradient coordinates zeroed"
+# A private run's step times and peak memory depend on its Poisson-sampled batch sizes: releases about the secret
+# batches that ε does not cover. The page, the JSON and the CSV downloads withhold them for private runs.
+WITHHELD_FIELDS = ("peak_memory_mb", "step_time_s", "memory_method")
+WITHHELD_TEXT = "withheld for private runs"
+WITHHELD_WHY = ("a private run's step time and peak memory depend on its secret, randomly sampled batch sizes, "
+                "which ε does not cover; the Memory tab measures them on public data")
 
 
 class InputError(ValueError):
@@ -93,6 +100,7 @@ class AppSettings:
         """Where run settings and sweep CSVs are written (created if missing)."""
         root = Path(self.output_dir) if self.output_dir else Path(temp_root()) / "runs"
         root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)  # people's uploads, models and results: the server's user only
         return root
 
 
@@ -123,9 +131,22 @@ def warn(text: str) -> str:
     return message_html(text, "error")
 
 
+# Library wording a person should not have to read: exception class names, and Pillow's "cannot identify".
+_CLASS_NAME = re.compile(r"\b(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Warning)\b:?\s*")
+_NOT_AN_IMAGE = re.compile(r"cannot identify image file [^)]*")
+
+
+def plain_reason(text: str) -> str:
+    """``text`` without exception class names ("UnidentifiedImageError: ..."), in words a person reads."""
+    text = _NOT_AN_IMAGE.sub("the file is not an image that can be read (PNG, JPEG, ...)", str(text))
+    text = _CLASS_NAME.sub("", text).strip()
+    text = re.sub(r"\(\s*\)", "", text).strip()
+    return text or "an unexpected problem"
+
+
 def failure_html(what: str, err: BaseException, toast: bool = False) -> str:
-    """The status line of a job that raised: ``<what> failed: <type>: <message>`` (also a toast with ``toast``)."""
-    text = f"{what} failed: {type(err).__name__}: {err}"
+    """The status line of a job that raised: ``<what> failed: <reason in words>`` (also a toast with ``toast``)."""
+    text = f"{what} failed: {plain_reason(str(err)) if str(err) else 'an unexpected problem'}"
     return warn(text) if toast else message_html(text, "error")
 
 
@@ -147,6 +168,13 @@ def format_value(value, digits: int = 3) -> str:
     return str(value)
 
 
+def percent(accuracy) -> str:
+    """An accuracy as every tab writes it: ``84.8%`` (``n/a`` when not measured)."""
+    if accuracy is None or (isinstance(accuracy, float) and math.isnan(accuracy)):
+        return "n/a"
+    return f"{100 * float(accuracy):.1f}%"
+
+
 def round_table(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     """A copy of ``table`` with every finite float rounded to ``digits`` significant digits (still numbers), so a
     table shows 0.5313 rather than 0.5312500000000001."""
@@ -159,6 +187,30 @@ def round_table(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     for column in out.columns:
         if pd.api.types.is_float_dtype(out[column]) or out[column].dtype == object:
             out[column] = [short(v) for v in out[column]]
+    return out
+
+
+def public_summary(summary: dict) -> dict:
+    """``summary`` (``TrainResult.summary()``) as the page may show it: for a private run, without its step times
+    and peak memory (:data:`WITHHELD_FIELDS`), also in its per-step history."""
+    if not is_private(summary.get("method", "non-private")):
+        return summary
+    out = {k: v for k, v in summary.items() if k not in WITHHELD_FIELDS}
+    if isinstance(out.get("history"), list):
+        out["history"] = [{k: v for k, v in row.items() if k not in WITHHELD_FIELDS} for row in out["history"]]
+    out["withheld"] = f"{', '.join(WITHHELD_FIELDS)}: {WITHHELD_WHY}"
+    return out
+
+
+def public_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A results table (one row per run, a ``method`` column) with :data:`WITHHELD_FIELDS` emptied on private rows."""
+    out = table.copy()
+    if "method" not in out:
+        return out
+    private = out["method"].map(lambda m: is_private(str(m)) if m in METHODS else True)
+    for column in WITHHELD_FIELDS:
+        if column in out:
+            out[column] = out[column].astype(object).where(~private, None)
     return out
 
 

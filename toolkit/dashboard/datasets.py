@@ -15,6 +15,8 @@ Every problem is an :class:`~toolkit.dashboard.common.InputError` naming the con
 """
 from __future__ import annotations
 
+import os
+import shutil
 import stat
 import tempfile
 import time
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from toolkit.dashboard.common import InputError
+from toolkit.dashboard.common import InputError, plain_reason
 from toolkit.data import DataValidationError, VQADataset
 from toolkit.userdata import load_llava_json
 from toolkit.validation import inside_folder
@@ -94,23 +96,40 @@ def extract_zip(path, destination_root: str | Path) -> Path:
         if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
             raise InputError(f"data zip: {name!r} unpacks to more than {MAX_ZIP_BYTES // 2 ** 20} MB")
         Path(destination_root).mkdir(parents=True, exist_ok=True)
+        os.chmod(destination_root, 0o700)  # people's images: readable by the server's user only
         folder = Path(tempfile.mkdtemp(prefix=f"data-{time.strftime('%Y%m%d-%H%M%S')}-", dir=destination_root))
-        for member in members:
-            if _is_symlink(member):
-                raise InputError(f"data zip: member {member.filename!r} is a symbolic link; links are refused")
-            try:
-                target = inside_folder(folder, member.filename.replace("\\", "/"), what="data zip member")
-            except ValueError as err:
-                raise InputError(str(err).replace(str(folder), "the unpacked zip")) from None
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            with archive.open(member) as source, open(target, "wb") as sink:
-                for block in iter(lambda: source.read(1 << 20), b""):
-                    written += len(block)
-                    if written > member.file_size:  # a header that lies about the size
-                        raise InputError(f"data zip: member {member.filename!r} is larger than its header says")
-                    sink.write(block)
+        try:
+            for member in members:
+                _unpack(archive, member, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a refused zip leaves nothing behind
+            raise
     return folder
+
+
+def _unpack(archive: zipfile.ZipFile, member: zipfile.ZipInfo, folder: Path) -> None:
+    """Write one member under ``folder``, or refuse it (:class:`InputError`)."""
+    if _is_symlink(member):
+        raise InputError(f"data zip: member {member.filename!r} is a symbolic link; links are refused")
+    try:
+        target = inside_folder(folder, member.filename.replace("\\", "/"), what="data zip member")
+    except ValueError:
+        raise InputError(f"data zip: member {member.filename!r} points outside the zip's own folder (an absolute "
+                         "path or '..'); such zips are refused") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with archive.open(member) as source, open(target, "wb") as sink:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            written += len(block)
+            if written > member.file_size:  # a header that lies about the size
+                raise InputError(f"data zip: member {member.filename!r} is larger than its header says")
+            sink.write(block)
+
+
+def discard(folder: Path | str | None) -> None:
+    """Remove an unpacked upload (its data set was refused)."""
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def server_folder(data_root: str | None, relative) -> Path:
@@ -187,9 +206,10 @@ def validate(choice: DataChoice) -> Validated:
         except DataValidationError as err:
             reasons = "; ".join(r["reason"] for r in found[:3])
             text = f"{path.name}: {err}" + (f" (first refusals: {reasons})" if reasons else "")
-            raise InputError(_without_paths(text, choice)) from None
+            raise InputError(plain_reason(_without_paths(text, choice))) from None
         finally:
-            refused.extend(dict(r, file=path.name, reason=_without_paths(r["reason"], choice)) for r in found)
+            refused.extend(dict(r, file=path.name, reason=plain_reason(_without_paths(r["reason"], choice)))
+                           for r in found)
         return dataset
 
     train_set = load(choice.train, training=True)

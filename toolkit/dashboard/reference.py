@@ -1,9 +1,9 @@
 """What a fine-tune's accuracy should be read against: the task's chance level, the binomial noise of the held-out
 set, and a non-private reference run with the same schedule, measured on this server once per settings and cached.
 
-* :func:`chance_level`, :func:`eval_size`, :func:`binomial_se` and :func:`verdict`: is an accuracy distinguishable
-  from guessing? Within ``NOISE_SE`` standard errors of chance (the s.e. of a guesser's accuracy on ``n`` test
-  records, ``sqrt(p (1 - p) / n)``) it is not, and the page says so in plain words.
+* :func:`result_verdict` and :func:`accuracy_verdict`: a run's accuracy read against the chance and majority-class
+  baselines of its evaluation set with a binomial test, and whether it answers one thing for (almost) everything
+  (the statistics are :mod:`toolkit.stats`; :func:`task_answers` gives the embedded set's true answers).
 * :func:`reference_config` (the non-private run a result is compared with: same preset, warm start, data, steps
   and batch size; the method's default learning rate; every visual token), :func:`reference_key`, and
   :class:`ReferenceStore` (a JSON file of measured references, keyed by that config). Nothing here is a number
@@ -11,6 +11,7 @@ set, and a non-private reference run with the same schedule, measured on this se
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -19,11 +20,11 @@ import threading
 import time
 from pathlib import Path
 
+from toolkit import stats
 from toolkit.config import TrainConfig
-from toolkit.data import TASKS, dataset_sizes
+from toolkit.data import TASKS, dataset_sizes, make_vqa
 from toolkit.warmstart import DEFAULT_STEPS, RECIPE_VERSION, cache_dir
 
-NOISE_SE = 2.0   # within 2 standard errors of chance: not distinguishable from guessing (≈ 95 % two-sided)
 # The fields of a config that change a non-private run's accuracy (what a cached reference is keyed by).
 REFERENCE_FIELDS = ("preset", "model_dir", "warm_start_steps", "trainable", "lora_rank", "lora_variant", "task",
                     "train_split", "eval_split", "train_limit", "eval_limit", "steps", "epochs",
@@ -32,8 +33,8 @@ REFERENCE_FIELDS = ("preset", "model_dir", "warm_start_steps", "trainable", "lor
 
 
 def chance_level(task: str) -> float:
-    """Accuracy of a uniform guess among the task's candidate answers (evaluation ranks that closed set)."""
-    return 1.0 / len(TASKS[task][3])
+    """Accuracy of a uniform guess among the embedded task's candidate answers (evaluation ranks that closed set)."""
+    return stats.chance_level(len(TASKS[task][3]))
 
 
 def eval_size(task: str, eval_split: str = "test", eval_limit: int | None = None) -> int:
@@ -42,28 +43,37 @@ def eval_size(task: str, eval_split: str = "test", eval_limit: int | None = None
     return min(size, eval_limit) if eval_limit else size
 
 
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy measured on ``n`` independent records when the true rate is ``p``."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 else math.inf
+@functools.lru_cache(maxsize=16)
+def task_answers(task: str, eval_split: str = "test", eval_limit: int | None = None) -> tuple[str, ...]:
+    """The true answers of the embedded evaluation set, in order (for its majority-class baseline)."""
+    return tuple(r.answer for r in make_vqa(task, eval_split, image_size=16, limit=eval_limit).records)
 
 
-def verdict(accuracy: float, chance: float, n: int) -> tuple[str, str]:
-    """``(kind, sentence)``: whether ``accuracy`` on ``n`` test records is distinguishable from ``chance``.
+def result_verdict(config: TrainConfig, result, eval_set=None) -> dict | None:
+    """:func:`toolkit.stats.verdict` of a finished run: its predictions on the evaluation set (``eval_set`` for the
+    user's data, else the embedded task's split) read against that set's chance and majority-class baselines.
+    None when the run was not evaluated."""
+    answers_given = getattr(result, "eval_answers", None)
+    if answers_given is None:
+        return None
+    if eval_set is not None:
+        truth = [r.answer for r in eval_set.records]
+        candidates = answers_given.candidates or None
+    else:
+        truth = list(task_answers(config.task, config.eval_split, config.eval_limit))
+        candidates = TASKS[config.task][3]
+    scored = [(p, t) for p, t, c in zip(answers_given.predictions, truth, answers_given.correct) if c is not None]
+    correct = sum(1 for c in answers_given.correct if c)
+    return stats.verdict(correct, len(scored), [t for _, t in scored], [p for p, _ in scored], candidates)
 
-    kind is ``"warn"`` when the accuracy lies within ``NOISE_SE`` standard errors of chance (or is not a number),
-    else ``"ok"``."""
-    se = binomial_se(chance, n)
-    band = 100 * NOISE_SE * se
-    if accuracy is None or math.isnan(accuracy):
-        return "warn", "No accuracy was measured."
-    gap = (accuracy - chance) / se if se > 0 else math.inf
-    if abs(gap) < NOISE_SE:
-        return "warn", (f"Within noise of chance: {100 * accuracy:.1f}% is inside chance {100 * chance:.0f}% "
-                        f"± {band:.1f} points (2 standard errors of a guesser on {n} test images). This run has "
-                        "not measurably learned; more steps, a larger ε or a larger batch may help.")
-    side = "above" if gap > 0 else "below"
-    return "ok", (f"{100 * accuracy:.1f}% is {abs(gap):.1f} standard errors {side} chance {100 * chance:.0f}% "
-                  f"(± {band:.1f} points is the noise band of a guesser on {n} test images).")
+
+def accuracy_verdict(task: str, accuracy: float, eval_split: str = "test", eval_limit: int | None = None) -> dict:
+    """:func:`toolkit.stats.verdict` of an accuracy on the embedded task whose predictions were not kept (a sweep
+    cell): chance and majority-class baselines and the binomial test, without the one-answer check."""
+    truth = list(task_answers(task, eval_split, eval_limit))
+    if accuracy is None or not math.isfinite(accuracy):
+        return dict(stats.verdict(0, 0, truth), sentence="No accuracy was measured.")
+    return stats.verdict(round(accuracy * len(truth)), len(truth), truth, None, TASKS[task][3])
 
 
 def reference_config(config: TrainConfig) -> TrainConfig:
@@ -92,7 +102,8 @@ def reference_key(config: TrainConfig) -> str:
 
 class ReferenceStore:
     """Measured non-private references in one JSON file (``<cache>/dashboard/references.json`` by default):
-    ``key -> {accuracy, wall_time_s, measured_at, steps, n_eval}``. Written atomically; safe across threads."""
+    ``key -> {accuracy, wall_time_s, measured_at, steps, n_eval}``, the fastest measurement of each kept. Written
+    atomically; safe across threads."""
 
     _lock = threading.Lock()  # one lock for every store: they may share the file
 
@@ -113,13 +124,19 @@ class ReferenceStore:
             return self._read().get(reference_key(config))
 
     def put(self, config: TrainConfig, summary: dict) -> dict:
-        """Store a finished (not cancelled) non-private run's result as the reference of its settings."""
+        """Store a finished (not cancelled) non-private run's result as the reference of its settings; an entry
+        already measured faster is kept (a run slowed by a busy machine does not replace it). Returns the entry
+        that is stored now."""
         entry = dict(accuracy=float(summary["accuracy"]), wall_time_s=round(float(summary["wall_time_s"]), 1),
                      steps=int(summary["steps"]), n_eval=eval_size(config.task, config.eval_split, config.eval_limit),
                      measured_at=time.strftime("%Y-%m-%d %H:%M"))
+        key = reference_key(config)
         with self._lock:
             data = self._read()
-            data[reference_key(config)] = entry
+            kept = data.get(key)
+            if isinstance(kept, dict) and float(kept.get("wall_time_s", math.inf)) <= entry["wall_time_s"]:
+                return kept
+            data[key] = entry
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(data, indent=1))

@@ -7,7 +7,9 @@ import os
 import gradio as gr
 import torch
 
-from toolkit.dashboard import model
+from starlette.middleware import Middleware
+
+from toolkit.dashboard import access, model
 from toolkit.dashboard.common import APP_PRIVACY_UNIT, AppSettings, temp_root
 from toolkit.dashboard.tabs import audit, finetune, memory, runs, sweep, tokens, yourdata
 
@@ -20,6 +22,8 @@ CSS = """
 .dp-progress progress {width: 60%; height: 14px; vertical-align: middle;}
 .dp-progress span {margin-left: 8px;}
 .dp-queued {border: 1px solid #a4cafe;}
+/* table headers wrap between words, never inside one ("memor-y") */
+#mem-table th *, #runs-table th *, #sw-table th *, #yd-refused th * {word-break: keep-all; overflow-wrap: normal;}
 """
 HEADER_REFRESH_S = 2.0
 
@@ -56,8 +60,9 @@ def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "ti
                    delete_cache=(3600, 86400)) as demo:
         heading = gr.Markdown(header(), elem_id="header")
         runs_state = gr.State([])  # the session's runs (one dict each): written by jobs, read by the Runs tab
-        may_train_warm_start = (finetune.build(s, runs_state) + runs.build(s, runs_state) + yourdata.build(s)
-                                + tokens.build(s) + memory.build(s) + sweep.build(s, runs_state) + audit.build(s))
+        may_train_warm_start = (finetune.build(s, runs_state) + runs.build(s, runs_state)
+                                + yourdata.build(s, runs_state) + tokens.build(s) + memory.build(s)
+                                + sweep.build(s, runs_state) + audit.build(s, runs_state))
         for event in may_train_warm_start:  # the header then says the warm start is cached
             event.then(header, None, heading, queue=False, show_progress="hidden", api_name=False)
         timer = gr.Timer(HEADER_REFRESH_S, active=not model.warm_start_cached(s))
@@ -68,18 +73,24 @@ def build_app(max_steps: int = 200, time_limit: float = 600.0, preset: str = "ti
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
-    """Serve ``demo``: local by default, uploads capped at 20 MB and kept in the temporary directory. A missing
-    public warm start starts training at once, as the server's own job in the line (the header follows it), so
-    the first user's job waits for less of it."""
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth=None,
+           **kwargs):
+    """Serve ``demo``: local by default, uploads capped at 20 MB and kept in the temporary directory (mode 0700),
+    each browser's files fetchable by that browser only (:class:`~toolkit.dashboard.access.FileOwners`). Serving
+    beyond loopback or with ``share`` needs ``auth`` (Gradio's accounts; :func:`access.require_auth` refuses
+    otherwise). A missing public warm start starts training at once, as the server's own job in the line (the
+    header follows it), so the first user's job waits for less of it."""
+    access.require_auth(host, share, auth)
     os.makedirs(temp_root(), exist_ok=True)
+    os.chmod(temp_root(), 0o700)  # Gradio's uploads and downloads: private to the server's user
     # The profiler (memory measurement) first runs in a worker thread; kineto's one-time init then logged
     # "ERROR: External init callback must run in same thread as registerClient". Initialised here, in the
     # main thread, it stays quiet.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         pass
     model.prepare_in_background(demo.dashboard_settings)
-    options = dict(server_name=host, server_port=port, share=share, show_error=True, max_file_size="20mb",
-                   ssr_mode=False, footer_links=["gradio", "settings"], css=CSS)
+    options = dict(server_name=host, server_port=port, share=share, auth=auth, show_error=True,
+                   max_file_size="20mb", ssr_mode=False, footer_links=["gradio", "settings"], css=CSS,
+                   app_kwargs=dict(middleware=[Middleware(access.FileOwners, root=temp_root())]))
     options.update(kwargs)
     return demo.launch(**options)

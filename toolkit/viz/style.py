@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from toolkit import stats
 from toolkit.data import TASKS
 from toolkit.vocabulary import METHOD_COLOURS, METHODS, PRIVACY_UNIT, method_label
 
@@ -79,12 +80,12 @@ def chance_level(df: pd.DataFrame) -> float | None:
     tasks = df["task"].dropna().astype(str).unique()
     if len(tasks) != 1 or tasks[0] not in TASKS:
         return None
-    return 1.0 / len(TASKS[tasks[0]][3])
+    return stats.chance_level(len(TASKS[tasks[0]][3]))
 
 
 def add_chance_line(fig, df: pd.DataFrame, n_eval: int | None = None, **where) -> None:
     """A dotted horizontal line at the chance accuracy (in %), when :func:`chance_level` knows it; with ``n_eval``
-    (test records per run) also a grey band of ± 2 binomial standard errors around it: a point inside the band is
+    (test records per run) also a grey band of ± 2 binomial standard errors around it (:mod:`toolkit.stats`): a point inside the band is
     not distinguishable from guessing."""
     chance = chance_level(df)
     if chance is None:
@@ -92,7 +93,7 @@ def add_chance_line(fig, df: pd.DataFrame, n_eval: int | None = None, **where) -
     fig.add_hline(y=100 * chance, line_dash="dot", line_color="#999999",
                   annotation_text=f"chance {100 * chance:.0f}%", annotation_position="bottom right", **where)
     if n_eval:
-        band = 100 * 2 * np.sqrt(chance * (1 - chance) / n_eval)
+        band = 100 * stats.noise_band(chance, n_eval)
         fig.add_hrect(y0=100 * chance - band, y1=100 * chance + band, fillcolor="#999999", opacity=0.15,
                       line_width=0, annotation_text=f"noise of a guesser (± 2 s.e., {n_eval} test records)",
                       annotation_position="top left", annotation_font_size=10, **where)

@@ -14,6 +14,7 @@ import gradio as gr
 from toolkit.audit import AUDIT_DEFAULTS, audit_figure, run_audit
 from toolkit.config import TrainConfig
 from toolkit.dashboard import jobs
+from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.dashboard.common import (
     METHOD_CHOICES, AppSettings, InputError, message_html, routed, ui_choice, ui_integer, ui_number,
     warn,
@@ -21,6 +22,7 @@ from toolkit.dashboard.common import (
 from toolkit.vocabulary import METHOD_LABELS, METHODS, format_epsilon
 
 MAX_CANARIES = 512
+AUDIT_DATA = "embedded, {n} records + {m} canaries"
 WHAT_IT_PROVES = ("A lower bound above the reported ε proves a leak (a bug, at 95 % confidence); a lower bound below "
                   "it proves nothing about privacy: one run with {m} canaries can never show more than ε ≈ "
                   "{ceiling:.2f}, and weaker leaks go unseen.")
@@ -93,8 +95,9 @@ def verdict_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def build(settings: AppSettings) -> list:
-    """The Audit tab (inside the app's ``gr.Blocks``); the audit starts from an untrained model (no warm start)."""
+def build(settings: AppSettings, runs_state: gr.State) -> list:
+    """The Audit tab (inside the app's ``gr.Blocks``); the audit starts from an untrained model (no warm start).
+    Each audited run is added to ``runs_state`` (the session's runs)."""
     s = settings
     with gr.Tab("Audit", id="audit"):
         audits = gr.State([])
@@ -119,7 +122,7 @@ def build(settings: AppSettings) -> list:
                 figure = gr.Plot(label="Reported ε vs the audit's lower bound (this session)", elem_id="au-figure")
     outputs = dict(status=status, verdict=verdict)
 
-    def run(method_v, eps_v, canaries_v, audits_v, request: gr.Request):
+    def run(method_v, eps_v, canaries_v, audits_v, runs_v, request: gr.Request):
         for update in audit(s, method_v, eps_v, canaries_v, session=jobs.session_id(request)):
             summary = update.pop("summary", None)
             shown = routed(update, outputs)
@@ -127,10 +130,14 @@ def build(settings: AppSettings) -> list:
                 audits_v = list(audits_v or []) + [summary]
                 shown[audits] = audits_v
                 shown[figure] = audit_figure(audits_v)
+                runs_v = list(runs_v or [])
+                shown[runs_state] = runs_v + [session_runs.run_from_audit(
+                    summary, session_runs.next_number(runs_v), AUDIT_DATA.format(n=AUDIT_DEFAULTS["train_limit"],
+                                                                                 m=summary["canaries"]))]
             yield shown
 
-    jobs.wire_run_button(run_button, run, [method, epsilon, canaries, audits],
-                         list(outputs.values()) + [audits, figure], api_name="audit")
+    jobs.wire_run_button(run_button, run, [method, epsilon, canaries, audits, runs_state],
+                         list(outputs.values()) + [audits, figure, runs_state], api_name="audit")
     cancel_button.click(jobs.cancel_from_page, None, status, concurrency_limit=None, show_progress="hidden",
                         api_name=False)
     return []

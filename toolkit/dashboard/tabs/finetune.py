@@ -20,12 +20,13 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
+from toolkit import stats
 from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.budget import AUTO_STRATEGY, budget_controls, token_budget
 from toolkit.dashboard.common import (
-    APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError,
-    format_value, json_safe, message_html, progress_html, routed, ui_batch_size, ui_choice,
-    ui_fraction, ui_number, ui_steps, warn,
+    APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, WITHHELD_TEXT, WITHHELD_WHY,
+    AppSettings, InputError, format_value, json_safe, message_html, progress_html, public_summary, routed,
+    ui_batch_size, ui_choice, ui_fraction, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.tokens import STRATEGIES
@@ -110,8 +111,9 @@ def result_markdown(summary: dict, reason: str | None) -> str:
                              f"(δ = {summary['delta']:g})" if private else "∞ (non-private: no guarantee)"),
         ("privacy unit", APP_PRIVACY_UNIT if private else "–"),
         ("noise multiplier σ", format_value(summary["noise_multiplier"])),
-        ("peak memory", peak_memory_text(summary)),
-        ("step time (median)", f"{format_value(summary['step_time_s'])} s"),
+        ("peak memory", f"{WITHHELD_TEXT} (see below)" if private else peak_memory_text(summary)),
+        ("step time (median)", f"{WITHHELD_TEXT} (see below)" if private else
+         f"{format_value(summary['step_time_s'])} s"),
         ("visual tokens fed to the LLM", f"{summary['visual_tokens']} of {summary['visual_tokens_in']} "
                                          f"({summary['token_strategy']})"),
         ("gradient prune ratio", format_value(summary["grad_prune_ratio"])),
@@ -121,6 +123,8 @@ def result_markdown(summary: dict, reason: str | None) -> str:
     if summary.get("fusion_noise_std"):
         rows.append(("fusion noise σ (heuristic, outside the DP guarantee)", format_value(summary["fusion_noise_std"])))
     lines += ["", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if private:
+        lines += ["", f"Step time and peak memory are {WITHHELD_TEXT}: {WITHHELD_WHY}."]
     return "\n".join(lines)
 
 
@@ -132,27 +136,44 @@ def peak_memory_text(summary: dict) -> str:
     return f"{format_value(peak, 4)} MB ({summary['memory_method']})"
 
 
-def comparison_html(config: TrainConfig, summary: dict, ref_entry: dict | None, ref_note: str) -> str:
-    """The result read against chance (binomial noise on the test set) and the non-private reference: a status
-    line, a warning when the accuracy is within noise of chance."""
-    n = reference.eval_size(config.task, config.eval_split, config.eval_limit)
-    kind, sentence = reference.verdict(summary["accuracy"], reference.chance_level(config.task), n)
+def comparison_html(config: TrainConfig, summary: dict, ref_entry: dict | None, ref_note: str,
+                    read: dict | None = None) -> str:
+    """The result read against the chance and majority-class baselines of the test set (``read``: its
+    :func:`toolkit.stats.verdict`), whether ε still protects anyone, and the non-private reference: one status
+    line, a warning unless the run measurably learned with a meaningful ε."""
+    if read is None:  # no predictions kept: the accuracy alone against the embedded set's baselines
+        read = reference.accuracy_verdict(config.task, summary["accuracy"], config.eval_split, config.eval_limit)
+    kind, sentences = read["kind"], [read["sentence"]]
+    if is_private(config.method):
+        strength, text = stats.privacy_strength(config.epsilon, summary.get("noise_multiplier"))
+        if strength != "ok":
+            kind = "warn"
+            sentences.insert(0, text)
     if ref_entry is not None:
-        ref = (f"Non-private reference, same {ref_entry['steps']} steps and batch size {config.expected_batch_size}: "
-               f"{100 * ref_entry['accuracy']:.1f}% (measured on this server on {ref_entry['measured_at']} in "
-               f"{ref_entry['wall_time_s']:g} s, one run; {ref_note}).")
+        sentences.append(f"Non-private reference, same {ref_entry['steps']} steps and batch size "
+                         f"{config.expected_batch_size}: {100 * ref_entry['accuracy']:.1f}% (measured on this server "
+                         f"on {ref_entry['measured_at']} in {ref_entry['wall_time_s']:g} s, one run; {ref_note}).")
     else:
-        ref = f"Non-private reference: {ref_note}."
-    return message_html(f"{sentence} {ref}", kind)
+        sentences.append(f"Non-private reference: {ref_note}.")
+    return message_html(" ".join(sentences), kind)
 
 
 def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) -> str:
     """Write the run's summary, config and history as strict JSON under the app's results folder; its path."""
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=settings.results_dir()))
     path = folder / f"dualpriv-{summary['method']}-settings.json"
-    record = dict(summary, history=history.to_dict(orient="records"), privacy_unit=APP_PRIVACY_UNIT)
+    record = public_summary(dict(summary, history=history.to_dict(orient="records"), privacy_unit=APP_PRIVACY_UNIT))
     path.write_text(json.dumps(json_safe(record), indent=2, default=str))
     return str(path)
+
+
+def reference_to_measure(config: TrainConfig, compare: bool) -> bool:
+    """Whether the job will train a non-private reference after the run (so its wait counts it): asked for, not
+    cached, and not the run itself."""
+    if not compare:
+        return False
+    ref_config = reference.reference_config(config)
+    return not reference.same_settings(config, ref_config) and reference.ReferenceStore().get(ref_config) is None
 
 
 def measure_reference(job: jobs.Job, settings: AppSettings, config: TrainConfig, result) -> tuple[dict | None, str]:
@@ -190,13 +211,15 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     message + progress bar), ``curve`` (plotly figure of loss and ε spent), ``verdict`` (HTML: the accuracy read
     against chance and, with ``compare``, the non-private reference of these settings), ``result`` (Markdown),
     ``settings`` (JSON-ready dict) and ``download`` (path of the settings JSON, or None); the last update of a
-    finished run also has ``summary`` (``TrainResult.summary()``, for the session's runs table)."""
+    finished run also has ``summary`` (``TrainResult.summary()``) and ``read`` (its verdict), for the session's runs
+    table."""
     blank = dict(curve=None, verdict="", result="", settings=None, download=None)
     try:
         config = build_train_config(settings, method, epsilon, delta, budget_mode, token_prune_ratio, keep_tokens,
                                     token_strategy, grad_prune_ratio, steps, batch_size, lr, fusion_noise,
                                     release_stats, secure_mode)
-        job = jobs.claim(session, "fine-tune", units=config.steps * (2 if compare else 1),
+        runs = 2 if reference_to_measure(config, compare) else 1   # a cached reference costs nothing: not counted
+        job = jobs.claim(session, "fine-tune", units=config.steps * runs,
                          pace_key=f"fine-tune step of {settings.preset}")
     except InputError as err:
         yield dict(blank, status=warn(f"Not started: {err}"))
@@ -225,7 +248,8 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
     def remember(result) -> None:
         if not shown:
             summary = result.summary()
-            shown.update(result=result, summary=summary, path=write_settings(settings, summary, result.history))
+            shown.update(result=result, summary=summary, path=write_settings(settings, summary, result.history),
+                         read=reference.result_verdict(config, result))
 
     def finished(ref_entry, ref_note) -> dict:
         result, summary = shown["result"], shown["summary"]
@@ -236,8 +260,9 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
                                f"{done} in {result.wall_time_s:.1f} s · accuracy {accuracy}")
         return dict(status=status,
                     curve=training_curve_figure(result.history if len(result.history) else rows, target),
-                    verdict=comparison_html(config, summary, ref_entry, ref_note),
-                    result=result_markdown(summary, job.reason), settings=json_safe(summary), download=shown["path"])
+                    verdict=comparison_html(config, summary, ref_entry, ref_note, shown["read"]),
+                    result=result_markdown(summary, job.reason), settings=json_safe(public_summary(summary)),
+                    download=shown["path"])
 
     def on_event(kind: str, value) -> None:
         if kind == "row":
@@ -271,7 +296,7 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
         return
     result, (ref_entry, ref_note) = outcome.value
     remember(result)
-    yield dict(finished(ref_entry, ref_note), summary=shown["summary"])
+    yield dict(finished(ref_entry, ref_note), summary=shown["summary"], read=shown["read"])
 
 
 def build(settings: AppSettings, runs_state: gr.State) -> list:
@@ -281,6 +306,10 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
     with gr.Tab("Fine-tune", id="finetune"):
         with gr.Row():
             with gr.Column(scale=2):
+                # the actions first: Run and Cancel stay on the first screen, whatever the settings below
+                with gr.Row():
+                    run_button = gr.Button("Run", variant="primary", elem_id="ft-run")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
                 method = gr.Radio(METHOD_CHOICES, value="dual-priv", label="Method", info=HELP["method"],
                                   elem_id="ft-method")
                 with gr.Row():
@@ -311,9 +340,6 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                                     elem_id="ft-lr")
                 compare = gr.Checkbox(True, label="Compare with a non-private reference (measured once, cached)",
                                       info=HELP["compare"], elem_id="ft-compare")
-                with gr.Row():
-                    run_button = gr.Button("Run", variant="primary", elem_id="ft-run")
-                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Choose the settings and press Run."), elem_id="ft-status")
                 curve = gr.Plot(label="Loss and ε spent per step", elem_id="ft-curve")
@@ -331,11 +357,12 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
         for update in finetune(s, method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v,
                                batch_v, lr_v, fusion_v, release_v, secure_v, compare=compare_v,
                                session=jobs.session_id(request)):
-            summary = update.pop("summary", None)
+            summary, read = update.pop("summary", None), update.pop("read", None)
             shown = routed(update, outputs)
             if summary is not None:
                 runs_v = list(runs_v or [])
-                shown[runs_state] = runs_v + [session_runs.run_from_summary(summary, session_runs.next_number(runs_v))]
+                shown[runs_state] = runs_v + [session_runs.run_from_summary(
+                    summary, session_runs.next_number(runs_v), data=session_runs.embedded_data(s), read=read)]
             yield shown
 
     run_event = jobs.wire_run_button(

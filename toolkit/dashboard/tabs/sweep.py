@@ -15,24 +15,25 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
+from toolkit import stats
 from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.common import (
-    HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, message_html, progress_html,
-    round_table, routed, ui_batch_size, ui_integer, ui_steps, warn,
+    HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, message_html, percent, progress_html,
+    public_table, round_table, routed, ui_batch_size, ui_integer, ui_steps, warn,
 )
 from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.sweeps import Sweep, export_csv, plan_sweep, run_sweep
 from toolkit.sweeps.study import load_measured_study, summary_markdown
 from toolkit.viz import privacy_utility_figure, study_figure, tuning_figure
-from toolkit.vocabulary import METHODS, format_epsilon, parse_epsilon, parse_epsilons
+from toolkit.vocabulary import METHODS, format_epsilon, is_private, method_label, parse_epsilon, parse_epsilons
 
 REQUIRED_COLUMNS = ("method", "epsilon", "accuracy")
 DEFAULT_STEPS = 100  # the old 20 left every point within noise of chance: a curve of noise
 # Measured at 100 steps (docs/DASHBOARD.md): accuracy rises from ε = 0.3 to 1 and changes by a few points from 1
 # to 8, so "1, 3, 8" draws a nearly flat line; "0.3, 1, 3" shows the rise and the plateau.
 DEFAULT_EPSILONS = "0.3, 1, 3"
-SHOWN_COLUMNS = ["method", "epsilon", "seed", "accuracy", "epsilon_spent", "steps_done", "visual_tokens",
-                 "grad_prune_ratio", "peak_memory_mb", "wall_time_s"]  # the CSV download has all of them
+SHOWN_COLUMNS = ["method", "epsilon", "seed", "accuracy", "epsilon_spent", "steps_done", "peak_memory_mb",
+                 "wall_time_s"]  # eight fit the page without scrolling sideways; the CSV download has all of them
 MAX_SEEDS = 5
 
 HELP = dict(
@@ -63,14 +64,27 @@ def check_sweep_table(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+VIEW_LABELS = {"method": "method", "epsilon": "ε", "seed": "seed", "accuracy": "accuracy",
+               "epsilon_spent": "ε spent", "steps_done": "steps", "visual_tokens": "visual tokens",
+               "grad_prune_ratio": "grad prune", "peak_memory_mb": "memory (MB)", "wall_time_s": "time (s)"}
+
+
 def sweep_view(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns worth reading in the app, numbers rounded, ε = ∞ written ∞ (else it shows as an empty cell)."""
+    """The columns worth reading in the app, with the labels and formats of the other tabs: method labels,
+    accuracies as percentages, ε = ∞ written ∞, a private run's memory withheld (see ``common.WITHHELD_WHY``)."""
     shown = [c for c in SHOWN_COLUMNS if c in table.columns]
-    view = round_table(table[shown] if shown else table)
+    view = round_table(public_table(table)[shown] if shown else table)
     for column in ("epsilon", "epsilon_spent"):
         if column in view and any(isinstance(v, float) and math.isinf(v) for v in view[column]):
             view[column] = [format_epsilon(v) if isinstance(v, float) and math.isinf(v) else v for v in view[column]]
-    return view
+    if "accuracy" in view:
+        view["accuracy"] = [percent(v) for v in pd.to_numeric(view["accuracy"], errors="coerce")]
+    if "peak_memory_mb" in view and "method" in view:
+        view["peak_memory_mb"] = ["withheld" if is_private(str(m)) else v
+                                  for m, v in zip(view["method"], view["peak_memory_mb"])]
+    if "method" in view:
+        view["method"] = [method_label(str(m)) for m in view["method"]]
+    return view.rename(columns=VIEW_LABELS)
 
 
 def load_sweep_csv(path) -> dict:
@@ -170,7 +184,7 @@ def sweep(settings: AppSettings, methods, epsilons, seeds, steps, batch_size,
 def noise_note(table: pd.DataFrame, task: str, n_eval: int) -> str:
     """One sentence: the chance level, its noise band on ``n_eval`` test records, and how many points lie in it."""
     chance = reference.chance_level(task)
-    band = reference.NOISE_SE * reference.binomial_se(chance, n_eval)
+    band = stats.noise_band(chance, n_eval)
     inside = int((abs(pd.to_numeric(table["accuracy"], errors="coerce") - chance) < band).sum())
     return (f"Chance is {100 * chance:.0f}%; with {n_eval} test images a guesser lands within ± {100 * band:.1f} "
             f"points of it (the grey band), so {inside} of {len(table)} point(s) inside the band are "
@@ -213,7 +227,8 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Run a small sweep or load a sweep CSV."), elem_id="sw-status")
                 figure = gr.Plot(label="Accuracy vs ε", elem_id="sw-figure")
-                table = gr.Dataframe(headers=SHOWN_COLUMNS, label="Runs", interactive=False, elem_id="sw-table")
+                table = gr.Dataframe(headers=[VIEW_LABELS[c] for c in SHOWN_COLUMNS], label="Runs", interactive=False,
+                                     wrap=True, elem_id="sw-table")
                 download = gr.File(label="Download the sweep (CSV)", interactive=False, height=90,
                                    elem_id="sw-download")
         study = measured_study_view()
@@ -232,7 +247,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
             shown = routed(update, outputs)
             if results is not None:
                 runs_v = list(runs_v or [])
-                shown[runs_state] = runs_v + session_runs.runs_from_sweep(results, session_runs.next_number(runs_v))
+                shown[runs_state] = runs_v + session_runs.runs_from_sweep(results, session_runs.next_number(runs_v), s)
             yield shown
 
     def load(path_v):

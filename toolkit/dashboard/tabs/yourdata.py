@@ -19,12 +19,14 @@ from typing import Iterator
 
 import gradio as gr
 
-from toolkit.dashboard import datasets, jobs, model
+from toolkit import stats
+from toolkit.dashboard import datasets, jobs, model, reference
 from toolkit.dashboard.common import (
     HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, format_value, message_html,
     progress_html, routed, ui_batch_size, ui_choice, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.images import load_upload
+from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.data import VQADataset, VQARecord
 from toolkit.export import EXPORT_FILE
 from toolkit.predict import Predictor
@@ -50,10 +52,17 @@ def _refused_note(count: int) -> str:
     return f" {count} refused record(s) are left out." if count else ""
 
 
+# What a new data set clears: the previous data set's model, its result, downloads and answers.
+CLEARED = dict(train_status="", verdict="", result="", downloads=None, model=None, ask_status="", answer="",
+               overlay=None)
+
+
 def choose_data(settings: AppSettings, zip_file, server_path) -> dict:
     """Unpack (zip) or locate (server path) a data set and validate it. Returns ``status`` (HTML), ``summary``
-    (Markdown), ``refused`` (DataFrame) and ``data`` (the choice for the session's state, or None)."""
-    blank = dict(summary="", refused=datasets.refused_table(None), data=None)
+    (Markdown), ``refused`` (DataFrame), ``data`` (the choice for the session's state, or None) and the
+    :data:`CLEARED` values (the previous data set's results leave the page). A refused zip leaves no file."""
+    blank = dict(CLEARED, summary="", refused=datasets.refused_table(None), data=None)
+    folder = None
     try:
         if zip_file:
             folder = datasets.extract_zip(zip_file, settings.results_dir() / "uploads")
@@ -66,11 +75,12 @@ def choose_data(settings: AppSettings, zip_file, server_path) -> dict:
             raise InputError("no data given: upload a zip (data zip) or type a path under the data root (data path)")
         validated = datasets.validate(choice)
     except InputError as err:
+        datasets.discard(folder)
         return dict(blank, status=warn(f"Not validated: {err}"))
     accepted = len(validated.train_set)
-    return dict(status=message_html(f"Validated: {accepted} training record(s) accepted."
-                                    f"{_refused_note(len(validated.refused))}",
-                                    "warn" if validated.refused else "ok"),
+    return dict(blank, status=message_html(f"Validated: {accepted} training record(s) accepted."
+                                           f"{_refused_note(len(validated.refused))}",
+                                           "warn" if validated.refused else "ok"),
                 summary=datasets.summary_markdown(validated), refused=datasets.refused_table(validated),
                 data=choice.to_state())
 
@@ -117,9 +127,10 @@ def result_markdown(summary: dict, export_dir: Path) -> str:
 def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, batch_size,
                   session: str = "local") -> Iterator[dict]:
     """Generator: fine-tune on the validated data (its accepted records), export the model, and yield ``status``,
-    ``result`` (Markdown), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
-    folder, for the session's state)."""
-    blank = dict(result="", downloads=None)
+    ``verdict`` (HTML: the accuracy against the evaluation file's baselines), ``result`` (Markdown), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
+    folder, for the session's state) with ``summary``, ``read`` (its verdict) and ``data`` (the data set's name)
+    for the session's runs table."""
+    blank = dict(verdict="", result="", downloads=None)
     try:
         choice = datasets.DataChoice.from_state(data_state)
         validated = datasets.validate(choice)
@@ -164,9 +175,30 @@ def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, bat
     result, downloads = outcome.value
     summary = result.summary()
     done = f"Stopped early ({job.reason})" if result.cancelled else "Finished"
+    read = reference.result_verdict(config, result, eval_set) if len(eval_set) else None
     yield dict(status=message_html(f"{done}: {result.steps} steps in {result.wall_time_s:.0f} s; the model is "
                                    "exported (download the adapter and its model card below).", "ok"),
-               result=result_markdown(summary, export_dir), downloads=downloads, model=str(export_dir))
+               verdict=verdict_html(config, summary, read), result=result_markdown(summary, export_dir),
+               downloads=downloads, model=str(export_dir), summary=summary, read=read, data=choice.source)
+
+
+def verdict_html(config: TrainConfig, summary: dict, read: dict | None) -> str:
+    """The accuracy on the user's evaluation file read against its chance and majority-class baselines (and
+    whether ε still protects anyone), as one status line."""
+    sentences, kind = [], "ok"
+    if read is None:
+        sentences.append("Not scored: the data set has no evaluation file (test.json), so nothing says whether the "
+                         "model learned.")
+        kind = "warn"
+    else:
+        sentences.append(read["sentence"])
+        kind = read["kind"]
+    if config.private:
+        strength, text = stats.privacy_strength(config.epsilon, summary.get("noise_multiplier"))
+        if strength != "ok":
+            sentences.insert(0, text)
+            kind = "warn"
+    return message_html(" ".join(sentences), kind)
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,8 +241,9 @@ def ask(settings: AppSettings, export_dir, image, question) -> dict:
                        f"tokens used).{fitted}", overlay=overlay)
 
 
-def build(settings: AppSettings) -> list:
-    """The Your data tab (inside the app's ``gr.Blocks``); returns its events that may train the warm start."""
+def build(settings: AppSettings, runs_state: gr.State) -> list:
+    """The Your data tab (inside the app's ``gr.Blocks``); a finished run is added to ``runs_state``. Returns its
+    events that may train the warm start."""
     s = settings
     with gr.Tab("Your data", id="yourdata"):
         data_state, model_state = gr.State(None), gr.State(None)
@@ -247,32 +280,45 @@ def build(settings: AppSettings) -> list:
                                  elem_id="yd-status")
                 summary = gr.Markdown(elem_id="yd-summary")
                 refused = gr.Dataframe(value=datasets.refused_table(None), label="Refused records", wrap=True,
+                                       column_widths=["18%", "10%", "14%", "58%"],  # the reason is read in full
                                        interactive=False, elem_id="yd-refused")
                 train_status = gr.HTML(elem_id="yd-train-status")
+                verdict = gr.HTML(elem_id="yd-verdict")
                 result = gr.Markdown(elem_id="yd-result")
                 downloads = gr.File(label="Your model: the export (zip) and its model card", file_count="multiple",
                                     interactive=False, elem_id="yd-downloads")
                 ask_status = gr.HTML(elem_id="yd-ask-status")
                 answer = gr.Markdown(elem_id="yd-answer")
                 overlay = gr.Plot(label="The visual tokens the model used", elem_id="yd-overlay")
-    check_outputs = dict(status=status, summary=summary, refused=refused, data=data_state)
-    train_outputs = dict(status=train_status, result=result, downloads=downloads, model=model_state)
+    train_outputs = dict(status=train_status, verdict=verdict, result=result, downloads=downloads, model=model_state)
+    check_outputs = dict(status=status, summary=summary, refused=refused, data=data_state, train_status=train_status,
+                         verdict=verdict, result=result, downloads=downloads, model=model_state,
+                         ask_status=ask_status, answer=answer, overlay=overlay)
     ask_outputs = dict(status=ask_status, answer=answer, overlay=overlay)
 
     def check(zip_v, path_v):
         return routed(choose_data(s, zip_v, path_v), check_outputs)
 
-    def run(data_v, method_v, eps_v, steps_v, batch_v, request: gr.Request):
+    def run(data_v, method_v, eps_v, steps_v, batch_v, runs_v, request: gr.Request):
         for update in train_on_data(s, data_v, method_v, eps_v, steps_v, batch_v, session=jobs.session_id(request)):
-            yield routed(update, train_outputs)
+            summary, read, data = update.pop("summary", None), update.pop("read", None), update.pop("data", None)
+            shown = routed(update, train_outputs)
+            if summary is not None:
+                runs_v = list(runs_v or [])
+                shown[runs_state] = runs_v + [session_runs.run_from_summary(
+                    summary, session_runs.next_number(runs_v), "your-data", data, read, task=None)]
+            yield shown
 
     def answer_it(model_v, image_v, question_v):
         return routed(ask(s, model_v, image_v, question_v), ask_outputs)
 
     validate_button.click(check, [zip_file, server_path], list(check_outputs.values()), concurrency_limit=2,
                           api_name="validate_data")
-    run_event = jobs.wire_run_button(run_button, run, [data_state, method, epsilon, steps, batch],
-                                     list(train_outputs.values()), api_name="finetune_your_data")
+    # a new upload: the previous data set's results leave the page at once (Validate then fills it again)
+    zip_file.upload(lambda: routed(CLEARED, check_outputs), None,
+                    [check_outputs[k] for k in CLEARED], queue=False, show_progress="hidden", api_name=False)
+    run_event = jobs.wire_run_button(run_button, run, [data_state, method, epsilon, steps, batch, runs_state],
+                                     list(train_outputs.values()) + [runs_state], api_name="finetune_your_data")
     cancel_button.click(jobs.cancel_from_page, None, train_status, concurrency_limit=None, show_progress="hidden",
                         api_name=False)
     ask_button.click(answer_it, [model_state, image, question], list(ask_outputs.values()), concurrency_limit=1,
