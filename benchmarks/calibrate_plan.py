@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.plan import CALIBRATION_PATH, summarize_calibration  # noqa: E402
 from toolkit.samples import make_photo_dataset  # noqa: E402
-from toolkit.majority import majority_verdict  # noqa: E402
+from toolkit.stats import NOISE_SE, answers_verdict  # noqa: E402
 from toolkit.train import TrainConfig, train  # noqa: E402
 from toolkit.userdata import load_llava_json  # noqa: E402
 
@@ -57,12 +57,13 @@ def run_cell(data_root: Path, n: int, epsilon: float, seed: int) -> dict:
                                image_folder=paths["image_folder"]))
     answers = result.eval_answers
     truth = [r.answer for r in load_llava_json(paths["test"], paths["image_folder"], privacy_unit=False).records]
-    verdict = majority_verdict(answers.accuracy, len(answers.correct), truth)
+    verdict = answers_verdict(answers.predictions, truth, answers.correct, answers.candidates)
     return dict(task="photo", n=n, epsilon=None if math.isinf(epsilon) else epsilon, seed=seed,
                 method=RECIPE["method"], steps=result.steps, expected_batch_size=batch,
                 sample_rate=result.sample_rate, noise_multiplier=result.noise_multiplier,
                 noise_ratio=result.noise_multiplier / batch, accuracy=result.accuracy,
-                eval_records=len(answers.correct), majority=verdict["majority"], learned=verdict["beats_majority"],
+                eval_records=len(answers.correct), majority=verdict["majority"],
+                learned=bool(verdict["gap_se"] > NOISE_SE),   # the published table's rule: > 2 s.e. above the baseline
                 wall_s=round(time.perf_counter() - started, 1))
 
 

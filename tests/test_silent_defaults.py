@@ -94,4 +94,4 @@ def test_a_quiet_non_private_cli_run_on_user_data_says_everything_it_used_to_hid
     assert any("overlap the training set" in str(w.message) for w in caught)
     result = _strict(out.read_text())            # strict JSON: no Infinity
     assert result["epsilon"] == "inf" and result["task"] is None
-    assert "sentence" in result["accuracy_vs_majority"]
+    assert "sentence" in result["verdict"] and result["verdict"]["total"] == 16

@@ -7,6 +7,7 @@
 * :func:`verdict`: all of it at once for one evaluated model, with a plain sentence: within noise, below a
   baseline, or above both; and, when the model gives one answer for (almost) every record, that it did so (its
   accuracy is then the share of that answer, not learning);
+* :func:`answers_verdict`: the same for a model's per-record answers (records with no known answer left out);
 * :func:`privacy_strength`: whether an ε (and its noise multiplier σ) still protects anyone, or is effectively
   non-private.
 
@@ -121,6 +122,14 @@ def verdict(correct: int, total: int, answers: list[str], predictions: list[str]
                 majority=majority, majority_answer=majority_answer, baseline=baseline_name, p_value=p_value,
                 gap_se=gap, top_prediction=top_prediction, top_share=top_share, collapsed=collapsed,
                 learned=learned, kind="ok" if learned else "warn", sentence=text)
+
+
+def answers_verdict(predictions: list[str], truth: list[str], correct: list, candidates=None) -> dict:
+    """:func:`verdict` of a model's ``predictions`` against the evaluation set's ``truth``; ``correct`` holds
+    True/False per record, None where the record's answer is unknown (such records are left out)."""
+    scored = [(p, t) for p, t, ok in zip(predictions, truth, correct) if ok is not None]
+    n_correct = sum(1 for ok in correct if ok)
+    return verdict(n_correct, len(scored), [t for _, t in scored], [p for p, _ in scored], candidates or None)
 
 
 def privacy_strength(epsilon: float, sigma: float | None = None) -> tuple[str, str]:

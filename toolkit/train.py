@@ -60,7 +60,6 @@ from toolkit.features import encode_records, make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses
 from toolkit.image_duplicates import report_overlap
 from toolkit.methods import get_method
-from toolkit.majority import majority_verdict
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.models import apply_trainable, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
@@ -73,6 +72,7 @@ from toolkit.privacy.release import (COST_STATS, TRAINING_STATS, WITHHELD, check
                                      outside_the_guarantee, released_stats, releases_cost_stats,
                                      releases_training_stats, segment_record)
 from toolkit.privacy.user_level import UserLevelRun
+from toolkit.stats import answers_verdict
 from toolkit.tokens import matched_fusion_sigma
 from toolkit.vocabulary import METHODS, PRIVATE_METHODS, format_epsilon
 from toolkit.userdata import load_llava_json
@@ -447,9 +447,10 @@ def finish(run: Run, rows: list, timer: StepTimer, peak, cancelled: bool) -> Tra
                    eval_mode=run.eval_mode if answers is not None else "none (no evaluation set)",
                    n_candidates=len(run.candidates), pruner=run.pruner.describe(),
                    privacy_segments=segments,
-                   # issue 22: is the accuracy distinguishable from always answering the most common answer?
-                   accuracy_vs_majority=majority_verdict(accuracy, len(run.eval_set),
-                                                         [r.answer for r in run.eval_set.records])),
+                   # is the accuracy distinguishable from chance and from always giving the commonest answer?
+                   verdict=None if answers is None else answers_verdict(
+                       answers.predictions, [r.answer for r in run.eval_set.records], answers.correct,
+                       answers.candidates)),
     )
 
 

@@ -168,8 +168,8 @@ def run(args) -> dict:
     if ctx.enabled:
         shown["world_size"] = ctx.world_size
     print(json.dumps(json_safe({k: v for k, v in shown.items() if v is not None}), indent=2, default=str))
-    if summary.get("accuracy_vs_majority") and summary["accuracy"] is not None:
-        print(summary["accuracy_vs_majority"]["sentence"])
+    if summary.get("verdict"):
+        print(summary["verdict"]["sentence"])
     shutdown(ctx)
     return json_safe(summary)
 

@@ -62,9 +62,7 @@ def result_verdict(config: TrainConfig, result, eval_set=None) -> dict | None:
     else:
         truth = list(task_answers(config.task, config.eval_split, config.eval_limit))
         candidates = TASKS[config.task][3]
-    scored = [(p, t) for p, t, c in zip(answers_given.predictions, truth, answers_given.correct) if c is not None]
-    correct = sum(1 for c in answers_given.correct if c)
-    return stats.verdict(correct, len(scored), [t for _, t in scored], [p for p, _ in scored], candidates)
+    return stats.answers_verdict(answers_given.predictions, truth, answers_given.correct, candidates)
 
 
 def accuracy_verdict(task: str, accuracy: float, eval_split: str = "test", eval_limit: int | None = None) -> dict:
