@@ -35,7 +35,7 @@ class Mutation:
 
 MUTATIONS = (
     Mutation("public-mask-from-private-split", "the public update mask ranks public-split gradients",
-             "toolkit/train.py", 'public = make_vqa(c.task, "public",', "public = make_vqa(c.task, c.train_split,",
+             "toolkit/run_setup.py", 'public = make_vqa(c.task, "public",', "public = make_vqa(c.task, c.train_split,",
              ("tests/test_privacy_claims.py", "-k", "public_update_mask")),
     Mutation("audit-coins-from-answer-parity", "audit coins are independent of the canaries",
              "toolkit/audit/canaries.py", "return rng.random(len(canaries)) < 0.5",
@@ -62,7 +62,7 @@ MUTATIONS = (
              "toolkit/train.py", "plan=run.plan, segments=segments)", "plan=run.plan, segments=[])",
              ("tests/test_privacy_release.py", "-k", "keeps_the_earlier")),
     Mutation("fixed-batches-from-public-seed", "fixed batches come from the secret generator",
-             "toolkit/train.py", "min(c.expected_batch_size, n_held), generator=generator)",
+             "toolkit/run_setup.py", "min(c.expected_batch_size, n_held), generator=generator)",
              "min(c.expected_batch_size, n_held), seed=c.seed)",
              ("tests/test_privacy_rules.py", "-k", "secret_generator")),
     Mutation("fixed-batches-unmarked", "fixed batches are named outside the Poisson accountant",
