@@ -157,3 +157,13 @@ def test_export_refuses_a_non_empty_folder(trained, tmp_path):
     with pytest.raises(ValueError, match="already exists and is not empty"):
         trained.save(tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_an_export_from_a_newer_version_names_the_config_fields_it_does_not_know(trained, tmp_path):
+    path = trained.save(tmp_path / "newer", "adapter")
+    meta = json.loads((path / EXPORT_FILE).read_text())
+    meta["config"]["a_future_knob"] = 7
+    (path / EXPORT_FILE).write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="a_future_knob"):
+        config = load_trained(path).config
+    assert config.method == "non-private" and config.lr == 1e-2

@@ -82,9 +82,9 @@ class Exported:
 
     @property
     def config(self) -> TrainConfig:
-        """The run's public config (fields this toolkit version knows)."""
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in self.metadata["config"].items() if k in known})
+        """The run's public config. A field this toolkit version does not know (an export from a newer one) is
+        named in a warning, not dropped silently."""
+        return TrainConfig.from_dict(self.metadata["config"], unknown="warn")
 
 
 def resolve_format(export_format: str, model) -> str:
