@@ -3,6 +3,7 @@ start, each tab's handlers (validation, a fine-tune to the end, cancel, the time
 table, the privacy–utility view), and the page. Tiny settings: no warm start, few records."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import importlib.util
 import json
@@ -24,6 +25,7 @@ from toolkit.dashboard import AppSettings, InputError, common, datasets, images,
 from toolkit.dashboard.budget import BUDGET_KEEP, BUDGET_RATIO
 from toolkit.dashboard.tabs import audit, finetune, memory, runs, sweep, tokens, yourdata
 from toolkit.dashboard.ui import build_app, header_markdown
+from toolkit.config import TrainConfig
 from toolkit.samples import make_photo_dataset
 
 TINY = dict(preset="tiny", warm_start_steps=0, train_limit=32, eval_limit=32, max_steps=50, time_limit=120.0,
@@ -351,6 +353,23 @@ def test_an_explicit_token_strategy_applies_to_a_baseline(settings):
                   token_prune_ratio=None)
     config = finetune.build_train_config(settings, *[values[k] for k in GOOD])
     assert config.token_strategy == "dual-priv" and config.keep_tokens == 7 and config.grad_prune_ratio == 0
+
+
+def test_what_a_fine_tune_prunes_by_default_comes_from_the_method_registry(settings):
+    from toolkit.methods import get_method, register_method, unregister_method
+
+    dp_sgd = get_method("dp-sgd")
+    register_method(dataclasses.replace(dp_sgd, name="toy-pruned-dp-sgd", prunes_tokens=True, prunes_update=True))
+    try:
+        values = dict(GOOD, method="toy-pruned-dp-sgd", token_strategy="auto", grad_prune_ratio=0.3)
+        config = finetune.build_train_config(settings, *[values[k] for k in GOOD])
+        assert (config.token_strategy, config.grad_prune_ratio) == ("dual-priv", 0.3)
+    finally:
+        unregister_method("toy-pruned-dp-sgd")
+    values = dict(GOOD, method="dp-sgd", token_strategy="auto", grad_prune_ratio=0.3)
+    config = finetune.build_train_config(settings, *[values[k] for k in GOOD])
+    assert (config.token_strategy, config.grad_prune_ratio) == ("none", 0)   # as TrainConfig.resolved() says
+    assert config.grad_prune_ratio == TrainConfig(method="dp-sgd", steps=1).resolved().grad_prune_ratio
 
 
 def test_non_private_ignores_epsilon_and_baselines_keep_every_token(settings):

@@ -29,10 +29,11 @@ from toolkit.dashboard.common import (
     ui_batch_size, ui_choice, ui_fraction, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.tabs import runs as session_runs
+from toolkit.methods import get_method, method_names
 from toolkit.tokens import STRATEGIES
 from toolkit.train import TrainConfig, train
 from toolkit.viz import training_curve_figure
-from toolkit.vocabulary import METHOD_LABELS, METHODS, format_epsilon, is_private
+from toolkit.vocabulary import METHOD_LABELS, format_epsilon, is_private
 
 HELP = dict(
     method=("Non-private: no noise (ε = ∞). DP-SGD: per-example clipping + Gaussian noise, every visual token. "
@@ -70,8 +71,9 @@ def build_train_config(settings: AppSettings, method, epsilon, delta, budget_mod
     Token pruning and update pruning apply to Dual-Priv; the baselines keep every visual token and every
     gradient coordinate unless a token strategy is chosen explicitly (an ablation). Non-private ignores ε and δ.
     """
-    ui_choice("method", method, METHODS)
-    private = is_private(method)
+    ui_choice("method", method, method_names())  # the registry now (a method registered after import counts)
+    spec = get_method(method)  # what the method prunes by default: the same rule as TrainConfig.resolved()
+    private = spec.private
     eps = ui_number("ε", epsilon, minimum=0, hint="smaller ε = stronger privacy") if private else math.inf
     dlt = (ui_fraction("δ", delta, include_zero=False, hint="e.g. 1e-5, below 1 / number of records")
            if private else 1e-5)
@@ -81,13 +83,13 @@ def build_train_config(settings: AppSettings, method, epsilon, delta, budget_mod
     grad_ratio = ui_fraction("gradient prune ratio", grad_prune_ratio, hint=GRAD_RATIO_MEANING)
     strategy = token_strategy or AUTO_STRATEGY
     if strategy == AUTO_STRATEGY:
-        strategy = "dual-priv" if method == "dual-priv" else "none"
+        strategy = spec.default_token_strategy
     budget = token_budget(settings, strategy, budget_mode, token_prune_ratio, keep_tokens)
     config = TrainConfig(
         method=method, preset=settings.preset, warm_start_steps=settings.warm_start_steps, task=settings.task,
         train_limit=settings.train_limit, eval_limit=settings.eval_limit, epsilon=eps, delta=dlt, steps=n_steps,
         expected_batch_size=batch, lr=rate, token_strategy=strategy, keep_tokens=budget["keep"],
-        token_prune_ratio=budget["token_prune_ratio"], grad_prune_ratio=grad_ratio if method == "dual-priv" else 0.0,
+        token_prune_ratio=budget["token_prune_ratio"], grad_prune_ratio=grad_ratio if spec.prunes_update else None,
         fusion_noise_std="matched" if (fusion_noise and private and strategy != "none") else None, progress=False,
         release_training_stats=bool(release_stats), secure_mode=bool(secure_mode),
     )
