@@ -8,7 +8,6 @@ from PIL import Image
 from toolkit.data import (SPLITS, TASKS, Collator, DataValidationError, make_vqa,
                           preprocess_images)
 from toolkit.forward import LlavaLM
-from toolkit.models import build_model
 from toolkit.userdata import load_llava_json
 
 
@@ -123,8 +122,8 @@ def test_file_level_problems_are_clear(folder):
 # ------------------------------------------------------------------ collator
 
 @pytest.mark.parametrize("n_visual", [1, 16, 64])
-def test_placeholders_always_equal_the_visual_tokens_fed(n_visual):
-    bundle = build_model("tiny")
+def test_placeholders_always_equal_the_visual_tokens_fed(tiny_bundle, n_visual):
+    bundle = tiny_bundle
     records = make_vqa("sum", "test", 32, limit=3).records
     collator = Collator(bundle.tokenizer, n_visual, bundle.image_token_id, bundle.prompt_template)
     batch = collator(records)
@@ -135,8 +134,8 @@ def test_placeholders_always_equal_the_visual_tokens_fed(n_visual):
         lm.check_placeholders(torch.zeros(3, n_visual + 1, 64), batch["input_ids"])
 
 
-def test_loss_is_on_the_answer_only():
-    bundle = build_model("tiny")
+def test_loss_is_on_the_answer_only(tiny_bundle):
+    bundle = tiny_bundle
     records = make_vqa("parity", "test", 32, limit=2).records
     batch = Collator(bundle.tokenizer, 4, bundle.image_token_id, bundle.prompt_template)(records)
     labelled = batch["labels"] != -100

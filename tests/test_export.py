@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
+from fast_run import fast
 from toolkit.data import make_vqa
 from toolkit.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FILE, load_trained, save_trained
 from toolkit.models import ModelLoadError, build_model, load_model, save_model
 from toolkit.train import TrainConfig, train
 
-FAST = dict(method="dual-priv", epsilon=3.0, steps=2, train_limit=16, eval_limit=8, warm_start_steps=0,
-            expected_batch_size=8, progress=False)
+FAST = fast(method="dual-priv", epsilon=3.0, steps=2, train_limit=16)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from fast_run import fast
 from hf_llava import odd_photos
 from toolkit.export import EXPORT_FILE, load_trained, save_trained
 from toolkit.features import make_pruner_for
 from toolkit.forward import tower_hidden_states
 from toolkit.train import TrainConfig, train
 
-FAST = dict(steps=2, train_limit=16, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False,
-            lr=1e-2)
+FAST = fast(steps=2, train_limit=16, lr=1e-2)
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,8 @@ def _load(files):
     return load_llava_json(files / "data.json", files / "images").records
 
 
-def test_a_second_run_reads_the_features_instead_of_recomputing_them(files, monkeypatch):
-    bundle = build_model("tiny")
+def test_a_second_run_reads_the_features_instead_of_recomputing_them(tiny_bundle, files, monkeypatch):
+    bundle = tiny_bundle
     pruner = make_pruner("dual-priv", bundle, keep=16)
     first = fc.cached_features(bundle, pruner, _load(files))
     assert len(list((files / "cache" / "features").glob("*.pt"))) == 1
@@ -44,8 +44,8 @@ def test_a_second_run_reads_the_features_instead_of_recomputing_them(files, monk
     assert torch.equal(fc.cached_features(bundle, pruner, _load(files)), first)
 
 
-def test_the_key_changes_with_the_pruner_the_image_content_and_the_tower(files):
-    bundle = build_model("tiny")
+def test_the_key_changes_with_the_pruner_the_image_content_and_the_tower(tiny_bundle, files):
+    bundle = tiny_bundle
     pruner = make_pruner("dual-priv", bundle, keep=16)
     records = _load(files)
     key = fc.features_key(bundle, pruner, records)
@@ -58,7 +58,7 @@ def test_the_key_changes_with_the_pruner_the_image_content_and_the_tower(files):
     assert fc.features_key(build_model("tiny"), pruner, records) == key      # same model, same key
 
 
-def test_in_memory_records_are_not_cached(files):
-    bundle = build_model("tiny")
+def test_in_memory_records_are_not_cached(tiny_bundle, files):
+    bundle = tiny_bundle
     fc.cached_features(bundle, make_pruner("none", bundle), make_vqa("parity", "test", 32, limit=4).records)
     assert not (files / "cache" / "features").exists()

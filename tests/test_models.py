@@ -62,8 +62,8 @@ def test_saved_model_loads_back_offline_with_identical_weights(tmp_path, monkeyp
     assert loaded.tokenizer("what digit ?")["input_ids"] == bundle.tokenizer("what digit ?")["input_ids"]
 
 
-def test_hf_style_checkpoint_without_toolkit_metadata_loads(tmp_path):
-    bundle = build_model("tiny")
+def test_hf_style_checkpoint_without_toolkit_metadata_loads(tiny_bundle, tmp_path):
+    bundle = tiny_bundle
     path = save_model(bundle, tmp_path / "hf")
     (path / "toolkit_bundle.json").unlink()
     (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
@@ -97,8 +97,8 @@ def test_file_instead_of_directory_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lora", "lora+head", "projector", "lm-full"])
-def test_trainable_modes_never_train_the_vision_tower(mode):
-    bundle = build_model("tiny")
+def test_trainable_modes_never_train_the_vision_tower(tiny_bundle, mode):
+    bundle = tiny_bundle
     n = apply_trainable(bundle, mode)
     assert n == count_trainable(bundle.model) > 0
     assert not any(p.requires_grad for p in bundle.vision_tower.parameters())
@@ -137,12 +137,12 @@ LLAVA15_CHAT_TEMPLATE = (
 
 
 @pytest.fixture
-def hf_checkpoint(tmp_path):
+def hf_checkpoint(tiny_bundle, tmp_path):
     """A tiny LLaVA saved the way llava-1.5-7b-hf is: weights, tokenizer, chat_template.json, a CLIP image
     processor (resize the short side, centre crop) and no toolkit metadata."""
     from transformers import CLIPImageProcessor
 
-    bundle = build_model("tiny")
+    bundle = tiny_bundle
     path = tmp_path / "llava-hf"
     bundle.model.save_pretrained(path)
     bundle.tokenizer.save_pretrained(path)

@@ -3,6 +3,7 @@ ranking a closed set and generating, and an exported model predicting what the t
 import pytest
 import torch
 
+from fast_run import fast
 from toolkit.data import Collator, make_vqa
 from toolkit.evaluation import CLOSED_SET_MAX, choose_eval_mode, normalize_answer
 from toolkit.forward import LlavaLM, generate_greedy
@@ -10,8 +11,7 @@ from toolkit.models import build_model
 from toolkit.predict import Predictor, predict
 from toolkit.train import TrainConfig, train
 
-FAST = dict(method="dual-priv", epsilon=3.0, steps=2, train_limit=16, eval_limit=8, warm_start_steps=0,
-            expected_batch_size=8, progress=False)
+FAST = fast(method="dual-priv", epsilon=3.0, steps=2, train_limit=16)
 
 
 def _naive_greedy(lm, features, prompt, steps):
@@ -33,8 +33,8 @@ def test_kv_cached_generation_equals_greedy_decoding_without_a_cache():
         assert generate_greedy(lm, features, prompt, 6, eos_token_id=None) == _naive_greedy(lm, features, prompt, 6)
 
 
-def test_generation_stops_at_the_end_token_and_drops_it():
-    bundle = build_model("tiny")
+def test_generation_stops_at_the_end_token_and_drops_it(tiny_bundle):
+    bundle = tiny_bundle
     collator = Collator(bundle.tokenizer, 4, bundle.image_token_id, bundle.prompt_template)
     lm = LlavaLM(bundle).bind_collator(collator).eval()
     prompt = torch.tensor([collator.prompt_ids("what colour ?")])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from fast_run import FAST
 import toolkit.audit.run as audit_run_module
 from toolkit.audit import CANARY_ANSWERS, make_canaries, membership_coins, run_audit
 from toolkit.config import TrainConfig
@@ -27,7 +28,6 @@ from toolkit.privacy.adam_bc import noise_variance
 from toolkit.train import public_gradients, setup, train
 from toolkit.zo import DPZeroOrder
 
-FAST = dict(steps=3, train_limit=32, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False)
 
 
 # -------------------------------------------------------------------------- the public update mask

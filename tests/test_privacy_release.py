@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
+from fast_run import FAST
 from toolkit.checkpoint import PrivacyPlan
 from toolkit.export import EXPORT_FILE
 from toolkit.privacy import history_epsilon
 from toolkit.privacy.release import checkpoint_segments, outside_the_guarantee
 from toolkit.train import TrainConfig, train
 
-FAST = dict(steps=3, train_limit=32, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False)
 COST = {"step_time_s", "peak_memory_mb"}
 
 

@@ -10,12 +10,13 @@ import warnings
 import pytest
 import torch
 
+from fast_run import fast
 from toolkit.config import TrainConfig
 from toolkit.privacy import FixedBatchSampler
 from toolkit.privacy.rules import LargeDeltaWarning, check_delta
 from toolkit.train import make_sampler, train
 
-FAST = dict(steps=2, train_limit=32, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False)
+FAST = fast(steps=2)
 
 
 # ------------------------------------------------------------------------------------------------ δ

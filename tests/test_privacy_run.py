@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from fast_run import FAST
 import toolkit.privacy.update_pruning as update_pruning_module
 import toolkit.zo as zo_module
 from toolkit.config import TrainConfig
@@ -17,7 +18,6 @@ from toolkit.train import setup, train
 
 # q = 1: every record joins every step, so the Poisson draw carries no randomness and only the noise differs.
 ALL_RECORDS = dict(steps=2, train_limit=16, eval_limit=8, warm_start_steps=0, expected_batch_size=16, progress=False)
-FAST = dict(steps=3, train_limit=32, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False)
 
 
 def trained_weights(result) -> torch.Tensor:

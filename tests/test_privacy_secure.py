@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fast_run import fast
 import toolkit.privacy.update_pruning as update_pruning_module
 import toolkit.secret_random as secret_random
 import toolkit.zo as zo_module
@@ -21,7 +22,7 @@ from toolkit.secret_random import ENTROPY_BITS, seeded_generator
 from toolkit.train import make_sampler, train
 
 ALL_RECORDS = dict(steps=2, train_limit=16, eval_limit=8, warm_start_steps=0, expected_batch_size=16, progress=False)
-FAST = dict(steps=2, train_limit=32, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False)
+FAST = fast(steps=2)
 ONE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0)
 
 

@@ -10,7 +10,7 @@ from transformers import AutoProcessor
 from hf_llava import build_hf_llava, odd_photos
 from toolkit.data import Collator, preprocess_images
 from toolkit.model_io import CLIP_MEAN, CLIP_STD
-from toolkit.models import ModelLoadError, build_model, load_model, save_model
+from toolkit.models import ModelLoadError, load_model, save_model
 from toolkit.processor import check_supported, describe_preprocessing
 
 
@@ -61,8 +61,8 @@ def test_a_processor_whose_output_is_not_the_towers_input_is_refused(tmp_path):
         load_model(path)
 
 
-def test_a_preset_saves_a_real_processor_that_letterboxes_and_reproduces_the_collators_tokens(tmp_path):
-    bundle = build_model("tiny")
+def test_a_preset_saves_a_real_processor_that_letterboxes_and_reproduces_the_collators_tokens(tiny_bundle, tmp_path):
+    bundle = tiny_bundle
     path = save_model(bundle, tmp_path / "tiny")
     processor = AutoProcessor.from_pretrained(path)
     photos = odd_photos(6)
@@ -77,17 +77,17 @@ def test_a_preset_saves_a_real_processor_that_letterboxes_and_reproduces_the_col
     assert ids.count(bundle.image_token_id) == 64
 
 
-def test_a_preset_on_its_own_square_canvas_gets_the_pixels_it_always_got():
+def test_a_preset_on_its_own_square_canvas_gets_the_pixels_it_always_got(tiny_bundle):
     from toolkit.data import make_vqa
 
-    bundle = build_model("tiny")
+    bundle = tiny_bundle
     images = [r.image for r in make_vqa("parity", "test", 32, limit=8).records]
     torch.testing.assert_close(bundle.preprocess(images), preprocess_images(images, 32, bundle.image_mean,
                                                                             bundle.image_std), rtol=0, atol=1e-6)
 
 
-def test_a_multi_turn_conversation_renders_as_the_collator_lays_it_out(tmp_path):
-    bundle = build_model("tiny")
+def test_a_multi_turn_conversation_renders_as_the_collator_lays_it_out(tiny_bundle, tmp_path):
+    bundle = tiny_bundle
     processor = AutoProcessor.from_pretrained(save_model(bundle, tmp_path / "tiny"))
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is this ?"}]},

@@ -3,7 +3,6 @@ noise draw, one step, one accountant step), logits only at the answer positions,
 per-example gradients, the LLaVA-1.5-7B-shaped preset (meta device only), and the config's checks."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import pytest

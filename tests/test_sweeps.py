@@ -523,5 +523,6 @@ def test_dashboard_defaults_benchmark_runs_what_the_tab_runs_and_reports_its_ver
     assert (config.expected_batch_size, config.token_prune_ratio, config.grad_prune_ratio) == (32, 0.75, 0.2)
     assert bench.tab_config(settings, "dp-sgd", 3.0, 100).grad_prune_ratio == 0.0   # baselines keep every coordinate
     row = bench.measure(settings, "dual-priv", 3.0, 2)
-    assert row["verdict"] in ("learned", "within noise of chance") and row["cpu_s"] > 0
+    assert row["verdict"] in ("learned", "not learned (baseline: chance)", "not learned (baseline: majority class)")
+    assert row["cpu_s"] > 0
     assert 0 <= row["accuracy"] <= 100

@@ -4,10 +4,11 @@ import math
 
 import pytest
 
+from fast_run import fast
 from toolkit.cli import main
 from toolkit.train import METHODS, TrainConfig, train
 
-FAST = dict(steps=3, train_limit=32, eval_limit=16, warm_start_steps=0, expected_batch_size=8, progress=False)
+FAST = fast(eval_limit=16)
 JSON_FIELDS = {"method", "epsilon", "delta", "epsilon_spent", "noise_multiplier", "sample_rate", "steps", "accuracy",
                "peak_memory_mb", "step_time_s", "visual_tokens"}
 

@@ -7,7 +7,6 @@ from PIL import Image
 
 from toolkit.data import Collator, DataValidationError
 from toolkit.features import encode_records
-from toolkit.models import build_model
 from toolkit.tokens import make_pruner
 from toolkit.userdata import IMAGE_UNIT, USER_UNIT, load_llava_json
 
@@ -34,14 +33,14 @@ def _write(folder, records, name="data.json"):
     return path
 
 
-def test_records_hold_paths_and_hashes_and_images_are_read_only_when_encoded(folder, monkeypatch):
+def test_records_hold_paths_and_hashes_and_images_are_read_only_when_encoded(tiny_bundle, folder, monkeypatch):
     ds = load_llava_json(_write(folder, [_record("a", "a.png"), _record("b", "b.png", "blue")]), folder)
     assert all(r.image is None and r.image_path and len(r.image_sha256) == 64 for r in ds)
     assert ds.privacy_unit == IMAGE_UNIT
     opened = []
     original = Image.open
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or original(*a, **k))
-    bundle = build_model("tiny")
+    bundle = tiny_bundle
     features = encode_records(bundle, make_pruner("none", bundle), ds.records)
     assert features.shape == (2, 64, 64) and len(opened) == 2
 
@@ -86,13 +85,13 @@ def test_user_ids_make_the_unit_a_user_and_a_repeated_user_is_refused(folder):
         load_llava_json(_write(folder, [_record("a", "a.png", user_id="u1"), _record("b", "b.png")]), folder)
 
 
-def test_multi_turn_records_train_on_every_assistant_turn(folder):
+def test_multi_turn_records_train_on_every_assistant_turn(tiny_bundle, folder):
     turns = [{"from": "human", "value": "<image>\nwhat colour ?"}, {"from": "gpt", "value": "red"},
              {"from": "human", "value": "and the shape ?"}, {"from": "gpt", "value": "a square box"}]
     ds = load_llava_json(_write(folder, [{"id": "m", "image": "a.png", "conversations": turns}]), folder)
     record = ds[0]
     assert record.history == (("what colour ?", "red"),) and (record.question, record.answer) == ("and the shape ?", "a square box")
-    bundle = build_model("tiny")
+    bundle = tiny_bundle
     tok = bundle.tokenizer
     batch = Collator(tok, 4, bundle.image_token_id, bundle.prompt_template)([record])
     labels = batch["labels"][0]
@@ -139,7 +138,7 @@ def test_limit_keeps_the_first_records_after_validating_all(folder):
     assert [r.id for r in load_llava_json(_write(folder, records[:2]), folder, limit=1)] == ["a"]
 
 
-def test_an_image_that_cannot_be_decoded_is_named_when_encoded(folder):
+def test_an_image_that_cannot_be_decoded_is_named_when_encoded(tiny_bundle, folder):
     data = (folder / "b.png").read_bytes()
     (folder / "cut.png").write_bytes(data[: len(data) // 2])   # a valid header, truncated pixels
     path = _write(folder, [_record("cut", "cut.png")])
@@ -147,13 +146,13 @@ def test_an_image_that_cannot_be_decoded_is_named_when_encoded(folder):
     with pytest.raises(DataValidationError, match="record 'cut': image 'cut.png' could not be decoded"):
         load_llava_json(path, folder)
     ds = load_llava_json(path, folder, privacy_unit=False)
-    bundle = build_model("tiny")
+    bundle = tiny_bundle
     with pytest.raises(DataValidationError, match="record 'cut': image 'cut.png' could not be decoded"):
         encode_records(bundle, make_pruner("none", bundle), ds.records)
 
 
-def test_any_answer_text_is_encodable_never_unknown():
-    bundle = build_model("tiny")
+def test_any_answer_text_is_encodable_never_unknown(tiny_bundle):
+    bundle = tiny_bundle
     tok = bundle.tokenizer
     for text in ("temple", "Schloß Neuschwanstein", "東京タワー", "emoji 🙂", "x" * 40):
         ids = tok(" " + text, add_special_tokens=False)["input_ids"]

@@ -24,7 +24,7 @@ Example::
     >>> import torch
     >>> from toolkit.privacy.magnitude_select import keep_largest
     >>> [m.tolist() for m in keep_largest([torch.tensor([1.0, -1.0, 3.0]), torch.tensor([0.5, 1.0])], 3)]
-    [[False, True, True], [False, True]]
+    [[False, False, True], [False, True]]
 """
 from __future__ import annotations
 
