@@ -8,18 +8,17 @@ A folder written here is a plain Hugging Face LLaVA folder: ``config.json`` + we
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
-from transformers.utils import logging as hf_logging
 from torch import nn
 
 from toolkit.bundle import LlavaBundle, ModelLoadError
 from toolkit.processor import load_image_processor, preset_image_processor, save_processor
+from toolkit.quiet import quiet_transformers
 from toolkit.tokenizer import (LLAVA15_CHAT_TEMPLATE, LLAVA15_TEMPLATE, PRESET_CHAT_TEMPLATE, PRESET_PROMPT_TEMPLATE,
                                read_chat_template, render_prompt_template)
 
@@ -57,18 +56,6 @@ def save_model(bundle: LlavaBundle, path: str | os.PathLike) -> Path:
     )
     (path / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return path
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' warnings (its missing/unexpected-weights table among them) while loading: the
-    toolkit checks the loading report itself and raises instead."""
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def check_loading_info(path: Path, info: dict) -> None:

@@ -30,6 +30,7 @@ from transformers import AutoImageProcessor, AutoProcessor, LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from toolkit.bundle import ModelLoadError
+from toolkit.quiet import quiet_transformers
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 VIDEO_FILES = ("video_preprocessor_config.json",)
@@ -99,8 +100,6 @@ def load_image_processor(path: str | Path, image_size: int | None = None):
                                  "cannot feed (one square image per record)")
         return None
     _refuse_by_config(path)
-    from toolkit.model_io import quiet_transformers  # the loading helpers live with load_model
-
     try:
         with quiet_transformers():
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)

@@ -15,17 +15,35 @@ import statistics
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from toolkit.dashboard.common import message_html
-
-if TYPE_CHECKING:  # the jobs module imports this one
-    from toolkit.dashboard.jobs import Job
 
 HISTORY = 5                 # recent durations kept per kind of job, for the wait estimates
 MIN_PACE_UNITS = 3          # a running job's own pace is trusted once it has done this many units past its first
 MIN_PACE_FRACTION = 0.05    # ... and this fraction of its total (the first steps of a warm start run slower:
                             # 3 of 600 steps extrapolated to 547 s for a warm start that took 140 s)
+
+
+class Job(Protocol):
+    """What the line reads of a job (:class:`toolkit.dashboard.jobs.Job` is one; this module does not import it:
+    the jobs module stands above the line)."""
+
+    session: str
+    kind: str
+    units: float
+    pace_key: str
+    reason: str | None
+    started: float | None
+    pace: "Pace"
+
+    @property
+    def done(self) -> tuple[float, float] | None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def elapsed(self) -> float: ...
 
 
 class Pace:
