@@ -372,6 +372,14 @@ def test_what_a_fine_tune_prunes_by_default_comes_from_the_method_registry(setti
     assert config.grad_prune_ratio == TrainConfig(method="dp-sgd", steps=1).resolved().grad_prune_ratio
 
 
+def test_the_fine_tune_plan_shows_sigma_and_the_measured_verdict_before_any_run(settings, monkeypatch):
+    monkeypatch.setattr(model, "prepare", lambda *a, **k: pytest.fail("the plan must not load the model"))
+    text = html.unescape(finetune.plan_for(settings, *GOOD.values()))
+    assert "plan: dual-priv" in text and "N = 32 records" in text and "q = 0.25" in text and "σ = " in text
+    assert any(words in text for words in ("stayed at the majority class", "learned (", "between measured levels"))
+    assert "No plan" in html.unescape(finetune.plan_for(settings, *dict(GOOD, epsilon=-1).values()))
+
+
 def test_non_private_ignores_epsilon_and_baselines_keep_every_token(settings):
     config = finetune.build_train_config(settings, "non-private", -1, 5, BUDGET_RATIO, 0.75, 16, "auto", 0.2, 3, 8,
                                          "")
@@ -992,6 +1000,21 @@ def test_fine_tune_on_your_data_then_download_the_model_card_and_ask_the_model(s
     out = yourdata.ask(settings, final["model"], photo, "which photo is this ?")
     assert re.search(r"\*\*Answer: (temple|flower)\*\*", out["answer"]) and "16 of 64 visual tokens" in out["answer"]
     assert out["overlay"] is not None and "16 visual tokens the model used" in out["overlay"].layout.title.text
+
+
+def test_the_plan_of_a_run_on_your_data_counts_the_accepted_records_and_needs_no_model(settings, tmp_path,
+                                                                                     monkeypatch):
+    out = yourdata.choose_data(settings, str(_photo_zip(tmp_path)), "")   # 12 accepted, 2 refused
+    assert out["data"]["records"] == 12 and out["plan"] == ""            # an old plan leaves with the old data
+    monkeypatch.setattr(model, "prepare", lambda *a, **k: pytest.fail("the plan must not load the model"))
+    text = html.unescape(yourdata.plan_for_data(settings, out["data"], "dual-priv", 3.0, 30, 4))
+    assert "N = 12 records" in text and "q = 0.333" in text and "30 steps" in text and "σ = " in text
+    assert "ε = 3 protects one record" in text and "noise σ·C/B" in text
+    assert "dp-ok" in text or "dp-warn" in text                            # coloured by the measured verdict
+    non_private = html.unescape(yourdata.plan_for_data(settings, out["data"], "non-private", 3.0, 30, 4))
+    assert "plan: non-private" in non_private and "no guarantee" in non_private
+    assert "No plan yet" in yourdata.plan_for_data(settings, None, "dual-priv", 3.0, 30, 4)
+    assert "ε must be" in html.unescape(yourdata.plan_for_data(settings, out["data"], "dual-priv", -1, 30, 4))
 
 
 def test_your_data_refuses_a_missing_data_set_model_or_question(settings):

@@ -28,6 +28,7 @@ from toolkit.dashboard.common import (
     AppSettings, InputError, format_value, json_safe, message_html, progress_html, public_summary, routed,
     ui_batch_size, ui_choice, ui_fraction, ui_number, ui_steps, warn,
 )
+from toolkit.dashboard.planning import plan_html
 from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.methods import get_method, method_names
 from toolkit.tokens import STRATEGIES
@@ -97,6 +98,16 @@ def build_train_config(settings: AppSettings, method, epsilon, delta, budget_mod
         return config.resolved()
     except ValueError as err:
         raise InputError(str(err)) from None
+
+
+def plan_for(settings: AppSettings, *values) -> str:
+    """HTML: the plan (:mod:`toolkit.dashboard.planning`) of the fine-tune these UI values describe, before it
+    starts: σ, the noise against the signal and what measured runs like it did. No model is loaded."""
+    try:
+        config = build_train_config(settings, *values)
+    except InputError as err:
+        return warn(f"No plan: {err}")
+    return plan_html(config)
 
 
 def result_markdown(summary: dict, reason: str | None) -> str:
@@ -312,6 +323,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                 with gr.Row():
                     run_button = gr.Button("Run", variant="primary", elem_id="ft-run")
                     cancel_button = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
+                    plan_button = gr.Button("Plan (no training)", elem_id="ft-plan-button")
                 method = gr.Radio(METHOD_CHOICES, value="dual-priv", label="Method", info=HELP["method"],
                                   elem_id="ft-method")
                 with gr.Row():
@@ -344,6 +356,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                                       info=HELP["compare"], elem_id="ft-compare")
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Choose the settings and press Run."), elem_id="ft-status")
+                plan_box = gr.HTML(elem_id="ft-plan")
                 curve = gr.Plot(label="Loss and ε spent per step", elem_id="ft-curve")
                 verdict = gr.HTML(elem_id="ft-verdict")
                 result = gr.Markdown(elem_id="ft-result")
@@ -367,6 +380,14 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                     summary, session_runs.next_number(runs_v), data=session_runs.embedded_data(s), read=read)]
             yield shown
 
+    def plan_it(method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v, batch_v, lr_v,
+                fusion_v, release_v, secure_v):
+        return plan_for(s, method_v, eps_v, delta_v, mode_v, ratio_v, keep_v, strategy_v, grad_v, steps_v, batch_v,
+                        lr_v, fusion_v, release_v, secure_v)
+
+    plan_button.click(plan_it, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy,
+                                grad_ratio, steps, batch_size, lr, fusion_noise, release_stats, secure_mode],
+                      plan_box, concurrency_limit=2, api_name="plan")
     run_event = jobs.wire_run_button(
         run_button, run, [method, epsilon, delta, budget_mode, token_ratio, keep_tokens, token_strategy, grad_ratio,
                           steps, batch_size, lr, fusion_noise, release_stats, secure_mode, compare, runs_state],

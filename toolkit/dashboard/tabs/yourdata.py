@@ -9,6 +9,7 @@ The data intake is :mod:`toolkit.dashboard.datasets`; training is ``toolkit.trai
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import shutil
@@ -26,13 +27,15 @@ from toolkit.dashboard.common import (
     progress_html, routed, ui_batch_size, ui_choice, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.images import load_upload
+from toolkit.dashboard.planning import plan_html
 from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.data import VQADataset, VQARecord
 from toolkit.export import EXPORT_FILE
+from toolkit.methods import method_names
 from toolkit.predict import Predictor
 from toolkit.train import TrainConfig, train
 from toolkit.viz import token_overlay_figure
-from toolkit.vocabulary import METHOD_LABELS, METHODS, format_epsilon, is_private
+from toolkit.vocabulary import METHOD_LABELS, format_epsilon, is_private
 
 MODEL_CARD = "README.md"
 MAX_QUESTION_CHARS = 300
@@ -54,7 +57,7 @@ def _refused_note(count: int) -> str:
 
 # What a new data set clears: the previous data set's model, its result, downloads and answers.
 CLEARED = dict(train_status="", verdict="", result="", downloads=None, model=None, ask_status="", answer="",
-               overlay=None)
+               overlay=None, plan="")
 
 
 def choose_data(settings: AppSettings, zip_file, server_path) -> dict:
@@ -82,12 +85,12 @@ def choose_data(settings: AppSettings, zip_file, server_path) -> dict:
                                            f"{_refused_note(len(validated.refused))}",
                                            "warn" if validated.refused else "ok"),
                 summary=datasets.summary_markdown(validated), refused=datasets.refused_table(validated),
-                data=choice.to_state())
+                data=dict(choice.to_state(), records=accepted))
 
 
 def build_config(settings: AppSettings, method, epsilon, steps, batch_size, output_dir: Path) -> TrainConfig:
     """The validated ``TrainConfig`` of a fine-tune on the user's data (exported to ``output_dir``)."""
-    ui_choice("method", method, METHODS)
+    ui_choice("method", method, method_names())
     private = is_private(method)
     eps = ui_number("ε", epsilon, minimum=0, hint="smaller ε = stronger privacy") if private else math.inf
     config = TrainConfig(method=method, preset=settings.preset, warm_start_steps=settings.warm_start_steps,
@@ -98,6 +101,18 @@ def build_config(settings: AppSettings, method, epsilon, steps, batch_size, outp
         return config.resolved()
     except ValueError as err:
         raise InputError(str(err)) from None
+
+
+def plan_for_data(settings: AppSettings, data_state, method, epsilon, steps, batch_size) -> str:
+    """HTML: the plan (:mod:`toolkit.dashboard.planning`) of a fine-tune with these settings on the validated data,
+    N being its accepted records; before any training, without the model."""
+    try:
+        choice = datasets.DataChoice.from_state(data_state)
+        config = build_config(settings, method, epsilon, steps, batch_size, settings.results_dir() / "plan")
+    except InputError as err:
+        return warn(f"No plan yet: {err}")
+    return plan_html(dataclasses.replace(config, output_dir=None, train_data=str(choice.train),
+                                         dataset_size=data_state.get("records")))
 
 
 def export_downloads(export_dir: Path) -> list[str]:
@@ -271,6 +286,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                 with gr.Row():
                     run_button = gr.Button("Fine-tune", variant="primary", elem_id="yd-run")
                     cancel_button = gr.Button("Cancel", variant="stop", elem_id="yd-cancel")
+                    plan_button = gr.Button("Plan (no training)", elem_id="yd-plan-button")
                 gr.Markdown("**3. Ask your model**")
                 image = gr.Image(label="An image", type="pil", sources=["upload"], height=220, elem_id="yd-image")
                 question = gr.Textbox(label="Question", info=HELP["question"], elem_id="yd-question")
@@ -282,6 +298,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                 refused = gr.Dataframe(value=datasets.refused_table(None), label="Refused records", wrap=True,
                                        column_widths=["18%", "10%", "14%", "58%"],  # the reason is read in full
                                        interactive=False, elem_id="yd-refused")
+                plan_box = gr.HTML(elem_id="yd-plan")
                 train_status = gr.HTML(elem_id="yd-train-status")
                 verdict = gr.HTML(elem_id="yd-verdict")
                 result = gr.Markdown(elem_id="yd-result")
@@ -293,7 +310,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
     train_outputs = dict(status=train_status, verdict=verdict, result=result, downloads=downloads, model=model_state)
     check_outputs = dict(status=status, summary=summary, refused=refused, data=data_state, train_status=train_status,
                          verdict=verdict, result=result, downloads=downloads, model=model_state,
-                         ask_status=ask_status, answer=answer, overlay=overlay)
+                         ask_status=ask_status, answer=answer, overlay=overlay, plan=plan_box)
     ask_outputs = dict(status=ask_status, answer=answer, overlay=overlay)
 
     def check(zip_v, path_v):
@@ -309,11 +326,17 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
                     summary, session_runs.next_number(runs_v), "your-data", data, read, task=None)]
             yield shown
 
+    def plan_it(data_v, method_v, eps_v, steps_v, batch_v):
+        return plan_for_data(s, data_v, method_v, eps_v, steps_v, batch_v)
+
     def answer_it(model_v, image_v, question_v):
         return routed(ask(s, model_v, image_v, question_v), ask_outputs)
 
+    plan_inputs = [data_state, method, epsilon, steps, batch]
     validate_button.click(check, [zip_file, server_path], list(check_outputs.values()), concurrency_limit=2,
-                          api_name="validate_data")
+                          api_name="validate_data").then(plan_it, plan_inputs, plan_box, api_name=False)
+    # the plan before a run: σ, the noise against the signal and what measured runs like it did (no model)
+    plan_button.click(plan_it, plan_inputs, plan_box, concurrency_limit=2, api_name="plan_your_data")
     # a new upload: the previous data set's results leave the page at once (Validate then fills it again)
     zip_file.upload(lambda: routed(CLEARED, check_outputs), None,
                     [check_outputs[k] for k in CLEARED], queue=False, show_progress="hidden", api_name=False)
