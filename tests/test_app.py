@@ -992,6 +992,7 @@ def test_fine_tune_on_your_data_then_download_the_model_card_and_ask_the_model(s
     assert spent and 0 < float(spent.group(1)) <= 2.0
     assert f"{float(spent.group(1)):.4g}" in final["result"] or spent.group(1) in final["result"]
     assert "one record = one image" in final["result"] and "accuracy (your evaluation file)" in final["result"]
+    assert "Load it with transformers alone" in final["result"] and ".from_pretrained(out" in final["result"]
     verdict = html.unescape(final["verdict"])  # read against the baselines of the user's own test.json
     assert "majority class 50.0%" in verdict and "chance 50.0% (2 answers)" in verdict and "of 4 test records" in verdict
     with zipfile.ZipFile(archive) as zf:

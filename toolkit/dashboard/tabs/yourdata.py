@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from toolkit.dashboard.planning import plan_html
 from toolkit.dashboard.tabs import runs as session_runs
 from toolkit.data import VQADataset, VQARecord
 from toolkit.export import EXPORT_FILE
+from toolkit.model_card import loading_snippet
 from toolkit.methods import method_names
 from toolkit.predict import Predictor
 from toolkit.train import TrainConfig, train
@@ -136,13 +138,22 @@ def result_markdown(summary: dict, export_dir: Path) -> str:
         ("exported to", f"`{export_dir.name}` (adapter + model card; download below)"),
     ]
     lines = [f"### Your model: {METHOD_LABELS[summary['method']]}", "", "| measure | value |", "|---|---|"]
-    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    meta_file = export_dir / EXPORT_FILE
+    if meta_file.is_file():  # the export's own snippet: what a practitioner runs without this toolkit
+        lines += ["", "#### Load it with transformers alone (offline, no toolkit)", "", "```python",
+                  f"out = '{export_dir.name}'  # the unzipped download",
+                  loading_snippet(json.loads(meta_file.read_text())),
+                  "```", "", "With the toolkit: `toolkit.export.load_trained(out)`, or "
+                  "`python -m toolkit predict --model OUT --data FILE.json`."]
+    return "\n".join(lines)
 
 
 def train_on_data(settings: AppSettings, data_state, method, epsilon, steps, batch_size,
                   session: str = "local") -> Iterator[dict]:
     """Generator: fine-tune on the validated data (its accepted records), export the model, and yield ``status``,
-    ``verdict`` (HTML: the accuracy against the evaluation file's baselines), ``result`` (Markdown), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
+    ``verdict`` (HTML: the accuracy against the evaluation file's baselines), ``result`` (Markdown, with the
+    export's loading snippet), ``downloads`` (the export zip and the model card) and, at the end, ``model`` (the export
     folder, for the session's state) with ``summary``, ``read`` (its verdict) and ``data`` (the data set's name)
     for the session's runs table."""
     blank = dict(verdict="", result="", downloads=None)
