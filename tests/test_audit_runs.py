@@ -38,6 +38,8 @@ def test_audit_finds_the_leak_of_a_run_without_noise(method, threshold):
     result = run_audit(config(method, math.inf), canaries=CANARIES, seed=SEED)
     assert result.epsilon_reported == math.inf and result.noise_multiplier == 0.0
     assert result.epsilon_lower_bound > threshold, result.summary()["correct"]
+    # the f-DP bound reads the same guesses more tightly (one-sided: the k "in" guesses)
+    assert result.fdp_guesses == result.k and 0 < result.fdp_epsilon_lower_bound <= result.fdp_epsilon_ceiling
     assert result.scores[result.included].mean() > result.scores[~result.included].mean()
     assert not result.violation  # nothing can exceed ε = ∞
 
@@ -51,6 +53,7 @@ def test_audit_stays_below_the_reported_epsilon(method, epsilon):
     result = run_audit(config(method, epsilon), canaries=CANARIES, seed=SEED)
     assert 0 < result.epsilon_reported <= epsilon and result.noise_multiplier > 0
     assert result.epsilon_lower_bound < result.epsilon_reported
+    assert result.fdp_epsilon_lower_bound < result.epsilon_reported
     assert not result.violation and result.p_value_at_reported >= 0.05
 
 

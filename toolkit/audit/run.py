@@ -13,6 +13,7 @@ from toolkit.audit.bound import (_check_confidence, count_correct, epsilon_ceili
                                  guess_membership, one_run_p_value)
 from toolkit.audit.canaries import (CANARY_ANSWERS, _Scorer, check_answers_known, make_canaries,
                                     membership_coins)
+from toolkit.audit.fdp import count_in_guesses, fdp_epsilon_ceiling, fdp_epsilon_lower_bound
 from toolkit.config import TrainConfig
 from toolkit.data import VQADataset, make_vqa
 from toolkit.train import TrainResult, load_bundle, train
@@ -21,7 +22,7 @@ from toolkit.validation import check_int
 
 # Training settings under which the audit has power on the tiny preset (measured over seeds; docs/DESIGN.md):
 # small Poisson batches and many steps make each included canary a large part of the few batches it is in.
-AUDIT_DEFAULTS = dict(steps=80, expected_batch_size=16, lr=2e-3, train_limit=32, eval_limit=32,
+AUDIT_DEFAULTS = dict(steps=200, expected_batch_size=16, lr=2e-3, train_limit=32, eval_limit=32,
                       warm_start_steps=0)
 
 
@@ -53,6 +54,11 @@ class AuditResult:
     wall_time_s: float = 0.0
     label: str = ""
     train_result: TrainResult | None = field(default=None, repr=False)
+    # the f-DP one-run bound (toolkit.audit.fdp) on the "in" guesses: tests the Gaussian curve through (ε, δ)
+    fdp_guesses: int = 0
+    fdp_correct: int = 0
+    fdp_epsilon_lower_bound: float = 0.0
+    fdp_epsilon_ceiling: float = 0.0
 
     @property
     def violation(self) -> bool:
@@ -139,6 +145,7 @@ def run_audit(config: TrainConfig, *, canaries: int = 128, k: int | None = None,
     reported = result.epsilon_spent if c.private else math.inf
     delta = float(c.delta)
     lower = epsilon_lower_bound(m, r, v, delta, confidence)
+    r_in, v_in = count_in_guesses(guesses, included)
     p_reported = one_run_p_value(m, r, v, reported, delta) if math.isfinite(reported) else 1.0
     return AuditResult(
         method=c.method, epsilon_target=float(c.epsilon) if c.private else math.inf,
@@ -146,4 +153,6 @@ def run_audit(config: TrainConfig, *, canaries: int = 128, k: int | None = None,
         correct=v, epsilon_lower_bound=lower, epsilon_ceiling=epsilon_ceiling(m, r, delta, confidence),
         p_value_at_reported=float(p_reported), scores=scores, included=included, membership_guesses=guesses,
         seed=seed, noise_multiplier=result.noise_multiplier, steps=result.steps, accuracy=result.accuracy,
-        wall_time_s=time.perf_counter() - started, label=label, train_result=result)
+        wall_time_s=time.perf_counter() - started, label=label, train_result=result, fdp_guesses=r_in,
+        fdp_correct=v_in, fdp_epsilon_lower_bound=fdp_epsilon_lower_bound(m, r_in, v_in, delta, confidence),
+        fdp_epsilon_ceiling=fdp_epsilon_ceiling(m, r_in, delta, confidence))

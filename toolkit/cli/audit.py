@@ -27,7 +27,8 @@ _AuditFlags = dataclasses.make_dataclass(
     "AuditFlags", [(name, typing.get_type_hints(TrainConfig)[name], dataclasses.field(default=value))
                    for name, value in AUDIT_DEFAULTS.items()], bases=(TrainConfig,))
 
-_EPSILON_FIELDS = ("epsilon_target", "epsilon_reported", "epsilon_lower_bound", "epsilon_ceiling")
+_EPSILON_FIELDS = ("epsilon_target", "epsilon_reported", "epsilon_lower_bound", "epsilon_ceiling",
+                   "fdp_epsilon_lower_bound", "fdp_epsilon_ceiling")
 
 
 def audit_config(args) -> TrainConfig:
@@ -35,8 +36,9 @@ def audit_config(args) -> TrainConfig:
     return TrainConfig(**dataclasses.asdict(config_from_args(args, _AuditFlags)))
 
 
-@subcommand("audit", help="empirical privacy audit in one run (Steinke et al. 2023): an ε lower bound from "
-                          "canaries; above the reported ε proves a bug, below it proves nothing")
+@subcommand("audit", help="empirical privacy audit in one run (Steinke et al. 2023; f-DP, Mahloujifar et al. "
+                          "2025): ε lower bounds from canaries; above the reported ε proves a bug, below it proves "
+                          "nothing")
 def run(args) -> dict:
     config = audit_config(args)
     result = run_audit(config, canaries=args.canaries, k=args.k, seed=args.canary_seed,
@@ -45,7 +47,8 @@ def run(args) -> dict:
     for key in _EPSILON_FIELDS:
         summary[key] = epsilon_to_json(summary[key])
     shown = {key: summary[key] for key in ("method", "epsilon_reported", "epsilon_lower_bound", "epsilon_ceiling",
-                                           "correct", "guesses", "canaries", "violation", "what_it_proves")}
+                                           "fdp_epsilon_lower_bound", "fdp_epsilon_ceiling", "correct", "guesses",
+                                           "canaries", "violation", "what_it_proves")}
     print(json.dumps(shown, indent=2, ensure_ascii=False))
     return summary
 

@@ -85,6 +85,9 @@ def verdict_markdown(s: dict) -> str:
     rows = [("ε reported by the accountant", format_epsilon(reported, 3) if math.isfinite(reported) else "∞"),
             ("empirical ε lower bound (95 %)", f"{s['epsilon_lower_bound']:.3f}"),
             ("audit ceiling (every guess right)", f"{s['epsilon_ceiling']:.3f}"),
+            ("f-DP lower bound (95 %, Gaussian curve; 'in' guesses)",
+             f"{s.get('fdp_epsilon_lower_bound', 0.0):.3f} (ceiling {s.get('fdp_epsilon_ceiling', 0.0):.3f}; "
+             f"{s.get('fdp_correct', 0)} of {s.get('fdp_guesses', 0)} right)"),
             ("membership guesses right", f"{s['correct']} of {s['guesses']} ({s['canaries']} canaries)"),
             ("accuracy of the audited run", "n/a" if math.isnan(s["accuracy"]) else f"{100 * s['accuracy']:.1f}%")]
     lines = [verdict, "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
