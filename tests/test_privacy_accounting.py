@@ -16,6 +16,7 @@ from toolkit.privacy.accounting import (
     restore_accountant,
     calibrate_continuation,
     history_epsilon,
+    rdp_noise_estimate,
 )
 
 DELTA = 1e-5
@@ -113,3 +114,12 @@ def test_a_continuation_keeps_the_composed_epsilon_within_the_new_target():
     assert sigma > calibrate_noise(3.0, 1e-5, 0.1, 30, "rdp")
     with pytest.raises(PrivacyBudgetError, match="already spent"):
         calibrate_continuation([(0.3, 0.5, 200)], 1.0, 1e-5, 0.1, 30, accountant="rdp")
+
+
+@pytest.mark.parametrize("target,q,steps", [(1.0, 0.01, 500), (3.0, 0.05, 100), (8.0, 0.25, 30)])
+def test_the_fast_rdp_estimate_never_claims_less_noise_than_the_accountant_needs(target, q, steps):
+    """The plan's proposal ranks batch sizes with it: it must be an upper bound on σ (its ε at most the target by
+    the toolkit's own RDP accountant) and close to the calibrated σ (within 3 %)."""
+    estimate = rdp_noise_estimate(target, 1e-5, q, steps)
+    assert epsilon_for(estimate, q, steps, 1e-5, accountant="rdp") <= target + 1e-9
+    assert estimate == pytest.approx(calibrate_noise(target, 1e-5, q, steps, accountant="rdp"), rel=0.03)

@@ -35,6 +35,7 @@ import warnings
 
 import numpy as np
 from opacus.accountants import create_accountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -230,6 +231,35 @@ def _bisect_sigma(eps, low: float, high: float, eps_high: float, target_epsilon:
         else:
             low = mid
     return high
+
+
+# Integer Rényi orders only: their moments have a closed form (fast), and any set of orders gives a valid bound.
+_ESTIMATE_ORDERS = tuple(range(2, 33)) + (40, 48, 64, 96, 128, 256)
+
+
+def rdp_noise_estimate(target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
+    """A fast, conservative σ for *comparing* settings (the plan's batch-size proposal): the smallest σ on a
+    log grid (bisection to 0.1 %) whose RDP bound over integer orders is ≤ ``target_epsilon``. RDP over fewer orders
+    bounds ε from above, so this σ is at least what :func:`calibrate_noise` returns; never used to train."""
+    delta = _check_delta(target_delta)
+    q = _check_sample_rate(sample_rate)
+    steps = _check_steps(steps)
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+
+    def epsilon(sigma: float) -> float:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")   # "optimal order is the largest alpha": still a valid bound
+            rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=_ESTIMATE_ORDERS)
+            return float(get_privacy_spent(orders=_ESTIMATE_ORDERS, rdp=rdp, delta=delta)[0])
+
+    low, high = math.log(1e-3), math.log(MAX_NOISE_MULTIPLIER)
+    if epsilon(math.exp(high)) > target_epsilon:
+        raise PrivacyBudgetError(f"epsilon={target_epsilon} is out of reach below σ={MAX_NOISE_MULTIPLIER:g}")
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (mid, high) if epsilon(math.exp(mid)) > target_epsilon else (low, mid)
+    return math.exp(high)
 
 
 def history_epsilon(history: list, delta: float, accountant: str = "prv") -> float:
