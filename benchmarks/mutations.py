@@ -95,7 +95,7 @@ MUTATIONS = (
              "toolkit/image_duplicates.py", "if (digest := pixel_digest(img)) in by_pixels:", "if False:",
              ("tests/test_privacy_duplicates.py", "-k", "evaluation_picture")),
     Mutation("dp-noise-dropped", "DP-SGD adds its noise",
-             "toolkit/privacy/update_pruning.py", "summed = summed + noise", "summed = summed",
+             "toolkit/privacy/update_pruning.py", "summed.add_(noise)", "summed.add_(noise * 0)",
              ("tests/test_privacy_run.py", "-k", "dp_sgd_noise_is_secret")),
     Mutation("fdp-audit-assumes-a-weaker-curve", "the f-DP audit rejects at most as often as its confidence allows",
              "toolkit/audit/fdp.py", "stats.norm.ppf(right) - mu))", "stats.norm.ppf(right) - 0.7 * mu))",

@@ -126,10 +126,18 @@ def test_bf16_parameters_noise_is_drawn_and_added_in_fp32(records):
                         expected_batch_size=b_expected)
     seen = {}
 
-    def record(optimizer, args, kwargs):  # inner optimizer's pre-hook: the per-example and the noisy gradients
-        seen["grad_sample"] = [p.grad_sample.detach().clone() for p in engine.optimizer.params]
-        seen["grad"] = [p.grad.detach().clone() for p in engine.optimizer.params]
+    clip = engine.optimizer.clip_and_accumulate
 
+    def clip_and_record():  # the per-example gradients, before they are clipped (and freed)
+        seen["grad_sample"] = [p.grad_sample.detach().clone() for p in engine.optimizer.params]
+        clip()
+
+    def record(optimizer, args, kwargs):  # inner optimizer's pre-hook: the noisy gradients
+        seen["grad"] = [p.grad.detach().clone() for p in engine.optimizer.params]
+        # the per-example gradients were freed once summed, before the noise (the step's memory peak)
+        seen["freed"] = all(p.grad_sample.numel() == 0 for p in engine.optimizer.params)
+
+    engine.optimizer.clip_and_accumulate = clip_and_record
     engine.optimizer.original_optimizer.register_step_pre_hook(record)
     engine.step(case.losses(engine.module))
     grad_samples = seen["grad_sample"]
@@ -145,6 +153,7 @@ def test_bf16_parameters_noise_is_drawn_and_added_in_fp32(records):
         err = ((got.double() - expected).abs() / ulp).max()
         worst = max(worst, float(err))
     assert worst <= 0.5 + 1e-3, worst
+    assert seen["freed"]
 
 
 def test_ghost_clipping_refuses_bf16_parameters(records):

@@ -28,6 +28,19 @@ def opacus_mark_processed(summed_grad: torch.Tensor) -> None:
     _mark_as_processed(summed_grad)
 
 
+def opacus_release_grad_sample(p: torch.Tensor) -> None:
+    """Free ``p.grad_sample`` (already clipped and summed) before Opacus' ``zero_grad`` would: each per-example
+    tensor becomes an empty placeholder, marked processed, so that ``DPOptimizer.accumulated_iterations`` (it
+    counts one per tensor, or the list's length) still sees the chunks this step accumulated."""
+    def placeholder(g: torch.Tensor) -> torch.Tensor:
+        empty = g.new_empty((0,))
+        _mark_as_processed(empty)
+        return empty
+
+    grad_sample = p.grad_sample
+    p.grad_sample = [placeholder(g) for g in grad_sample] if isinstance(grad_sample, list) else placeholder(grad_sample)
+
+
 def opacus_captured_batch_size(module: torch.nn.Module) -> int | None:
     """Batch size of the last forward Opacus' hooks captured anywhere under ``module`` (None if none)."""
     for m in module.modules():

@@ -50,7 +50,7 @@ from typing import Callable, Optional
 import torch
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise
+from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise, opacus_release_grad_sample
 from toolkit.distributed import all_reduce_sum
 from toolkit.secret_random import reseed_from_os
 from toolkit.privacy.update_masks import PRUNE_SCOPES, PreNoiseMask, check_ratio, check_scope, magnitude_mask
@@ -124,20 +124,22 @@ class _UpdatePruningMixin:
         noisy = []
         for p, keep in zip(self.params, masks):
             opacus_check_unprocessed(p.summed_grad)
-            summed = p.summed_grad.to(_exact_dtype(p))
+            summed = p.summed_grad.to(_exact_dtype(p))   # the same tensor when already ≥ fp32
             if add_noise_here:
                 if self.secure_mode:  # the whole generator state from the OS before every draw
                     reseed_from_os(self.generator)
                 noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
                                      generator=self.generator, secure_mode=self.secure_mode)
                 if keep is not None:
-                    noise = noise * keep  # noise only where the update may go (the mask is public)
-                summed = summed + noise
+                    noise.mul_(keep)  # noise only where the update may go (the mask is public)
+                # in place: the clean sum is overwritten (nothing can read it afterwards) and no third copy exists
+                summed.add_(noise)
+                del noise
             opacus_mark_processed(p.summed_grad)
             if self.distributed:
                 noisy.append(summed)  # reduced below, all tensors in one call
             else:
-                p.grad = (summed / divisor).to(p.dtype).view_as(p)
+                p.grad = summed.div_(divisor).to(p.dtype).view_as(p)
         if self.distributed:
             for p, total in zip(self.params, all_reduce_sum(noisy)):
                 p.grad = (total / divisor).to(p.dtype).view_as(p)
@@ -300,14 +302,19 @@ class UpdatePruningDPOptimizer(_UpdatePruningMixin, DPOptimizer):
         if masks is not None:
             grad_samples = [g * keep.to(g.dtype) for g, keep in zip(grad_samples, masks)]
         factors = per_example_clip_factors(grad_samples, self.max_grad_norm)
-        for p, grad_sample in zip(self.params, grad_samples):
+        for i, p in enumerate(self.params):
             opacus_check_unprocessed(p.grad_sample)
-            grad = clipped_sum(grad_sample, factors, _exact_dtype(p))
+            grad = clipped_sum(grad_samples[i], factors, _exact_dtype(p))
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:
                 p.summed_grad = grad
             opacus_mark_processed(p.grad_sample)
+            # Consumed: this chunk's per-example gradients and autograd's raw (unclipped, un-noised) gradient.
+            # Freed now, not at zero_grad, so they never coexist with the noise below (the step's memory peak).
+            grad_samples[i] = None
+            opacus_release_grad_sample(p)
+            p.grad = None
 
 
 class UpdatePruningDPOptimizerFastGradientClipping(_UpdatePruningMixin, DPOptimizerFastGradientClipping):
