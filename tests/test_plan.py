@@ -104,3 +104,14 @@ def test_a_user_level_plan_counts_users_and_says_what_epsilon_protects(tmp_path)
     assert (p.n, p.unit, p.sample_rate) == (4, "user", 0.5)
     assert p.unit_sentence == "ε = 3 protects all records of one user (every image of one person), at most 2 of " \
                               "them used per step"
+
+
+def test_a_missing_calibration_is_empty_but_a_broken_one_is_an_error_naming_it(tmp_path):
+    assert load_calibration(tmp_path / "absent.json") == dict(cells=[], runs=0)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json.*not valid JSON"):
+        load_calibration(broken)
+    broken.write_text(json.dumps({"runs": 3}))
+    with pytest.raises(ValueError, match="no list of 'cells'"):
+        load_calibration(broken)

@@ -526,3 +526,11 @@ def test_dashboard_defaults_benchmark_runs_what_the_tab_runs_and_reports_its_ver
     assert row["verdict"] in ("learned", "not learned (baseline: chance)", "not learned (baseline: majority class)")
     assert row["cpu_s"] > 0
     assert 0 <= row["accuracy"] <= 100
+
+
+def test_a_built_in_study_releases_costs_only_on_the_public_embedded_data():
+    """Step time and memory grow with the secret batch size: a sweep on your own data keeps them withheld."""
+    assert named_sweep("privacy-utility", quick=True).base["release_cost_stats"] is True
+    own = named_sweep("privacy-utility", quick=True, train_data="photos/train.json")
+    assert "release_cost_stats" not in own.base
+    assert named_sweep("privacy-utility", quick=True, release_cost_stats=False).base["release_cost_stats"] is False

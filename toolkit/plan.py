@@ -105,12 +105,18 @@ def summarize_calibration(rows: list[dict]) -> dict:
 
 
 def load_calibration(path: str | Path | None = None) -> dict:
-    """The published calibration table (empty when none was measured yet)."""
+    """The published calibration table (empty when none was measured yet). A file that exists but is not a
+    table is an error naming it, not an empty table: the plan would otherwise say "no calibration" silently."""
     path = Path(path) if path else CALIBRATION_PATH
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
         return dict(cells=[], runs=0)
+    try:
+        table = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"calibration table {str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("cells"), list):
+        raise ValueError(f"calibration table {str(path)!r} has no list of 'cells'")
+    return table
 
 
 # ------------------------------------------------------------------------------------------ the data's size
@@ -178,6 +184,12 @@ def _sigma(epsilon: float, delta: float, q: float, steps: int, accountant: str) 
         raise ValueError(f"no noise level reaches ε = {epsilon:g} in {steps} steps at q = {q:.3g}: {err}") from None
 
 
+def _example(cell: dict) -> str:
+    """One measured cell in words: its size, noise ratio, and accuracy against its majority class."""
+    return (f"N = {cell['n']}, ratio {cell['noise_ratio']:.3g}: {100 * cell['accuracy_mean']:.0f}% vs "
+            f"{100 * cell['majority']:.0f}%")
+
+
 def _verdict(ratio: float, steps: int, table: dict) -> tuple[str, dict]:
     """Where ``ratio`` falls among the measured cells: learned at a noise at least this high, or stayed at the
     majority class at a noise at most this high; the cells and run counts behind it."""
@@ -193,15 +205,13 @@ def _verdict(ratio: float, steps: int, table: dict) -> tuple[str, dict]:
         worst = min(stuck, key=lambda x: x["noise_ratio"])
         runs = sum(x["runs"] for x in stuck)
         return (f"runs at this noise level or lower (ratio ≤ {ratio:.3g}) stayed at the majority class "
-                f"({runs} of {runs} runs; e.g. N = {worst['n']}, ratio {worst['noise_ratio']:.3g}: "
-                f"{100 * worst['accuracy_mean']:.0f}% vs {100 * worst['majority']:.0f}%){caveat}",
+                f"({runs} of {runs} runs; e.g. {_example(worst)}){caveat}",
                 dict(kind="stuck", runs=runs, cells=stuck, source=where))
     if learned and not stuck:
         best = max(learned, key=lambda x: x["noise_ratio"])
         runs = sum(x["runs"] for x in learned)
         return (f"runs at this noise level or higher (ratio ≥ {ratio:.3g}) learned ({runs} of {runs} runs beat the "
-                f"majority class by > 2 s.e.; e.g. N = {best['n']}, ratio {best['noise_ratio']:.3g}: "
-                f"{100 * best['accuracy_mean']:.0f}% vs {100 * best['majority']:.0f}%){caveat}",
+                f"majority class by > 2 s.e.; e.g. {_example(best)}){caveat}",
                 dict(kind="learned", runs=runs, cells=learned, source=where))
     near = sorted(cells, key=lambda x: abs(math.log((x["noise_ratio"] + 1e-6) / (ratio + 1e-6))))[:2]
     said = "; ".join(f"ratio {x['noise_ratio']:.3g}: {x['learned']} of {x['runs']} runs learned "
@@ -223,7 +233,7 @@ def _proposal(c: TrainConfig, n: int, batch: int, steps: int, ratio: float, tabl
             continue
         try:
             options.append((rdp_noise_estimate(c.epsilon, c.delta, b / n, t) / b, b, t))
-        except PrivacyBudgetError:
+        except PrivacyBudgetError:   # this batch size cannot reach ε at this compute: not an option
             continue
     if not options:
         return None

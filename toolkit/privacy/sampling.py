@@ -67,7 +67,27 @@ def sample_rate_for(expected_batch_size: int, n_records: int) -> float:
     return expected_batch_size / n_records
 
 
-class PoissonSampler(UniformWithReplacementSampler):
+class StepSampler:
+    """What every sampler of a run offers on top of its ``sample()`` (one step's record indices): the next
+    ``steps`` batches, and ``skip`` past batches already used (a resumed run)."""
+
+    def sample(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batches(self, steps: int):
+        """Yield the next ``steps`` batches (continuing from the current generator state)."""
+        for _ in range(steps):
+            yield self.sample()
+
+    def skip(self, steps: int) -> None:
+        """Advance past ``steps`` batches without using them: a run resumed at step k calls ``skip(k)`` on a
+        sampler built with the same seed and then draws exactly the batches of the uninterrupted run (re-drawing
+        batches 0.. again would correlate steps, which the accountant assumes independent)."""
+        for _ in range(steps):
+            self.sample()
+
+
+class PoissonSampler(StepSampler, UniformWithReplacementSampler):
     """Poisson sampling: every step includes each record independently with probability ``sample_rate``.
 
     Opacus' ``UniformWithReplacementSampler`` (the same draw, ``torch.rand(n) < q`` per step), yielding
@@ -110,15 +130,8 @@ class PoissonSampler(UniformWithReplacementSampler):
         mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
         return mask.nonzero(as_tuple=False).reshape(-1)
 
-    def batches(self, steps: int):
-        """Yield the next ``steps`` batches (continuing from the current generator state)."""
-        for _ in range(steps):
-            yield self.sample()
-
     def skip(self, steps: int) -> None:
-        """Advance past ``steps`` batches without using them: a run resumed at step k calls ``skip(k)`` on a
-        sampler built with the same seed and then draws exactly the batches of the uninterrupted run (re-drawing
-        batches 0.. again would correlate steps, which the accountant assumes independent)."""
+        """As :meth:`StepSampler.skip`, without the index extraction (only the generator must advance)."""
         for _ in range(steps):
             torch.rand(self.num_samples, generator=self.generator)
 
@@ -137,7 +150,7 @@ class PoissonSampler(UniformWithReplacementSampler):
         self.generator.set_state(state["generator"])
 
 
-class FixedBatchSampler:
+class FixedBatchSampler(StepSampler):
     """Shuffled fixed-size batches (an epoch is a permutation cut into ``batch_size`` pieces).
 
     For NON-private runs. In a private run its ε is not what the Poisson accountant reports; see
@@ -170,15 +183,6 @@ class FixedBatchSampler:
             self._epoch = list(order[: self.batches_per_epoch * self.batch_size].split(self.batch_size)) \
                 if self.drop_last else list(order.split(self.batch_size))
         return self._epoch.pop(0)
-
-    def batches(self, steps: int):
-        """Yield the next ``steps`` batches."""
-        for _ in range(steps):
-            yield self.sample()
-
-    def skip(self, steps: int) -> None:
-        for _ in range(steps):
-            self.sample()
 
     def __iter__(self):
         return self.batches(self.steps)

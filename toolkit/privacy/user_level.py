@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from toolkit.privacy.sampling import StepSampler
+
 UNITS = ("record", "user")
 
 
@@ -69,7 +71,7 @@ def check_user_mode(method: str, grad_sample_mode: str, max_physical_batch_size,
                          "ranks); launch it with one process")
 
 
-class UserPoissonSampler:
+class UserPoissonSampler(StepSampler):
     """Poisson sampling of users; at most ``records_per_user`` random records of each sampled user per step.
 
     ``user_records[u]``: the record indices of user u. Yields record indices (users in order); ``user_of`` maps a
@@ -99,14 +101,6 @@ class UserPoissonSampler:
             keep = torch.randperm(len(records), generator=self.generator)[:self.records_per_user]
             parts.append(records[keep.sort().values])
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-
-    def batches(self, steps: int):
-        for _ in range(steps):
-            yield self.sample()
-
-    def skip(self, steps: int) -> None:
-        for _ in range(steps):
-            self.sample()
 
     def state_dict(self) -> dict:
         return {"n_users": self.n_users, "sample_rate": self.sample_rate, "records_per_user": self.records_per_user,
