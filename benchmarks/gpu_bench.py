@@ -38,13 +38,14 @@ SMOKE = dict(preset="tiny", batches=(2,), steps=3, device="cpu", dtype="bfloat16
 
 
 def _preset_defaults(preset: str) -> dict:
-    """The preset's bench settings (llava-7b-shape: LoRA, 576 -> 64 tokens, activation checkpointing)."""
+    """The preset's bench settings (llava-7b-shape: LoRA, 576 -> 64 tokens, activation checkpointing, ghost-fp32)."""
     from toolkit.models import PRESETS
 
     bench = PRESETS[preset].get("bench", {})
     keep = bench.get("keep_tokens")
     return dict(trainable=bench.get("trainable", "lora"), keep_tokens=keep, token_prune_ratio=None if keep else 0.75,
-                activation_checkpointing=bool(bench.get("activation_checkpointing", False)))
+                activation_checkpointing=bool(bench.get("activation_checkpointing", False)),
+                grad_sample_mode=bench.get("grad_sample_mode", "hooks"))
 
 
 def _in_process(fn, kwargs: dict) -> tuple[str, dict | None, str]:
@@ -127,12 +128,37 @@ def bf16_checks(preset: str, device: str, lm_layers: int | None, vision_layers: 
             noise = torch.cat([(p.grad.double() * 4 - s.double()).reshape(-1) for p, s in zip(opt.params, summed)])
             out["noise_std_over_sigma_C"] = float(noise.std()) / C
             out["released_grad_dtype"] = str({p.grad.dtype for p in opt.params})
+            opt.zero_grad(set_to_none=True)
+            out.update(ghost_fp32_check(engine.close(), feats, batch, C))
     rel = ((grads[torch.bfloat16] - grads[torch.float32]).abs() / grads[torch.float32]).max()
     out["per_example_norm_max_rel_err_bf16_vs_fp32"] = float(rel)
     out["ok"] = bool(rel < 0.05 and out["max_clipped_norm_over_C"] <= 1 + 1e-6
                      and out["clipped_sum_dtype"] == "{torch.float32}"
-                     and abs(out["noise_std_over_sigma_C"] - 1.0) < 0.1)
+                     and abs(out["noise_std_over_sigma_C"] - 1.0) < 0.1
+                     and out["ghost_fp32_max_clipped_norm_over_C"] <= 1 + 1e-6 and out["ghost_fp32_batch_step"] == "ok")
     return out
+
+
+def ghost_fp32_check(lm, feats, batch: dict, max_grad_norm: float) -> dict:
+    """The lean mode on this device: each example's fp32 clipped sum against C, and whether a whole-batch pair of
+    backward passes agrees (a non-deterministic kernel would make the engine refuse the step)."""
+    from toolkit.forward import answer_losses
+    from toolkit.privacy.ghost_fp32 import GhostFp32Module
+
+    module, worst = GhostFp32Module(lm), 0.0
+    for i in range(feats.shape[0]):
+        rows = {k: v[i:i + 1] for k, v in batch.items()}
+        module.clipped_backward(answer_losses(module, feats[i:i + 1], rows), max_grad_norm)
+        worst = max(worst, float(torch.cat([p.clipped_sum.double().reshape(-1) for p in module.params]).norm())
+                    / max_grad_norm)
+        module.forget()
+    try:
+        module.clipped_backward(answer_losses(module, feats, batch), max_grad_norm)
+        step = "ok"
+    except RuntimeError as err:
+        step = str(err)[:200]
+    module.to_standard_module()
+    return dict(ghost_fp32_max_clipped_norm_over_C=worst, ghost_fp32_batch_step=step)
 
 
 def markdown(cells: list[dict], checks: dict | None, settings: dict) -> str:

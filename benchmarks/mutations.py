@@ -103,6 +103,18 @@ MUTATIONS = (
     Mutation("audit-cli-ignores-its-schedule", "the README's audit command runs as written",
              "toolkit/cli/audit.py", "config_from_args(args, _AuditFlags)", "config_from_args(args, TrainConfig)",
              ("tests/test_audit_cli.py", "-k", "schedule")),
+    Mutation("ghost-fp32-factors-in-bf16", "ghost-fp32 bounds each bf16 example by C in fp32",
+             "toolkit/privacy/ghost_fp32.py",
+             "scaled = (g.to(dtype) * factors.to(device=g.device, dtype=dtype)[:, None, None])",
+             "scaled = (g * factors.to(device=g.device, dtype=g.dtype)[:, None, None]).to(dtype)",
+             ("tests/test_ghost_fp32.py", "-k", "norm_at_most_C")),
+    Mutation("ghost-fp32-noise-dropped", "ghost-fp32 adds N(0, σ²C²) to the clipped sum in the hooks",
+             "toolkit/privacy/update_pruning.py",
+             "block += self._draw_noise(std, block)", "block += 0 * self._draw_noise(std, block)",
+             ("tests/test_ghost_fp32.py", "-k", "adds_noise")),
+    Mutation("ghost-fp32-drift-unchecked", "ghost-fp32 refuses a second backward that drifts from the first",
+             "toolkit/privacy/ghost_fp32.py", "if bool(drift.any()):", "if False:",
+             ("tests/test_ghost_fp32.py", "-k", "drifts")),
 )
 
 

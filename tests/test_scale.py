@@ -173,7 +173,7 @@ def test_dtype_config_is_checked():
 
 # ---------------------------------------------------------------- 2. logical batch in physical chunks
 
-@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "ghost-fp32"])
 def test_chunks_of_8_equal_one_pass_of_32_with_one_noise_draw_and_one_accounted_step(records, grad_sample_mode):
     settings = dict(noise_multiplier=1.1, max_grad_norm=0.05, noise_seed=3, grad_prune_ratio=0.2,
                     grad_sample_mode=grad_sample_mode, expected_batch_size=32, sample_rate=0.25)

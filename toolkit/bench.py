@@ -131,7 +131,7 @@ def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
 
 def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
               token_strategy: str = "dual-priv", keep_tokens: int | None = None, token_prune_ratio: float | None = 0.75,
-              grad_prune_ratio: float = 0.2, trainable: str = "lora+head", grad_sample_mode: str = "hooks",
+              grad_prune_ratio: float = 0.2, trainable: str = "lora+head", grad_sample_mode: str | None = None,
               prune_tokens_for_all: bool = False, tower_in_step: bool = True, isolate: bool = True,
               progress: Callable[[str, int, int], None] | None = None, device: str = "auto", dtype: str = "auto",
               lm_layers: int | None = None, vision_layers: int | None = None,
@@ -139,10 +139,14 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
     """Measure every method on the same model and batch; one row per method, with ratios.
 
     ``progress(method, index, total)`` is called before each method (the dashboard uses it).
-    ``activation_checkpointing=None``: the preset's bench default (on for ``llava-7b-shape``), else off.
+    ``activation_checkpointing=None`` / ``grad_sample_mode=None``: the preset's bench defaults (``llava-7b-shape``:
+    checkpointing on, ghost-fp32 clipping), else off / ``hooks``.
     """
+    lean = PRESETS.get(preset, {}).get("bench", {})
     if activation_checkpointing is None:
-        activation_checkpointing = bool(PRESETS.get(preset, {}).get("bench", {}).get("activation_checkpointing"))
+        activation_checkpointing = bool(lean.get("activation_checkpointing"))
+    if grad_sample_mode is None:
+        grad_sample_mode = lean.get("grad_sample_mode", "hooks")
     methods = list(methods)
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown or not methods:

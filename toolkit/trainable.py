@@ -76,7 +76,7 @@ def count_trainable(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------ activation memory
 
-CHECKPOINTING_MODES = ("hooks", "ghost", None)  # grad_sample_mode values (None: no per-example gradients)
+CHECKPOINTING_MODES = ("hooks", "ghost", "ghost-fp32", None)  # grad_sample_mode values (None: no per-example gradients)
 
 
 def check_activation_checkpointing(grad_sample_mode: str | None) -> None:
@@ -90,7 +90,7 @@ def check_activation_checkpointing(grad_sample_mode: str | None) -> None:
     """
     if grad_sample_mode not in CHECKPOINTING_MODES:
         raise ValueError(f"activation_checkpointing does not work with grad_sample_mode={grad_sample_mode!r} "
-                         "(torch.func cannot run the recomputation); use grad_sample_mode='hooks' or 'ghost'")
+                         "(torch.func cannot run the recomputation); use grad_sample_mode='hooks', 'ghost' or 'ghost-fp32'")
 
 
 def enable_activation_checkpointing(bundle) -> None:

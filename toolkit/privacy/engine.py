@@ -16,7 +16,10 @@ Per-sample-gradient modes (``grad_sample_mode``):
   trainable parameter, small for LoRA.
 * ``"functorch"``: every layer through per-layer ``torch.func.vmap`` (a cross-check of ``hooks``).
 * ``"ghost"``: Opacus ghost clipping: per-example gradient *norms* without instantiating per-example
-  gradients, then a second backward of ``Σ_i c_i L_i`` with the clipping factors ``c_i``.
+  gradients, then a second backward of ``Σ_i c_i L_i`` with the clipping factors ``c_i`` (fp32 parameters only).
+* ``"ghost-fp32"``: ghost clipping whose norms and clipped sum are computed in ≥ fp32 inside the hooks
+  (:mod:`toolkit.privacy.ghost_fp32`): exact with bf16 parameters, no per-example gradient held; trainable
+  nn.Linear layers only. The lean mode of the 7B preset.
 
 A logical batch too large for the device is given as a list of chunk closures (physical batches): each chunk's
 per-example gradients are clipped and added to an fp32 sum, and only the last chunk adds the noise and takes the
@@ -60,9 +63,15 @@ from toolkit.secret_random import seeded_generator
 
 from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
 from .update_masks import PreNoiseMask, check_ratio, check_scope
-from .update_pruning import PRUNED_STATES, UpdatePruningDPOptimizer, UpdatePruningDPOptimizerFastGradientClipping
+from .ghost_fp32 import GhostFp32Module
+from .update_pruning import (
+    PRUNED_STATES, UpdatePruningDPOptimizer, UpdatePruningDPOptimizerFastGradientClipping,
+    UpdatePruningDPOptimizerGhostFp32,
+)
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ghost-fp32")
+# modes that never materialise per-example gradients (norms only)
+GHOST_MODES = ("ghost", "ghost-fp32")
 
 
 def _positive_number(name: str, value, allow_zero: bool = False) -> float:
@@ -101,7 +110,7 @@ class DPEngine:
             raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}")
         check_ratio(grad_prune_ratio)
         check_scope(prune_scope)
-        if pre_noise_mask is not None and grad_sample_mode == "ghost":
+        if pre_noise_mask is not None and grad_sample_mode in GHOST_MODES:
             raise ValueError("a pre-noise update mask needs per-example gradients to mask before clipping; ghost "
                              "clipping never materialises them: use grad_sample_mode='hooks'")
         if pruned_state not in PRUNED_STATES:
@@ -116,6 +125,9 @@ class DPEngine:
                 module, batch_first=True, loss_reduction="mean", max_grad_norm=self.max_grad_norm,
                 use_ghost_clipping=True)
             optimizer_cls = UpdatePruningDPOptimizerFastGradientClipping
+        elif grad_sample_mode == "ghost-fp32":
+            self.module = GhostFp32Module(module)
+            optimizer_cls = UpdatePruningDPOptimizerGhostFp32
         else:
             self.module = GradSampleModule(module, batch_first=True, loss_reduction="mean",
                                            force_functorch=grad_sample_mode == "functorch")
@@ -123,7 +135,8 @@ class DPEngine:
         # Two backwards without a step in between would stack per-example gradients (Opacus then divides by
         # the number of backwards and the accountant multiplies q by it): refused. Physical chunks of one
         # logical batch go through step(list of chunks), which clips each chunk and accumulates the clipped sum.
-        self.module.forbid_grad_accumulation()
+        if grad_sample_mode != "ghost-fp32":   # (ghost-fp32 consumes each backward's sums in the same step)
+            self.module.forbid_grad_accumulation()
 
         device = next(p for g in optimizer.param_groups for p in g["params"]).device
         if noise_seed is not None and secure_mode:
@@ -180,7 +193,7 @@ class DPEngine:
                 "grad_sample_mode='hooks' (clips in fp32 whatever the dtype) or float32 parameters")
 
     def _check_per_sample_gradients(self, batch_size: int) -> None:
-        if self.grad_sample_mode == "ghost":
+        if self.grad_sample_mode in GHOST_MODES:
             return
         missing = [p for p in self.optimizer.params if getattr(p, "grad_sample", None) is None]
         if missing:
@@ -214,7 +227,10 @@ class DPEngine:
 
     def _reset_captured(self) -> None:
         """Forget what Opacus' hooks captured in forwards that were never (successfully) backpropagated."""
-        opacus_forget_captures(self.module, self.optimizer.params)
+        if isinstance(self.module, GhostFp32Module):
+            self.module.forget()
+        else:
+            opacus_forget_captures(self.module, self.optimizer.params)
 
     def _account(self, optimizer) -> None:
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier,
@@ -246,8 +262,8 @@ class DPEngine:
                 self._check_losses(losses)
                 batch_size = losses.shape[0]
                 self._check_captured_batch(batch_size)
-                self._backward(losses)
-                if self.grad_sample_mode != "ghost":
+                self._backward(losses, last)
+                if self.grad_sample_mode not in GHOST_MODES:
                     self._check_per_sample_gradients(batch_size)
                     if self.group_rows is not None:   # issue 22: user-level DP clips one unit per user
                         self.group_rows(self.optimizer.params)
@@ -272,12 +288,17 @@ class DPEngine:
             self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / count
 
-    def _backward(self, per_example_losses: torch.Tensor) -> None:
+    def _backward(self, per_example_losses: torch.Tensor, last: bool) -> None:
         with warnings.catch_warnings():
             # Opacus' full backward hooks warn when the module's inputs need no grad (frozen features).
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             if self.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(self.module, self.optimizer, per_example_losses, "mean").backward()
+            elif self.grad_sample_mode == "ghost-fp32":
+                # the step's last chunk is noised block by block inside the hooks (no whole-model fp32 sum)
+                sink = self.optimizer.noise_sink() if last else None
+                self.module.clipped_backward(per_example_losses, self.max_grad_norm,
+                                             **({"sink": sink} if sink is not None else {}))
             else:
                 per_example_losses.mean().backward()
 
@@ -289,6 +310,8 @@ class DPEngine:
             for p in params:
                 if self.grad_sample_mode == "ghost":
                     p.grad = torch.zeros_like(p)
+                elif self.grad_sample_mode == "ghost-fp32":
+                    p.clipped_sum = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
                 else:
                     p.grad_sample = p.new_zeros((0, *p.shape))  # Opacus clips an empty batch to a zero sum
             self.optimizer.step()
@@ -366,7 +389,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
         sample_rate: q, the Poisson sampling rate the accountant records.
         accountant: ``"prv"`` or ``"rdp"``.
         grad_prune_ratio, prune_scope, pruned_state: mechanism 2 (:mod:`toolkit.privacy.update_pruning`).
-        grad_sample_mode: ``"hooks"`` (default), ``"functorch"`` or ``"ghost"``.
+        grad_sample_mode: ``"hooks"`` (default), ``"functorch"``, ``"ghost"`` or ``"ghost-fp32"``.
         noise_seed: seed of the noise generator, for reproducible experiments and tests ONLY: whoever knows it
             can regenerate the noise and subtract it, so a model trained with a known (e.g. config-derived)
             seed has no privacy guarantee. None (default): seeded from OS entropy.

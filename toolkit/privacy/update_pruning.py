@@ -126,10 +126,7 @@ class _UpdatePruningMixin:
             opacus_check_unprocessed(p.summed_grad)
             summed = p.summed_grad.to(_exact_dtype(p))   # the same tensor when already ≥ fp32
             if add_noise_here:
-                if self.secure_mode:  # the whole generator state from the OS before every draw
-                    reseed_from_os(self.generator)
-                noise = opacus_noise(std=sigma * self.max_grad_norm, reference=summed,
-                                     generator=self.generator, secure_mode=self.secure_mode)
+                noise = self._draw_noise(sigma * self.max_grad_norm, summed)
                 if keep is not None:
                     noise.mul_(keep)  # noise only where the update may go (the mask is public)
                 # in place: the clean sum is overwritten (nothing can read it afterwards) and no third copy exists
@@ -143,6 +140,13 @@ class _UpdatePruningMixin:
         if self.distributed:
             for p, total in zip(self.params, all_reduce_sum(noisy)):
                 p.grad = (total / divisor).to(p.dtype).view_as(p)
+
+    def _draw_noise(self, std: float, reference: torch.Tensor) -> torch.Tensor:
+        """N(0, std²) shaped like ``reference`` (≥ fp32), from the engine's generator; in secure mode the whole
+        generator state comes from the OS before every draw."""
+        if self.secure_mode:
+            reseed_from_os(self.generator)
+        return opacus_noise(std=std, reference=reference, generator=self.generator, secure_mode=self.secure_mode)
 
     def _mean_divisor(self) -> float:
         if self.loss_reduction == "mean":
@@ -163,7 +167,7 @@ class _UpdatePruningMixin:
             p.summed_grad = None
         if self.pre_noise_mask is not None:
             masks, self._step_mask = self._step_mask, None
-            kept = sum(int(m.sum()) for m in masks) if masks is not None else sum(p.numel() for p in params)
+            kept = sum(int(m.count_nonzero()) for m in masks) if masks is not None else sum(p.numel() for p in params)
             self.last_kept_fraction = kept / max(sum(p.numel() for p in params), 1)
             self._masks = masks
             self.pre_noise_mask.observe([p.grad for p in params])  # the released update: public from now on
@@ -174,11 +178,12 @@ class _UpdatePruningMixin:
         masks = noisy_gradient_mask([p.grad for p in params], self.grad_prune_ratio, self.prune_scope)
         kept = total = 0
         for p, mask in zip(params, masks):
-            p.grad.mul_(mask)
-            kept += int(mask.sum())
+            # (not mul_(mask) or mask.sum(): they copy the mask to the gradient's dtype / int64, up to 8 B a value)
+            p.grad.masked_fill_(~mask, 0)
+            kept += int(mask.count_nonzero())
             total += mask.numel()
         self.last_kept_fraction = kept / max(total, 1)
-        self._masks = masks
+        self._masks = masks if self.pruned_state == "freeze" else None   # only "freeze" reads them after the step
         return True
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -339,3 +344,57 @@ class UpdatePruningDPOptimizerFastGradientClipping(_UpdatePruningMixin, DPOptimi
                 p.summed_grad += grad
             else:
                 p.summed_grad = grad.clone()
+
+
+class UpdatePruningDPOptimizerGhostFp32(UpdatePruningDPOptimizerFastGradientClipping):
+    """The optimizer of ``grad_sample_mode="ghost-fp32"`` (:mod:`toolkit.privacy.ghost_fp32`).
+
+    Earlier physical chunks of a step leave their ≥ fp32 clipped sums in ``p.clipped_sum`` (:meth:`accumulate`
+    adds them to ``p.summed_grad``). The step's last chunk runs with :meth:`noise_sink`: each block of the clipped
+    sum gets the earlier chunks' sum, its share of N(0, σ²C²) (drawn in ≥ fp32), the division by ``B_expected`` and
+    the rounding to the parameter dtype the moment the hooks produce it, into ``p.noisy_grad``; :meth:`add_noise`
+    then only hands those to ``p.grad``. The same arithmetic as :meth:`_UpdatePruningMixin.add_noise`, block by
+    block, so no whole-model fp32 sum or noise tensor ever exists. Data-parallel ranks use the accumulate path
+    (the noisy sum must be all-reduced before the division and the mask)."""
+
+    def noise_sink(self) -> Callable[[torch.Tensor, slice, torch.Tensor], None] | None:
+        """The sink of a step's last chunk (None when distributed); see the class docstring."""
+        if self.distributed:
+            return None
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        divisor = self._mean_divisor()
+
+        def sink(p: torch.Tensor, rows: slice, block: torch.Tensor) -> None:
+            if p.summed_grad is not None:   # the earlier chunks of this step
+                block += p.summed_grad[rows]
+            block += self._draw_noise(std, block)
+            if getattr(p, "noisy_grad", None) is None:
+                p.noisy_grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            p.noisy_grad[rows] = block.div_(divisor).to(p.dtype)
+
+        return sink
+
+    def accumulate(self) -> None:
+        """``p.summed_grad += p.clipped_sum`` (≥ fp32) for a chunk that was not noised in the hooks."""
+        if self._noised_in_hooks():
+            return
+        for p in self.params:
+            chunk = getattr(p, "clipped_sum", None)
+            if chunk is None:
+                raise RuntimeError("no clipped sum on a trainable parameter: step through DPEngine.step (ghost-fp32)")
+            p.summed_grad = chunk if p.summed_grad is None else p.summed_grad.add_(chunk)
+            p.clipped_sum = None
+
+    def add_noise(self) -> None:
+        """Hand the noisy gradients the sink wrote to ``p.grad`` (or noise the accumulated sum as the mixin does)."""
+        if not self._noised_in_hooks():
+            super().add_noise()
+            return
+        for p in self.params:
+            p.grad, p.noisy_grad, p.summed_grad = p.noisy_grad, None, None
+
+    def _noised_in_hooks(self) -> bool:
+        noised = [getattr(p, "noisy_grad", None) is not None for p in self.params]
+        if any(noised) and not all(noised):
+            raise RuntimeError(f"{noised.count(False)} trainable parameter(s) got no noisy gradient from the hooks")
+        return all(noised)

@@ -1,0 +1,251 @@
+"""Ghost clipping in fp32: the per-example bound C holds to fp32 precision whatever the parameter dtype, and no
+per-example gradient is ever held for more than one layer (``grad_sample_mode="ghost-fp32"``).
+
+Why: per-example gradients (``hooks``) of a bf16 LLaVA-7B with LoRA + projector cost B x 41 M values, all held
+until every norm is known (the gap that kept Dual-Priv above DP-ZO's memory, issue 23); Opacus' ghost clipping
+avoids them but its clipped sum comes from a backward of ``Σ_i c_i L_i`` in the parameter dtype, so in bf16 an
+example could weigh up to ~0.5 % more than C. Here the clipping factors are applied in fp32 inside the hooks.
+
+One step on per-example losses ``L_i``, two backward passes of ``Σ_i L_i`` through the same graph::
+
+    pass 1 (norms)  every trainable nn.Linear hook gets its input A [B, T, d_in] and output gradient G [B, T, d_out]
+                    and adds ‖G_iᵀA_i‖² (+ ‖Σ_t G_i,t‖² for a bias) to n_i², in ≥ fp32: the ghost norm
+                    Σ (A_iA_iᵀ)⊙(G_iG_iᵀ) when T² < d_in·d_out, otherwise G_iᵀA_i one example at a time
+    c_i = min(1, C / (n_i·(1 + NORM_TOLERANCE) + 1e-6))
+    pass 2 (sum)    every hook adds Σ_i c_i G_iᵀA_i (and Σ_i c_i Σ_t G_i,t), computed in ≥ fp32 from the same A and G,
+                    to the parameter's ``clipped_sum``; it also recomputes n_i², and the step is refused if a pass-2
+                    norm exceeds n_i·(1 + NORM_TOLERANCE) (a non-deterministic backward), so c_i·‖g_i‖ ≤ C always
+
+Pass 2 backpropagates the same unweighted ``Σ_i L_i`` as pass 1 rather than ``Σ_i c_i L_i``: in bf16 the backward
+of ``c_i L_i`` is not ``c_i`` times the backward of ``L_i`` (every layer rounds), so scaling G in fp32 inside the
+hook is what keeps the bound exact. Autograd's own weight gradients (parameter dtype, never used) are dropped as
+soon as they are accumulated. Only trainable ``nn.Linear`` weights and biases are supported (LoRA's A and B, the
+projector, an LM head); anything else is refused with the parameter's name.
+
+Cost: a second backward (checkpointed layers are recomputed again) plus the norm products; memory: one ≥ fp32
+clipped sum per trainable parameter instead of B per-example gradients. The optimizer side (noise, mechanism 2,
+accountant) is :class:`toolkit.privacy.update_pruning.UpdatePruningDPOptimizerGhostFp32`.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from toolkit.privacy.ghost_fp32 import GhostFp32Module
+    >>> net = GhostFp32Module(nn.Linear(3, 2))
+    >>> losses = net(torch.randn(4, 3)).pow(2).sum(dim=1)
+    >>> factors = net.clipped_backward(losses, max_grad_norm=1.0)
+    >>> net._module.weight.clipped_sum.shape, bool((factors <= 1).all())
+    (torch.Size([2, 3]), True)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Relative slack between the norms of the two passes: the factors are computed from n_i·(1 + NORM_TOLERANCE), and a
+# pass-2 norm above that is an error, so c_i·‖g_i‖ ≤ C holds for the gradient that is actually summed. 1e-3 leaves
+# room for a GPU kernel whose backward rounds differently from one pass to the next (an atomics-based attention
+# backward moves a norm by far less) and costs at most 0.1 % of a clipped example's weight.
+NORM_TOLERANCE = 1e-3
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """``[B, ..., d]`` -> ``[B, T, d]`` (T = 1 for a 2-D input)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def linear_norms_sq(activation: torch.Tensor, output_grad: torch.Tensor, weight: bool, bias: bool,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Per-example ``‖∂L_i/∂W‖² (+ ‖∂L_i/∂b‖²)`` of an nn.Linear from its input and output gradient, in ``dtype``.
+
+    >>> a, g = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    >>> direct = torch.einsum("bto,bti->boi", g, a).pow(2).sum((1, 2))
+    >>> torch.allclose(linear_norms_sq(a, g, True, False, torch.float64), direct.double())
+    True
+    """
+    a, g = _tokens(activation), _tokens(output_grad)
+    total = torch.zeros(a.shape[0], dtype=dtype, device=a.device)
+    if weight:
+        tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        if tokens * tokens <= d_in * d_out:   # ghost norm: [B, T, T] products instead of [B, d_out, d_in]
+            a32, g32 = a.to(dtype), g.to(dtype)
+            total += (torch.bmm(a32, a32.transpose(1, 2)) * torch.bmm(g32, g32.transpose(1, 2))).sum((1, 2)).clamp(min=0)
+        else:                                  # small layer, many tokens: one example's gradient at a time
+            for i in range(a.shape[0]):
+                total[i] += (g[i].to(dtype).T @ a[i].to(dtype)).pow(2).sum()
+    if bias:
+        total += g.to(dtype).sum(1).pow(2).sum(1)
+    return total
+
+
+# A weight's clipped sum is produced a block of rows at a time (<= 2**20 values = 4 MiB in fp32), so neither the
+# whole fp32 sum of a large layer nor its noise ever exists at once when the sink noises and rounds each block.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def linear_clipped_sum_blocks(activation: torch.Tensor, output_grad: torch.Tensor, factors: torch.Tensor,
+                              weight: bool, bias: bool, dtype: torch.dtype, block_elements: int = BLOCK_ELEMENTS):
+    """Yield ``(which, rows, block)``: ``Σ_i c_i G_iᵀA_i`` (``which="weight"``) a block of output rows at a time,
+    then ``Σ_i c_i Σ_t G_i,t`` (``"bias"``), in ``dtype``; only the trainable ones.
+
+    >>> a, g, c = torch.randn(2, 5, 3), torch.randn(2, 5, 4), torch.tensor([1.0, 0.5])
+    >>> blocks = list(linear_clipped_sum_blocks(a, g, c, True, True, torch.float32, block_elements=6))
+    >>> [(which, rows) for which, rows, _ in blocks]
+    [('weight', slice(0, 2, None)), ('weight', slice(2, 4, None)), ('bias', slice(None, None, None))]
+    >>> w = torch.cat([b for which, _, b in blocks if which == "weight"])
+    >>> torch.allclose(w, g[0].T @ a[0] + 0.5 * g[1].T @ a[1], atol=1e-5)
+    True
+    """
+    a, g = _tokens(activation), _tokens(output_grad)
+    scaled = (g.to(dtype) * factors.to(device=g.device, dtype=dtype)[:, None, None]).reshape(-1, g.shape[2])
+    if weight:
+        a32 = a.to(dtype).reshape(-1, a.shape[2])
+        step = max(1, block_elements // a.shape[2])
+        for start in range(0, g.shape[2], step):
+            rows = slice(start, min(start + step, g.shape[2]))
+            yield "weight", rows, scaled[:, rows].T @ a32
+    if bias:
+        yield "bias", slice(None), scaled.sum(0)
+
+
+def accumulate_sink(p: torch.Tensor, rows: slice, block: torch.Tensor) -> None:
+    """The default sink: add a block of the clipped sum to ``p.clipped_sum`` (≥ fp32, zero-initialised)."""
+    if getattr(p, "clipped_sum", None) is None:
+        p.clipped_sum = torch.zeros_like(p, dtype=block.dtype)
+    p.clipped_sum[rows] += block
+
+
+def trainable_linears(module: nn.Module) -> list[nn.Linear]:
+    """Every nn.Linear holding a trainable parameter; raises (naming it) on a trainable parameter elsewhere."""
+    layers, covered = [], set()
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear) and any(p is not None and p.requires_grad for p in (layer.weight, layer.bias)):
+            layers.append(layer)
+            covered.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
+    other = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
+    if other:
+        raise ValueError(f"grad_sample_mode='ghost-fp32' supports trainable nn.Linear layers only (LoRA, projector, "
+                         f"LM head); these trainable parameters are elsewhere: {other[:5]}"
+                         f"{' ...' if len(other) > 5 else ''}; use grad_sample_mode='hooks'")
+    if not layers:
+        raise ValueError("the module has no trainable parameter")
+    return layers
+
+
+class GhostFp32Module(nn.Module):
+    """Wraps a module; :meth:`clipped_backward` leaves ``p.clipped_sum = Σ_i c_i g_i`` (≥ fp32) on every trainable
+    parameter. Forward through this wrapper (it calls the wrapped module); see the module docstring."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self._module = module   # Opacus' name for the wrapped module
+        self.layers = trainable_linears(module)
+        self.params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+        self.dtype = torch.float32
+        for p in self.params:
+            self.dtype = torch.promote_types(self.dtype, p.dtype)
+        self._pass: str | None = None
+        self._fired: set[int] = set()
+        self._norms_sq: torch.Tensor | None = None
+        self._factors: torch.Tensor | None = None
+        self._check_sq: torch.Tensor | None = None
+        self._sink = accumulate_sink
+        self._handles = [layer.register_forward_hook(self._capture) for layer in self.layers]
+        self._handles += [p.register_post_accumulate_grad_hook(self._drop_autograd_grad) for p in self.params]
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    # ------------------------------------------------------------ hooks
+
+    def _capture(self, layer: nn.Linear, inputs, output) -> None:
+        # Only a forward that will be backpropagated (with re-entrant checkpointing the first, no-grad forward of
+        # a checkpointed layer is skipped and its recomputation in each backward pass is the one captured).
+        if not (layer.training and torch.is_grad_enabled() and torch.is_tensor(output) and output.requires_grad):
+            return
+        activation = inputs[0].detach()
+        output.register_hook(lambda grad: self._on_output_grad(layer, activation, grad))
+
+    def _on_output_grad(self, layer: nn.Linear, activation: torch.Tensor, grad: torch.Tensor) -> None:
+        if self._pass is None:
+            raise RuntimeError("a backward through a ghost-fp32 module outside DPEngine.step: its gradients are "
+                               "neither clipped nor noised; step with the engine")
+        if id(layer) in self._fired:
+            raise RuntimeError("an nn.Linear ran twice in one forward: its per-example gradient is a sum over both "
+                               "uses, which ghost-fp32 cannot clip; use grad_sample_mode='hooks'")
+        self._fired.add(id(layer))
+        if activation.shape[0] != self._norms_sq.shape[0]:
+            raise ValueError(f"the losses hold {self._norms_sq.shape[0]} examples but a layer saw a batch of "
+                             f"{activation.shape[0]}")
+        weight = layer.weight.requires_grad
+        bias = layer.bias is not None and layer.bias.requires_grad
+        norms_sq = linear_norms_sq(activation, grad, weight, bias, self.dtype)
+        if self._pass == "norms":
+            self._norms_sq += norms_sq
+            return
+        self._check_sq += norms_sq
+        for which, rows, block in linear_clipped_sum_blocks(activation, grad, self._factors, weight, bias, self.dtype):
+            self._sink(layer.weight if which == "weight" else layer.bias, rows, block)
+
+    def _drop_autograd_grad(self, p: torch.Tensor) -> None:
+        # autograd's own gradient (parameter dtype, unclipped) is never used: free it as soon as it exists
+        if self._pass is not None:
+            p.grad = None
+
+    # ------------------------------------------------------------ the step's backward
+
+    def clipped_backward(self, per_example_losses: torch.Tensor, max_grad_norm: float,
+                         sink: Callable[[torch.Tensor, slice, torch.Tensor], None] = accumulate_sink) -> torch.Tensor:
+        """Two passes (see the module docstring); returns the clipping factors ``c`` ``[B]``.
+
+        Each block of each parameter's clipped sum goes to ``sink(param, rows, block)`` as the second pass produces
+        it: by default :func:`accumulate_sink` (``p.clipped_sum``, which a caller takes and sets to None); the
+        optimizer's ``noise_sink`` instead noises, scales and rounds each block at once, so no whole-model fp32 sum
+        is ever held (:class:`toolkit.privacy.update_pruning.UpdatePruningDPOptimizerGhostFp32`)."""
+        self._sink = sink
+        losses = per_example_losses.sum()
+        self._norms_sq = torch.zeros(per_example_losses.shape[0], dtype=self.dtype, device=per_example_losses.device)
+        try:
+            self._run_pass("norms", losses, retain_graph=True)
+            norms = self._norms_sq.sqrt()
+            self._factors = (max_grad_norm / (norms * (1 + NORM_TOLERANCE) + 1e-6)).clamp(max=1.0)
+            self._check_sq = torch.zeros_like(self._norms_sq)
+            self._run_pass("sum", losses, retain_graph=False)
+            drift = self._check_sq.sqrt() > norms * (1 + NORM_TOLERANCE)
+            if bool(drift.any()):
+                raise RuntimeError(
+                    f"{int(drift.sum())} example(s) had a larger gradient norm in the second backward than in the "
+                    "first (a non-deterministic backward, e.g. an atomics-based attention kernel): the clipping bound "
+                    "would not hold, so the step is refused; use deterministic kernels or grad_sample_mode='hooks'")
+            return self._factors
+        except BaseException:
+            self.forget()
+            raise
+        finally:
+            self._pass, self._fired = None, set()
+
+    def _run_pass(self, name: str, losses: torch.Tensor, retain_graph: bool) -> None:
+        self._pass, self._fired = name, set()
+        losses.backward(retain_graph=retain_graph)
+        missing = [layer for layer in self.layers if id(layer) not in self._fired]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} trainable nn.Linear layer(s) got no gradient: the losses must come from a forward "
+                "through engine.module with grad enabled and the module in train mode, and every trainable "
+                "parameter must take part in it (freeze unused ones)")
+
+    def forget(self) -> None:
+        """Drop a half-computed clipped (or noised) sum: a refused or failed step leaves nothing behind."""
+        for p in self.params:
+            p.clipped_sum = None
+            p.noisy_grad = None
+
+    def to_standard_module(self) -> nn.Module:
+        """Remove the hooks and return the wrapped module."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.forget()
+        return self._module
