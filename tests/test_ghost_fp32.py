@@ -130,6 +130,11 @@ def test_ghost_fp32_refuses_trainable_parameters_outside_linear_layers_by_name(r
         engine_for(case, grad_sample_mode="ghost-fp32")
 
 
+def test_ghost_fp32_with_full_lm_training_is_refused_before_any_model_loads():
+    with pytest.raises(ValueError, match="ghost-fp32.*lm-full"):
+        train(TrainConfig(method="dp-sgd", grad_sample_mode="ghost-fp32", trainable="lm-full", **fast()))
+
+
 def test_ghost_fp32_a_backward_outside_the_engine_is_refused():
     net = nn.Linear(3, 1)
     engine = make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,

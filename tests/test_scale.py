@@ -381,13 +381,16 @@ def test_a_rank_with_an_empty_share_contributes_a_zero_clipped_sum():
 
 
 def test_llava_7b_shape_bench_uses_the_lean_settings_without_flags(monkeypatch):
-    """The 7B-shape preset's bench default is activation checkpointing; other presets stay off; a flag overrides."""
+    """The 7B-shape preset's bench defaults are activation checkpointing and ghost-fp32 clipping; other presets stay
+    off / hooks; a flag overrides."""
     import toolkit.bench as bench
 
     seen = []
-    monkeypatch.setattr(bench, "measure_method", lambda **kw: seen.append(kw["activation_checkpointing"]) or dict(
+    monkeypatch.setattr(bench, "measure_method", lambda **kw: seen.append(
+        (kw["activation_checkpointing"], kw["grad_sample_mode"])) or dict(
         method=kw["method"], peak_memory_mb=1.0, step_time_s=1.0, tokens_per_s=1.0))
     bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False)
     bench.run_bench(methods=("dual-priv",), preset="tiny", isolate=False)
-    bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False, activation_checkpointing=False)
-    assert seen == [True, False, False]
+    bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False, activation_checkpointing=False,
+                    grad_sample_mode="hooks")
+    assert seen == [(True, "ghost-fp32"), (False, "hooks"), (False, "hooks")]

@@ -65,3 +65,36 @@ def test_answers_are_not_one_class_and_the_collator_takes_them():
     collator = Collator(tokenizer, 64, tokenizer.convert_tokens_to_ids("<image>"), "user : <image> {question} assistant :")
     batch = collator(ds.records[:4])
     assert batch["input_ids"].shape[0] == 4 and (batch["labels"] != -100).any()
+
+
+def test_the_public_curriculum_asks_every_shapes_colour_and_nothing_else():
+    from toolkit.data import make_scene_colour_questions
+
+    ds, grids = make_scene_colour_questions("public", 32, limit=40)
+    assert len(ds) == len(grids) and len(ds) >= 80   # 2-4 shapes per scene
+    assert {r.question.split()[0] for r in ds} == {"what"}
+    for record, grid in zip(ds, grids.tolist()):
+        cells = read_cells(record.image, 32)
+        assert answer_from_pixels(record.question, cells) == record.answer
+        assert grid == [1 + list(SCENE_COLOURS).index(cells[(k // 3, k % 3)]) if (k // 3, k % 3) in cells else 0
+                        for k in range(9)]
+    scenes = {r.source_ids for r in make_vqa("scene", "public", 32, limit=40)}
+    assert {r.source_ids for r in ds} == scenes   # the same public scenes as the task's public split
+
+
+def test_a_scene_run_starts_from_its_own_cached_warm_start_and_records_it(tmp_path, monkeypatch):
+    import toolkit.warmstart as ws
+    from toolkit.config import TrainConfig
+
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
+    assert ws.run_curriculum(TrainConfig(task="scene")) == "scene-colour"
+    assert ws.run_curriculum(TrainConfig(task="parity")) == "digit"
+    assert ws.run_curriculum(TrainConfig(task="scene", train_data="x.json")) == "digit"
+    bundle = ws.starting_model(preset="tiny", warm_start_steps=2, progress=False, curriculum="scene-colour")
+    assert bundle.info["warm_start"]["task"] == "scene-colour"
+    assert bundle.info["start"]["curriculum"] == "scene-colour"
+    scene_path = ws.warm_start_path("tiny", 0, 2, curriculum="scene-colour")
+    assert scene_path.is_dir() and scene_path != ws.warm_start_path("tiny", 0, 2)
+    assert ws.start_model_id("tiny", None, 2, "scene-colour") == scene_path.name
+    with pytest.raises(ValueError, match="unknown warm-start curriculum"):
+        ws.warm_start_path("tiny", 0, 2, curriculum="sums")

@@ -233,6 +233,10 @@ def check_config(c: TrainConfig, method_rules: bool = True) -> None:
     if c.privacy_unit == "user" and not c.train_data:
         raise ValueError("privacy_unit='user' needs train_data whose records carry a user_id (the embedded tasks "
                          "have one record per image and no users)")
+    if c.grad_sample_mode == "ghost-fp32" and c.trainable == "lm-full" and get_method(c.method).noise == "gradient":
+        raise ValueError("grad_sample_mode='ghost-fp32' clips trainable nn.Linear layers only; trainable='lm-full' "
+                         "also trains the embeddings and norms: use lora, lora+head or projector, or "
+                         "grad_sample_mode='hooks'")
     if c.export_format == "adapter" and not c.trainable.startswith("lora"):
         raise ValueError(f"export_format 'adapter' needs a LoRA trainable mode (lora, lora+head), got "
                          f"{c.trainable!r}: use 'merged'")

@@ -205,20 +205,44 @@ def _scene_question(shapes, rng: np.random.Generator) -> tuple[str, str]:
     return f"how many {colour} shapes are there ?", str(colours.count(colour))
 
 
+def _scene_shapes(rng: np.random.Generator) -> list[tuple[int, int, str, str]]:
+    cells = rng.choice(9, size=int(rng.integers(2, 5)), replace=False)
+    return [(int(c) // 3, int(c) % 3, list(SCENE_COLOURS)[int(rng.integers(4))], ("square", "disk")[int(rng.integers(2))])
+            for c in sorted(cells)]
+
+
 def make_scenes(split: str = "private", image_size: int = 96, limit: int | None = None, seed: int = 0) -> VQADataset:
     """The ``scene`` task: one generated scene and one question per record; scene ``i`` of ``SPLITS[split]`` is
     drawn from ``default_rng([seed, i])``, so splits never share a scene and ``public`` is a public split."""
     start, stop = SPLITS[split]
-    indices = list(range(start, stop))[:limit]
     records = []
-    for i in indices:
+    for i in list(range(start, stop))[:limit]:
         rng = np.random.default_rng([seed, 7919, i])
-        cells = rng.choice(9, size=int(rng.integers(2, 5)), replace=False)
-        shapes = [(int(c) // 3, int(c) % 3, list(SCENE_COLOURS)[int(rng.integers(4))], ("square", "disk")[int(rng.integers(2))])
-                  for c in sorted(cells)]
+        shapes = _scene_shapes(rng)
         question, answer = _scene_question(shapes, rng)
         records.append(VQARecord(f"scene-{split}-{i}", render_scene(shapes, image_size), question, answer, (i,)))
     return VQADataset(records, TASKS["scene"][3], name=f"scene/{split}")
+
+
+def make_scene_colour_questions(split: str = "public", image_size: int = 96, limit: int | None = None,
+                                seed: int = 0) -> tuple[VQADataset, torch.Tensor]:
+    """The scene task's public curriculum (issue 23): the same scenes as :func:`make_scenes`, and for each one the
+    colour question of every shape it holds (never a count or a relation: what the private task asks is left to
+    the fine-tune). Also returns each record's scene as a 3x3 grid of cell labels ``[N, 9]`` (0 = empty, 1-4 =
+    the colours in ``SCENE_COLOURS`` order): the warm start's auxiliary target for [CLS]."""
+    start, stop = SPLITS[split]
+    records, grids = [], []
+    for i in list(range(start, stop))[:limit]:
+        shapes = _scene_shapes(np.random.default_rng([seed, 7919, i]))
+        image = render_scene(shapes, image_size)
+        grid = [0] * 9
+        for row, column, colour, _ in shapes:
+            grid[3 * row + column] = 1 + list(SCENE_COLOURS).index(colour)
+        for row, column, colour, _ in shapes:
+            question = f"what colour is the shape at the {SCENE_ROWS[row]} {SCENE_COLUMNS[column]} ?"
+            records.append(VQARecord(f"scene-colour-{split}-{i}-{row}{column}", image, question, colour, (i,)))
+            grids.append(grid)
+    return VQADataset(records, TASKS["scene"][3], name=f"scene-colour/{split}"), torch.tensor(grids)
 
 
 def dataset_sizes() -> dict:

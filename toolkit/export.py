@@ -240,7 +240,7 @@ def _save_adapter(bundle, config: TrainConfig, folder: Path, final: Path, base_m
     else:
         # the embedded starting model, re-created from its (deterministic, cached) recipe and copied
         original = starting_model(None, start.get("preset") or config.preset, start.get("warm_start_steps"),
-                                  progress=False)
+                                  progress=False, curriculum=start.get("curriculum") or "digit")
         _check_same_frozen_weights(original.model, bundle.model, modules_to_save)
         save_model(original, folder / BASE_FOLDER)
         base = dict(kind="copy", path=BASE_FOLDER)

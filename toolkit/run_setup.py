@@ -44,7 +44,7 @@ from toolkit.secret_random import secret_generator
 from toolkit.tokens import matched_fusion_sigma
 from toolkit.userdata import load_llava_json
 from toolkit.validation import check_output_dir
-from toolkit.warmstart import starting_model
+from toolkit.warmstart import run_curriculum, starting_model
 
 __all__ = ["Run", "setup", "load_bundle", "make_sampler", "public_gradients", "privacy_plan"]
 
@@ -135,7 +135,8 @@ class Run:
 
 def load_bundle(config: TrainConfig):
     """The model a run starts from: a local directory, or the preset's cached public warm start."""
-    return starting_model(config.model_dir, config.preset, config.warm_start_steps, progress=config.progress)
+    return starting_model(config.model_dir, config.preset, config.warm_start_steps, progress=config.progress,
+                          curriculum=run_curriculum(config))
 
 
 def privacy_plan(c: TrainConfig, sample_rate: float, steps: int) -> PrivacyPlan | None:

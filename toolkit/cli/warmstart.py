@@ -10,21 +10,23 @@ from toolkit.cli import subcommand
 @subcommand("warm-start", help="train and cache the public warm start of a model preset (a few CPU minutes, once)")
 def run(args) -> dict:
     from toolkit.models import PRESETS
-    from toolkit.warmstart import DEFAULT_STEPS, warm_start, warm_start_path
+    from toolkit.warmstart import DEFAULT_STEPS, public_curriculum, warm_start, warm_start_path
 
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.preset, 600)
-    path = warm_start_path(args.preset, args.seed, steps)
+    curriculum = public_curriculum(args.task)
+    path = warm_start_path(args.preset, args.seed, steps, curriculum=curriculum)
     cached = (path / "toolkit_bundle.json").is_file()
-    bundle = warm_start(args.preset, seed=args.seed, steps=steps, progress=True)
+    bundle = warm_start(args.preset, seed=args.seed, steps=steps, progress=True, curriculum=curriculum)
     info = bundle.info.get("warm_start", {})
-    result = dict(preset=args.preset, seed=args.seed, steps=steps, path=str(path), was_cached=cached,
+    result = dict(preset=args.preset, curriculum=curriculum, seed=args.seed, steps=steps, path=str(path),
+                  was_cached=cached,
                   validation_accuracy=info.get("validation_accuracy"), kept_step=info.get("kept_step"),
                   seconds=info.get("seconds"))
     accuracy = result["validation_accuracy"]
     print(f"warm start of {args.preset!r} {'found in the cache' if cached else 'trained'}: {path}"
-          + (f" (digit accuracy on the validation split {accuracy:.1%})" if accuracy is not None else ""))
+          + (f" ({curriculum} accuracy on the validation split {accuracy:.1%})" if accuracy is not None else ""))
     return result
 
 
@@ -33,3 +35,6 @@ def configure(parser) -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the warm start (default 0, what runs use)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's default)")
+    parser.add_argument("--task", default="parity",
+                        help="the embedded task whose runs will start from it: 'scene' has its own public curriculum "
+                             "(the colour of each shape), every digit task shares the digit one (default parity)")

@@ -25,7 +25,7 @@ from toolkit.sweeps.plan import Cell, Sweep, SweepPlan, plan_sweep
 from toolkit.sweeps.store import finished_cell_ids, read_results, write_cell, write_json_atomic
 from toolkit.validation import check_choice, check_int
 from toolkit.methods import get_method
-from toolkit.warmstart import start_model_id
+from toolkit.warmstart import run_curriculum, start_model_id
 
 ON_ERROR = ("raise", "continue")
 
@@ -53,7 +53,7 @@ def result_row(cell: Cell, sweep: Sweep, result) -> dict:
     c = cell.config
     row = dict(cell_id=cell.cell_id, sweep=sweep.name, cell=cell.index, label=cell.label, **cell.columns)
     row.update(c.to_dict())
-    row["start_model"] = start_model_id(c.preset, c.model_dir, c.warm_start_steps)
+    row["start_model"] = start_model_id(c.preset, c.model_dir, c.warm_start_steps, run_curriculum(c))
     history = result.history
     losses = history["loss"].dropna() if "loss" in history else pd.Series(dtype=float)
     kept = history["kept_fraction"].dropna() if "kept_fraction" in history else pd.Series(dtype=float)
@@ -184,7 +184,8 @@ def stale_cell_ids(folder: Path, plan: SweepPlan) -> set[str]:
     df = read_results(folder)
     if df.empty or "start_model" not in df.columns:
         return set()   # results written before the start model was recorded: no evidence either way
-    expected = {c.cell_id: start_model_id(c.config.preset, c.config.model_dir, c.config.warm_start_steps)
+    expected = {c.cell_id: start_model_id(c.config.preset, c.config.model_dir, c.config.warm_start_steps,
+                                          run_curriculum(c.config))
                 for c in plan.cells}
     return {cid for cid, start in zip(df["cell_id"], df["start_model"])
             if cid in expected and isinstance(start, str) and start != expected[cid]}

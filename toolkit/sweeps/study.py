@@ -36,7 +36,7 @@ from toolkit.flops import flops_for_rows
 from toolkit.sweeps.named import FULL_BASE, is_quick, update_mask_arms
 from toolkit.sweeps.plan import Sweep
 from toolkit.sweeps.summary import summarize
-from toolkit.warmstart import starting_model, task_accuracy
+from toolkit.warmstart import public_curriculum, starting_model, task_accuracy
 
 PAPER_ARM = "Dual-Priv (paper: noisy mask, prune 0.2)"
 FAMILIES = ("DP-SGD", "DP-SGD (validation tie)", "Dual-Priv (paper)", "Dual-Priv, equal steps",
@@ -152,7 +152,8 @@ def start_accuracy(task: str, quick: bool | None = None) -> float:
     """Test accuracy % of the model every arm starts from (the study's public warm start, every visual token, no
     fine-tuning) on ``task``: a fine-tune that ends near it has not learned the task."""
     base = ceiling_sweep(task, quick=quick).base
-    bundle = starting_model(preset=base["preset"], warm_start_steps=base.get("warm_start_steps"), progress=False)
+    bundle = starting_model(preset=base["preset"], warm_start_steps=base.get("warm_start_steps"), progress=False,
+                            curriculum=public_curriculum(task))
     return round(100 * task_accuracy(bundle, task, "test", limit=base.get("eval_limit")), 2)
 
 
