@@ -1,6 +1,7 @@
 """Issue 14's utility study: tune on validation, choose, report on test with 5 seeds at ε = 1, 3, 8.
 
     python benchmarks/utility_study.py --out runs/utility-study [--tasks parity,left-digit,sum] [--shard 0/2]
+    python benchmarks/utility_study.py --out runs/utility-study-scene --tasks scene --tune-task scene   # issue 23
 
 Stages (``--stage``):
 
@@ -41,8 +42,9 @@ from toolkit.sweeps.study import (
 from toolkit.vocabulary import format_epsilon
 
 STAGES = ("tune", "test", "ceiling", "budgets", "ranks", "report", "all")
-# two harder tasks beside parity: left-digit (10-way) and sum (19-way), both on two-digit images
-TASKS = ("parity", "left-digit", "sum")
+# two harder tasks beside parity: left-digit (10-way) and sum (19-way), both on two-digit images; and the generated
+# scenes (issue 23: colour / count / relation, 11-way), which start from their own public curriculum
+TASKS = ("parity", "left-digit", "sum", "scene")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/utility-study", help="results folder (one JSON file per cell)")
     parser.add_argument("--tasks", default="parity,left-digit,sum", help=f"comma-separated, from {', '.join(TASKS)}")
     parser.add_argument("--stage", default="all", choices=STAGES)
+    parser.add_argument("--tune-task", default="parity", choices=TASKS,
+                        help="the task whose VALIDATION split the tune, budgets and ranks stages run on (default "
+                             "parity; 'scene' tunes the scene study on its own validation split: use its own --out)")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (parallel workers)")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the report into the package (toolkit/measured/), where the dashboard reads it")
@@ -89,10 +94,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
-    tuning = named_sweep("update-masks")            # $DUALPRIV_QUICK shrinks every stage to a plumbing check
+    tuning = named_sweep("update-masks", task=args.tune_task)   # $DUALPRIV_QUICK shrinks every stage
     if args.stage in ("tune", "all"):
         run_sweep(tuning, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
-    budgets, ranks = named_sweep("dual-priv-budgets"), named_sweep("dp-lora-ranks")
+    budgets, ranks = named_sweep("dual-priv-budgets", task=args.tune_task), named_sweep("dp-lora-ranks", task=args.tune_task)
     if args.stage in ("budgets", "all"):
         run_sweep(budgets, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
     if args.stage in ("ranks", "all"):

@@ -39,6 +39,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -59,6 +60,7 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
 def linear_norms_sq(activation: torch.Tensor, output_grad: torch.Tensor, weight: bool, bias: bool,
                     dtype: torch.dtype) -> torch.Tensor:
     """Per-example ``‖∂L_i/∂W‖² (+ ‖∂L_i/∂b‖²)`` of an nn.Linear from its input and output gradient, in ``dtype``.
+    One example at a time, so the ``dtype`` copies are one example's (the transient stays small at any batch).
 
     >>> a, g = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
     >>> direct = torch.einsum("bto,bti->boi", g, a).pow(2).sum((1, 2))
@@ -67,16 +69,17 @@ def linear_norms_sq(activation: torch.Tensor, output_grad: torch.Tensor, weight:
     """
     a, g = _tokens(activation), _tokens(output_grad)
     total = torch.zeros(a.shape[0], dtype=dtype, device=a.device)
-    if weight:
-        tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-        if tokens * tokens <= d_in * d_out:   # ghost norm: [B, T, T] products instead of [B, d_out, d_in]
-            a32, g32 = a.to(dtype), g.to(dtype)
-            total += (torch.bmm(a32, a32.transpose(1, 2)) * torch.bmm(g32, g32.transpose(1, 2))).sum((1, 2)).clamp(min=0)
-        else:                                  # small layer, many tokens: one example's gradient at a time
-            for i in range(a.shape[0]):
-                total[i] += (g[i].to(dtype).T @ a[i].to(dtype)).pow(2).sum()
-    if bias:
-        total += g.to(dtype).sum(1).pow(2).sum(1)
+    tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    for i in range(a.shape[0]):
+        g32 = g[i].to(dtype)
+        if weight:
+            a32 = a[i].to(dtype)
+            if tokens * tokens <= d_in * d_out:   # ghost norm: [T, T] products instead of [d_out, d_in]
+                total[i] += ((a32 @ a32.T) * (g32 @ g32.T)).sum().clamp(min=0)
+            else:                                  # small layer, many tokens: the example's gradient itself
+                total[i] += (g32.T @ a32).pow(2).sum()
+        if bias:
+            total[i] += g32.sum(0).pow(2).sum()
     return total
 
 
@@ -99,15 +102,18 @@ def linear_clipped_sum_blocks(activation: torch.Tensor, output_grad: torch.Tenso
     True
     """
     a, g = _tokens(activation), _tokens(output_grad)
-    scaled = (g.to(dtype) * factors.to(device=g.device, dtype=dtype)[:, None, None]).reshape(-1, g.shape[2])
-    if weight:
-        a32 = a.to(dtype).reshape(-1, a.shape[2])
-        step = max(1, block_elements // a.shape[2])
-        for start in range(0, g.shape[2], step):
-            rows = slice(start, min(start + step, g.shape[2]))
-            yield "weight", rows, scaled[:, rows].T @ a32
+    factors = factors.to(device=g.device, dtype=dtype)
+    d_in, d_out = a.shape[2], g.shape[2]
+    if weight:   # one example's fp32 copies at a time, summed into one block of rows
+        step = max(1, block_elements // d_in)
+        for start in range(0, d_out, step):
+            rows = slice(start, min(start + step, d_out))
+            block = torch.zeros(rows.stop - rows.start, d_in, dtype=dtype, device=g.device)
+            for i in range(a.shape[0]):
+                block += (g[i, :, rows].to(dtype) * factors[i]).T @ a[i].to(dtype)
+            yield "weight", rows, block
     if bias:
-        yield "bias", slice(None), scaled.sum(0)
+        yield "bias", slice(None), (g.to(dtype).sum(1) * factors[:, None]).sum(0)
 
 
 def accumulate_sink(p: torch.Tensor, rows: slice, block: torch.Tensor) -> None:
@@ -143,6 +149,7 @@ class GhostFp32Module(nn.Module):
         self._module = module   # Opacus' name for the wrapped module
         self.layers = trainable_linears(module)
         self.params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+        self._trainable = {id(p) for p in self.params}
         self.dtype = torch.float32
         for p in self.params:
             self.dtype = torch.promote_types(self.dtype, p.dtype)
@@ -152,13 +159,38 @@ class GhostFp32Module(nn.Module):
         self._factors: torch.Tensor | None = None
         self._check_sq: torch.Tensor | None = None
         self._sink = accumulate_sink
-        self._handles = [layer.register_forward_hook(self._capture) for layer in self.layers]
+        self._handles = [layer.register_forward_pre_hook(self._input_needs_grad) for layer in self.layers]
+        self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
         self._handles += [p.register_post_accumulate_grad_hook(self._drop_autograd_grad) for p in self.params]
 
     def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)
+        with self._weights_frozen():
+            return self._module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _weights_frozen(self):
+        """The trainable weights do not require grad while the graph is built (the forward, and the recomputation
+        of checkpointed layers inside each backward): autograd then never computes their gradients, which the
+        hooks replace (for the 7B projector that is a 32 MB bf16 gradient per pass, computed and thrown away)."""
+        flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(self.params, flags):
+                p.requires_grad_(flag)
 
     # ------------------------------------------------------------ hooks
+
+    @staticmethod
+    def _input_needs_grad(layer: nn.Linear, inputs):
+        # with the weights frozen, a layer whose input needs no grad (the projector on frozen vision features) would
+        # get no output gradient: give it a fresh leaf that does (nothing upstream needs a gradient anyway)
+        if layer.training and torch.is_grad_enabled() and torch.is_tensor(inputs[0]) and not inputs[0].requires_grad \
+                and inputs[0].is_floating_point():
+            return (inputs[0].detach().requires_grad_(True), *inputs[1:])
+        return None
 
     def _capture(self, layer: nn.Linear, inputs, output) -> None:
         # Only a forward that will be backpropagated (with re-entrant checkpointing the first, no-grad forward of
@@ -179,8 +211,8 @@ class GhostFp32Module(nn.Module):
         if activation.shape[0] != self._norms_sq.shape[0]:
             raise ValueError(f"the losses hold {self._norms_sq.shape[0]} examples but a layer saw a batch of "
                              f"{activation.shape[0]}")
-        weight = layer.weight.requires_grad
-        bias = layer.bias is not None and layer.bias.requires_grad
+        weight = id(layer.weight) in self._trainable   # (requires_grad is off while the passes run)
+        bias = layer.bias is not None and id(layer.bias) in self._trainable
         norms_sq = linear_norms_sq(activation, grad, weight, bias, self.dtype)
         if self._pass == "norms":
             self._norms_sq += norms_sq
@@ -208,11 +240,13 @@ class GhostFp32Module(nn.Module):
         losses = per_example_losses.sum()
         self._norms_sq = torch.zeros(per_example_losses.shape[0], dtype=self.dtype, device=per_example_losses.device)
         try:
-            self._run_pass("norms", losses, retain_graph=True)
+            with self._weights_frozen():   # (checkpointed layers rebuild their graph inside each pass)
+                self._run_pass("norms", losses, retain_graph=True)
             norms = self._norms_sq.sqrt()
             self._factors = (max_grad_norm / (norms * (1 + NORM_TOLERANCE) + 1e-6)).clamp(max=1.0)
             self._check_sq = torch.zeros_like(self._norms_sq)
-            self._run_pass("sum", losses, retain_graph=False)
+            with self._weights_frozen():
+                self._run_pass("sum", losses, retain_graph=False)
             drift = self._check_sq.sqrt() > norms * (1 + NORM_TOLERANCE)
             if bool(drift.any()):
                 raise RuntimeError(
