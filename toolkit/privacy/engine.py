@@ -47,7 +47,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Sequence
 
@@ -62,6 +61,7 @@ from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures, o
 from toolkit.secret_random import seeded_generator
 
 from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
+from .engine_checks import check_parameters, check_precision, positive_number
 from .update_masks import PreNoiseMask, check_ratio, check_scope
 from .ghost_fp32 import GhostFp32Module
 from .update_pruning import (
@@ -72,14 +72,6 @@ from .update_pruning import (
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ghost-fp32")
 # modes that never materialise per-example gradients (norms only)
 GHOST_MODES = ("ghost", "ghost-fp32")
-
-
-def _positive_number(name: str, value, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) \
-        and (value >= 0 if allow_zero else value > 0) and not math.isinf(value)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
 
 
 class DPEngine:
@@ -103,8 +95,8 @@ class DPEngine:
             raise ValueError("module is already wrapped by Opacus; pass the plain module")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.noise_multiplier = _positive_number("noise_multiplier", noise_multiplier, allow_zero=True)
-        self.max_grad_norm = _positive_number("max_grad_norm", max_grad_norm)
+        self.noise_multiplier = positive_number("noise_multiplier", noise_multiplier, allow_zero=True)
+        self.max_grad_norm = positive_number("max_grad_norm", max_grad_norm)
         self.expected_batch_size, self.sample_rate = check_sampled_step(expected_batch_size, sample_rate, accountant)
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}")
@@ -115,8 +107,8 @@ class DPEngine:
                              "clipping never materialises them: use grad_sample_mode='hooks'")
         if pruned_state not in PRUNED_STATES:
             raise ValueError(f"unknown pruned_state {pruned_state!r}; choose one of {PRUNED_STATES}")
-        self._check_parameters(module, optimizer)
-        self._check_precision(optimizer, grad_sample_mode)
+        check_parameters(module, optimizer)
+        check_precision(optimizer, grad_sample_mode)
         self.grad_sample_mode = grad_sample_mode
 
         module.train()  # Opacus records activations only in train mode
@@ -160,37 +152,6 @@ class DPEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------ checks
-
-    @staticmethod
-    def _check_parameters(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        names = {id(p): n for n, p in module.named_parameters()}
-        trainable = {id(p) for p in module.parameters() if p.requires_grad}
-        in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
-        if not in_optimizer:
-            raise ValueError("the optimizer has no parameters")
-        foreign = [p for p in in_optimizer if id(p) not in names]
-        if foreign:
-            raise ValueError(f"{len(foreign)} optimizer parameter(s) do not belong to the module: Opacus computes "
-                             "per-example gradients only for the module's parameters")
-        frozen = [names[id(p)] for p in in_optimizer if not p.requires_grad]
-        if frozen:
-            raise ValueError(f"optimizer holds frozen parameters (requires_grad=False): {frozen[:5]}")
-        missing = [names[i] for i in trainable - {id(p) for p in in_optimizer}]
-        if missing:
-            raise ValueError(
-                f"trainable parameters missing from the optimizer: {sorted(missing)[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}; freeze them or give them to the optimizer "
-                "(their per-example gradients would be computed and never cleared)")
-
-    @staticmethod
-    def _check_precision(optimizer: torch.optim.Optimizer, grad_sample_mode: str) -> None:
-        low = sorted({str(p.dtype) for g in optimizer.param_groups for p in g["params"]
-                      if p.dtype not in (torch.float32, torch.float64)})
-        if low and grad_sample_mode == "ghost":
-            raise ValueError(
-                f"ghost clipping with {', '.join(low)} parameters: its clipped sum comes from a backward pass in the "
-                "parameter dtype, so the per-example bound C would hold only to that precision; use "
-                "grad_sample_mode='hooks' (clips in fp32 whatever the dtype) or float32 parameters")
 
     def _check_per_sample_gradients(self, batch_size: int) -> None:
         if self.grad_sample_mode in GHOST_MODES:
@@ -296,9 +257,8 @@ class DPEngine:
                 DPTensorFastGradientClipping(self.module, self.optimizer, per_example_losses, "mean").backward()
             elif self.grad_sample_mode == "ghost-fp32":
                 # the step's last chunk is noised block by block inside the hooks (no whole-model fp32 sum)
-                sink = self.optimizer.noise_sink() if last else None
                 self.module.clipped_backward(per_example_losses, self.max_grad_norm,
-                                             **({"sink": sink} if sink is not None else {}))
+                                             sink=self.optimizer.noise_sink() if last else None)
             else:
                 per_example_losses.mean().backward()
 

@@ -229,14 +229,14 @@ class GhostFp32Module(nn.Module):
     # ------------------------------------------------------------ the step's backward
 
     def clipped_backward(self, per_example_losses: torch.Tensor, max_grad_norm: float,
-                         sink: Callable[[torch.Tensor, slice, torch.Tensor], None] = accumulate_sink) -> torch.Tensor:
+                         sink: Callable[[torch.Tensor, slice, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Two passes (see the module docstring); returns the clipping factors ``c`` ``[B]``.
 
         Each block of each parameter's clipped sum goes to ``sink(param, rows, block)`` as the second pass produces
-        it: by default :func:`accumulate_sink` (``p.clipped_sum``, which a caller takes and sets to None); the
+        it: by default (None) :func:`accumulate_sink` (``p.clipped_sum``, which a caller takes and sets to None); the
         optimizer's ``noise_sink`` instead noises, scales and rounds each block at once, so no whole-model fp32 sum
         is ever held (:class:`toolkit.privacy.update_pruning.UpdatePruningDPOptimizerGhostFp32`)."""
-        self._sink = sink
+        self._sink = sink if sink is not None else accumulate_sink
         losses = per_example_losses.sum()
         self._norms_sq = torch.zeros(per_example_losses.shape[0], dtype=self.dtype, device=per_example_losses.device)
         try:
