@@ -394,3 +394,16 @@ def test_llava_7b_shape_bench_uses_the_lean_settings_without_flags(monkeypatch):
     bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False, activation_checkpointing=False,
                     grad_sample_mode="hooks")
     assert seen == [(True, "ghost-fp32"), (False, "hooks"), (False, "hooks")]
+
+
+def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():
+    """Adam's two moments and LoRA's A matrices are part of a method's memory: the bench trains what it is told
+    (SGD with momentum holds one moment, FFA-LoRA trains fewer parameters) and says so in its row."""
+    import toolkit.bench as bench
+
+    rows = {(o, v): bench.measure_method("dual-priv", preset="tiny", batch_size=2, steps=3, optimizer=o, lora_variant=v)
+            for o, v in (("adam", "standard"), ("sgd", "standard"), ("adam", "ffa"))}
+    adam, sgd, ffa = rows[("adam", "standard")], rows[("sgd", "standard")], rows[("adam", "ffa")]
+    assert (sgd["optimizer"], ffa["lora_variant"]) == ("sgd", "ffa")
+    assert sgd["peak_memory_mb"] < adam["peak_memory_mb"]
+    assert ffa["trainable_params"] < adam["trainable_params"]

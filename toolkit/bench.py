@@ -52,8 +52,10 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                    token_prune_ratio: float | None = 0.75, grad_prune_ratio: float = 0.2, trainable: str = "lora+head",
                    grad_sample_mode: str = "hooks", prune_tokens_for_all: bool = False, tower_in_step: bool = True,
                    seed: int = 0, device: str = "auto", dtype: str = "auto", lm_layers: int | None = None,
-                   vision_layers: int | None = None, activation_checkpointing: bool = False) -> dict:
-    """Measure one method in this process; returns one record of the table."""
+                   vision_layers: int | None = None, activation_checkpointing: bool = False,
+                   optimizer: str = "adam", lora_variant: str = "standard") -> dict:
+    """Measure one method in this process; returns one record of the table. ``optimizer`` and ``lora_variant`` are
+    the run's (``TrainConfig``): Adam's two moments and LoRA's A matrices are part of a method's memory."""
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (warm-up, profiled, timed), got {steps}")
     prune = method == "dual-priv" or prune_tokens_for_all
@@ -62,14 +64,15 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                          token_prune_ratio=token_prune_ratio if prune else None,
                          grad_prune_ratio=grad_prune_ratio if method == "dual-priv" else 0.0,
                          trainable=trainable, grad_sample_mode=grad_sample_mode, seed=seed, device=device,
-                         dtype=dtype, activation_checkpointing=activation_checkpointing).resolved()
+                         dtype=dtype, activation_checkpointing=activation_checkpointing, optimizer=optimizer,
+                         lora_variant=lora_variant).resolved()
     device = resolve_device(config)
     torch_dtype = resolve_dtype(config.dtype, device)
     # weights do not change memory or time: random ones, no warm start, created on the device in the dtype
     bundle = build_model(preset, seed=seed, dtype=torch_dtype, lm_layers=lm_layers, vision_layers=vision_layers,
                          device=device)
     torch.manual_seed(seed)
-    n_trainable = apply_trainable(bundle, config.trainable, config.lora_rank)
+    n_trainable = apply_trainable(bundle, config.trainable, config.lora_rank, lora_variant=config.lora_variant)
     bundle.model.to(torch_dtype)  # LoRA adapters are created in fp32
     if activation_checkpointing and method != "dp-zo":  # DP-ZO has no backward: nothing to recompute
         enable_activation_checkpointing(bundle)
@@ -100,6 +103,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                 trainable_params=n_trainable, tokens_per_step=tokens, batch_size=batch_size, preset=preset,
                 lm_layers=spec["lm_layers"], vision_layers=spec["vision_layers"], dtype=str(torch_dtype).split(".")[-1],
                 activation_checkpointing=activation_checkpointing, tower_in_step=tower_in_step,
+                optimizer=config.optimizer if method != "dp-zo" else "zo-sgd", lora_variant=config.lora_variant,
                 memory_method=peak.method, device=str(device))
 
 
@@ -135,7 +139,8 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
               prune_tokens_for_all: bool = False, tower_in_step: bool = True, isolate: bool = True,
               progress: Callable[[str, int, int], None] | None = None, device: str = "auto", dtype: str = "auto",
               lm_layers: int | None = None, vision_layers: int | None = None,
-              activation_checkpointing: bool | None = None) -> pd.DataFrame:
+              activation_checkpointing: bool | None = None, optimizer: str = "adam",
+              lora_variant: str = "standard") -> pd.DataFrame:
     """Measure every method on the same model and batch; one row per method, with ratios.
 
     ``progress(method, index, total)`` is called before each method (the dashboard uses it).
@@ -162,7 +167,8 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
                       trainable=trainable, grad_sample_mode=grad_sample_mode,
                       prune_tokens_for_all=prune_tokens_for_all, tower_in_step=tower_in_step, device=device,
                       dtype=dtype, lm_layers=lm_layers, vision_layers=vision_layers,
-                      activation_checkpointing=activation_checkpointing)
+                      activation_checkpointing=activation_checkpointing, optimizer=optimizer,
+                      lora_variant=lora_variant)
         rows.append(_measure_isolated(kwargs) if isolate else measure_method(**kwargs))
     return add_ratios(pd.DataFrame(rows))
 

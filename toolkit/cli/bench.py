@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from toolkit.cli import subcommand
+from toolkit.config import LORA_VARIANTS, OPTIMIZERS
 
 
 @subcommand("bench", help="side-by-side peak memory and step time of the methods on one model and batch")
@@ -22,12 +23,14 @@ def run(args) -> list[dict]:
                       grad_prune_ratio=args.grad_prune_ratio, trainable=trainable,
                       grad_sample_mode=args.grad_sample_mode, tower_in_step=not args.cached_features,
                       isolate=not args.in_process, device=args.device, dtype=args.dtype, lm_layers=args.lm_layers,
-                      vision_layers=args.vision_layers, activation_checkpointing=args.activation_checkpointing)
+                      vision_layers=args.vision_layers, activation_checkpointing=args.activation_checkpointing,
+                      optimizer=args.optimizer, lora_variant=args.lora_variant)
     print(format_table(table))
     first = table.iloc[0]
     print(f"\nmemory: {first['memory_method']} on {first['device']}; {first['dtype']}; preset {first['preset']} with "
           f"{first['lm_layers']} LM / {first['vision_layers']} vision layers; batch {first['batch_size']}; "
-          f"tower {'inside' if not args.cached_features else 'outside'} the step")
+          f"tower {'inside' if not args.cached_features else 'outside'} the step; optimizer {args.optimizer} "
+          f"(DP-ZO: its own SGD update, no state); LoRA {args.lora_variant}")
     return table.to_dict(orient="records")
 
 
@@ -53,6 +56,10 @@ def configure(parser) -> None:
     parser.add_argument("--lm-layers", type=int, default=None, help="override the preset's LM depth (same widths)")
     parser.add_argument("--vision-layers", type=int, default=None,
                         help="override the preset's vision depth (>= 2, same widths)")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                        help="the inner optimizer of the methods with a backward (its state is part of their memory)")
+    parser.add_argument("--lora-variant", default="standard", choices=LORA_VARIANTS,
+                        help="'ffa': LoRA's A matrices frozen (FFA-LoRA), for every method")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute LM layer activations in backward (not for dp-zo, which has no backward); "
                              "default: the preset's (on for llava-7b-shape), else off")
