@@ -38,14 +38,15 @@ SMOKE = dict(preset="tiny", batches=(2,), steps=3, device="cpu", dtype="bfloat16
 
 
 def _preset_defaults(preset: str) -> dict:
-    """The preset's bench settings (llava-7b-shape: LoRA, 576 -> 64 tokens, activation checkpointing, ghost-fp32)."""
-    from toolkit.models import PRESETS
+    """The preset's bench settings (llava-7b-shape: LoRA, 576 -> 64 tokens, activation checkpointing, ghost-fp32, SGD
+    with momentum; toolkit.bench.bench_defaults)."""
+    from toolkit.bench import bench_defaults
 
-    bench = PRESETS[preset].get("bench", {})
-    keep = bench.get("keep_tokens")
-    return dict(trainable=bench.get("trainable", "lora"), keep_tokens=keep, token_prune_ratio=None if keep else 0.75,
-                activation_checkpointing=bool(bench.get("activation_checkpointing", False)),
-                grad_sample_mode=bench.get("grad_sample_mode", "hooks"))
+    bench = bench_defaults(preset)
+    keep = bench["keep_tokens"]
+    return dict(trainable=bench["trainable"], keep_tokens=keep, token_prune_ratio=None if keep else 0.75,
+                activation_checkpointing=bool(bench["activation_checkpointing"]),
+                grad_sample_mode=bench["grad_sample_mode"], optimizer=bench["optimizer"])
 
 
 def _in_process(fn, kwargs: dict) -> tuple[str, dict | None, str]:

@@ -381,19 +381,19 @@ def test_a_rank_with_an_empty_share_contributes_a_zero_clipped_sum():
 
 
 def test_llava_7b_shape_bench_uses_the_lean_settings_without_flags(monkeypatch):
-    """The 7B-shape preset's bench defaults are activation checkpointing and ghost-fp32 clipping; other presets stay
-    off / hooks; a flag overrides."""
+    """The 7B-shape preset's bench defaults are activation checkpointing, ghost-fp32 clipping and SGD with momentum;
+    other presets stay off / hooks / Adam; a flag overrides."""
     import toolkit.bench as bench
 
     seen = []
     monkeypatch.setattr(bench, "measure_method", lambda **kw: seen.append(
-        (kw["activation_checkpointing"], kw["grad_sample_mode"])) or dict(
+        (kw["activation_checkpointing"], kw["grad_sample_mode"], kw["optimizer"])) or dict(
         method=kw["method"], peak_memory_mb=1.0, step_time_s=1.0, tokens_per_s=1.0))
     bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False)
     bench.run_bench(methods=("dual-priv",), preset="tiny", isolate=False)
     bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False, activation_checkpointing=False,
-                    grad_sample_mode="hooks")
-    assert seen == [(True, "ghost-fp32"), (False, "hooks"), (False, "hooks")]
+                    grad_sample_mode="hooks", optimizer="adam")
+    assert seen == [(True, "ghost-fp32", "sgd"), (False, "hooks", "adam"), (False, "hooks", "adam")]
 
 
 def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():
@@ -407,3 +407,5 @@ def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():
     assert (sgd["optimizer"], ffa["lora_variant"]) == ("sgd", "ffa")
     assert sgd["peak_memory_mb"] < adam["peak_memory_mb"]
     assert ffa["trainable_params"] < adam["trainable_params"]
+    table = bench.run_bench(methods=("dual-priv",), preset="tiny", batch_size=2, steps=3, isolate=False, optimizer="sgd")
+    assert table.iloc[0]["optimizer"] == "sgd"   # the table (and its JSON) says what was measured

@@ -44,7 +44,8 @@ DEFAULT_METHODS = METHODS
 COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "tokens_per_s", "memory_vs_dp_sgd",
            "memory_vs_dp_zo", "memory_vs_non_private", "time_vs_dp_sgd", "time_vs_non_private",
            "throughput_vs_non_private", "trainable_params", "tokens_per_step", "batch_size", "preset", "lm_layers",
-           "vision_layers", "dtype", "activation_checkpointing", "tower_in_step", "memory_method", "device"]
+           "vision_layers", "dtype", "activation_checkpointing", "tower_in_step", "optimizer", "lora_variant",
+           "memory_method", "device"]
 
 
 def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
@@ -133,25 +134,43 @@ def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
     return table[[c for c in COLUMNS if c in table.columns]].round(4)
 
 
+# What a preset's bench measures when no flag says otherwise. The llava-7b-shape preset names its own lean settings
+# (toolkit.models.PRESETS[...]["bench"]): the paper's LoRA and 576 -> 64 tokens, checkpointing, ghost-fp32, and
+# SGD with momentum (one state tensor; DP-ZO's update has none, Adam's two bf16 moments are 156 MB at 7B).
+BENCH_DEFAULTS = dict(trainable="lora+head", keep_tokens=None, activation_checkpointing=False,
+                      grad_sample_mode="hooks", optimizer="adam")
+
+
+def bench_defaults(preset: str) -> dict:
+    """The settings the bench uses for ``preset`` when none is given: :data:`BENCH_DEFAULTS` updated by the preset's.
+
+    >>> bench_defaults("llava-7b-shape")["grad_sample_mode"], bench_defaults("tiny")["grad_sample_mode"]
+    ('ghost-fp32', 'hooks')
+    """
+    return BENCH_DEFAULTS | PRESETS.get(preset, {}).get("bench", {})
+
+
 def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
               token_strategy: str = "dual-priv", keep_tokens: int | None = None, token_prune_ratio: float | None = 0.75,
               grad_prune_ratio: float = 0.2, trainable: str = "lora+head", grad_sample_mode: str | None = None,
               prune_tokens_for_all: bool = False, tower_in_step: bool = True, isolate: bool = True,
               progress: Callable[[str, int, int], None] | None = None, device: str = "auto", dtype: str = "auto",
               lm_layers: int | None = None, vision_layers: int | None = None,
-              activation_checkpointing: bool | None = None, optimizer: str = "adam",
+              activation_checkpointing: bool | None = None, optimizer: str | None = None,
               lora_variant: str = "standard") -> pd.DataFrame:
     """Measure every method on the same model and batch; one row per method, with ratios.
 
     ``progress(method, index, total)`` is called before each method (the dashboard uses it).
-    ``activation_checkpointing=None`` / ``grad_sample_mode=None``: the preset's bench defaults (``llava-7b-shape``:
-    checkpointing on, ghost-fp32 clipping), else off / ``hooks``.
+    ``activation_checkpointing`` / ``grad_sample_mode`` / ``optimizer`` = None: :func:`bench_defaults` of the preset
+    (``llava-7b-shape``: checkpointing on, ghost-fp32 clipping, SGD with momentum; else off / ``hooks`` / Adam).
     """
-    lean = PRESETS.get(preset, {}).get("bench", {})
+    lean = bench_defaults(preset)
     if activation_checkpointing is None:
-        activation_checkpointing = bool(lean.get("activation_checkpointing"))
+        activation_checkpointing = bool(lean["activation_checkpointing"])
     if grad_sample_mode is None:
-        grad_sample_mode = lean.get("grad_sample_mode", "hooks")
+        grad_sample_mode = lean["grad_sample_mode"]
+    if optimizer is None:
+        optimizer = lean["optimizer"]
     methods = list(methods)
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown or not methods:

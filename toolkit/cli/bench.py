@@ -9,12 +9,11 @@ from toolkit.config import LORA_VARIANTS, OPTIMIZERS
 
 @subcommand("bench", help="side-by-side peak memory and step time of the methods on one model and batch")
 def run(args) -> list[dict]:
-    from toolkit.bench import format_table, run_bench
-    from toolkit.models import PRESETS
+    from toolkit.bench import bench_defaults, format_table, run_bench
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     # a preset may name its own defaults (llava-7b-shape: the paper's LoRA and 576 -> 64 tokens)
-    defaults = dict(trainable="lora+head", keep_tokens=None) | PRESETS.get(args.preset, {}).get("bench", {})
+    defaults = bench_defaults(args.preset)
     trainable = args.trainable or defaults["trainable"]
     keep_tokens = args.keep_tokens if args.keep_tokens is not None else defaults["keep_tokens"]
     table = run_bench(methods=methods, preset=args.preset, batch_size=args.batch_size, steps=args.steps,
@@ -27,9 +26,11 @@ def run(args) -> list[dict]:
                       optimizer=args.optimizer, lora_variant=args.lora_variant)
     print(format_table(table))
     first = table.iloc[0]
+    backward = table[table["method"] != "dp-zo"]   # DP-ZO's update has no inner optimizer
+    optimizer = backward.iloc[0]["optimizer"] if len(backward) else "none"
     print(f"\nmemory: {first['memory_method']} on {first['device']}; {first['dtype']}; preset {first['preset']} with "
           f"{first['lm_layers']} LM / {first['vision_layers']} vision layers; batch {first['batch_size']}; "
-          f"tower {'inside' if not args.cached_features else 'outside'} the step; optimizer {args.optimizer} "
+          f"tower {'inside' if not args.cached_features else 'outside'} the step; optimizer {optimizer} "
           f"(DP-ZO: its own SGD update, no state); LoRA {args.lora_variant}")
     return table.to_dict(orient="records")
 
@@ -56,8 +57,9 @@ def configure(parser) -> None:
     parser.add_argument("--lm-layers", type=int, default=None, help="override the preset's LM depth (same widths)")
     parser.add_argument("--vision-layers", type=int, default=None,
                         help="override the preset's vision depth (>= 2, same widths)")
-    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
-                        help="the inner optimizer of the methods with a backward (its state is part of their memory)")
+    parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                        help="the inner optimizer of the methods with a backward (its state is part of their memory); "
+                             "default: the preset's (sgd, with momentum, for llava-7b-shape), else adam")
     parser.add_argument("--lora-variant", default="standard", choices=LORA_VARIANTS,
                         help="'ffa': LoRA's A matrices frozen (FFA-LoRA), for every method")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,

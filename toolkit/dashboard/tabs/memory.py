@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from toolkit.bench import add_ratios, run_bench
+from toolkit.bench import add_ratios, bench_defaults, run_bench
 from toolkit.dashboard import jobs
 from toolkit.dashboard.budget import AUTO_STRATEGY, BUDGET_KEEP, BUDGET_RATIO, budget_controls, token_budget
 from toolkit.dashboard.common import (
@@ -165,10 +165,8 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
         return
     kwargs = dict(methods=tuple(chosen), preset=preset, batch_size=batch, steps=n_steps, token_strategy=strategy,
                   keep_tokens=budget["keep"], token_prune_ratio=budget["token_prune_ratio"],
-                  grad_prune_ratio=grad_ratio, isolate=settings.bench_isolate)
-    bench = PRESETS[preset].get("bench", {})
-    if "trainable" in bench:  # a shape-only preset's own setting (LoRA on the LM, as in the paper)
-        kwargs["trainable"] = bench["trainable"]
+                  grad_prune_ratio=grad_ratio, isolate=settings.bench_isolate,
+                  trainable=bench_defaults(preset)["trainable"])  # a shape-only preset's own (LoRA, as in the paper)
     where = "each in a fresh subprocess" if settings.bench_isolate else "in the app's process"
     current: list = []  # the (method, index, total) being measured
 
