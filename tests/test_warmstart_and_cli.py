@@ -26,6 +26,18 @@ def test_warm_start_is_cached_and_reproducible(tmp_path, monkeypatch):
         assert (a == b).all(), f"warm start not reproducible from its seed: {name}"
 
 
+def test_a_preset_whose_widths_changed_never_loads_the_warm_start_of_its_old_shape(tmp_path, monkeypatch):
+    from toolkit.models import PRESETS
+
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
+    old = ws.warm_start("tiny", seed=0, steps=2, batch_size=4, progress=False)
+    assert old.model.config.text_config.hidden_size == PRESETS["tiny"]["lm_hidden"]
+    monkeypatch.setitem(PRESETS, "tiny", dict(PRESETS["tiny"], lm_hidden=2 * PRESETS["tiny"]["lm_hidden"]))
+    wider = ws.warm_start("tiny", seed=0, steps=2, batch_size=4, progress=False)
+    assert wider.model.config.text_config.hidden_size == PRESETS["tiny"]["lm_hidden"]
+    assert len(list(tmp_path.glob("warmstart-tiny-*"))) == 2
+
+
 def test_warm_start_reports_each_training_step_to_its_callback(tmp_path, monkeypatch):
     monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path))
     calls = []

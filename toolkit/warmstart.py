@@ -7,7 +7,7 @@ the tower's [CLS] token at the feature layer (discarded afterwards). Why: in a r
 trained to summarise the image, which is what makes [CLS] attention a useful pruning score; LLaVA drops
 [CLS] before the LLM, so without this auxiliary loss [CLS] would never learn where to look.
 
-The result is cached under ``cache_dir()`` keyed by (preset, seed, steps, recipe version, tokenizer) and shared by every
+The result is cached under ``cache_dir()`` keyed by (preset and its widths, seed, steps, recipe version, tokenizer, curriculum) and shared by every
 caller (tests, notebooks, app). Example::
 
     >>> from toolkit.warmstart import warm_start
@@ -16,10 +16,11 @@ caller (tests, notebooks, app). Example::
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-import shutil
+import json
 import math
 import os
+import shutil
+from dataclasses import dataclass
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from toolkit.data import Collator, _digits, make_scene_colour_questions, make_vq
 from toolkit.evaluation import evaluate
 from toolkit.features import encode_records
 from toolkit.forward import LlavaLM, per_example_loss, select_features
-from toolkit.models import build_model, build_tokenizer, load_model, save_model
+from toolkit.models import PRESETS, build_model, build_tokenizer, load_model, save_model
 from toolkit.tokens import make_pruner
 
 RECIPE_VERSION = 4  # 3: byte-level BPE tokenizer; 4: tiny 1200 steps at lr 2e-3, best public-validation checkpoint
@@ -80,12 +81,20 @@ def _check_curriculum(curriculum: str) -> None:
         raise ValueError(f"unknown warm-start curriculum {curriculum!r}; choose one of {CURRICULA}")
 
 
+def preset_fingerprint(preset: str) -> str:
+    """A short hash of a preset's spec (widths, depths, image size...): part of the cache key, so a preset whose
+    shape changed (an edited ``PRESETS`` entry, a new release) never loads a warm start of the old shape."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return hashlib.sha256(json.dumps(PRESETS[preset], sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
 def warm_start_path(preset: str, seed: int, steps: int, lr: float | None = None, curriculum: str = "digit") -> Path:
     _check_curriculum(curriculum)
     lr = lr if lr is not None else DEFAULT_LR.get(preset, 1e-3)
-    tail = "" if curriculum == "digit" else f"|{curriculum}"   # digit keeps its cache key (and its users' caches)
-    key = hashlib.sha256(f"{preset}|{seed}|{steps}|{lr!r}|{RECIPE_VERSION}|{tokenizer_fingerprint()}{tail}".encode()
-                         ).hexdigest()[:12]
+    tail = "" if curriculum == "digit" else f"|{curriculum}"
+    key = hashlib.sha256(f"{preset}|{preset_fingerprint(preset)}|{seed}|{steps}|{lr!r}|{RECIPE_VERSION}|"
+                         f"{tokenizer_fingerprint()}{tail}".encode()).hexdigest()[:12]
     name = "" if curriculum == "digit" else f"{curriculum}-"
     return cache_dir() / f"warmstart-{name}{preset}-s{seed}-{steps}-{key}"
 
@@ -149,7 +158,7 @@ def starting_model(model_dir: str | None = None, preset: str = "tiny", warm_star
 def start_model_id(preset: str, model_dir: str | None = None, warm_start_steps: int | None = None,
                    curriculum: str = "digit") -> str:
     """A short name for the weights :func:`starting_model` would return with these arguments: the warm start's
-    cache folder name (its key covers preset, seed, steps, lr, recipe, tokenizer and curriculum),
+    cache folder name (its key covers preset and its spec, seed, steps, lr, recipe, tokenizer and curriculum),
     ``untrained-<preset>`` or ``dir:<path>``. Sweeps store it with each result, so a result trained from other
     weights is not reused."""
     if model_dir:
