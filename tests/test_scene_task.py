@@ -34,8 +34,8 @@ def answer_from_pixels(question: str, cells: dict) -> str:
 
 @pytest.mark.parametrize("size", [32, 96])
 def test_every_answer_is_what_the_picture_shows(size):
-    ds = make_vqa("scene", "validation", image_size=size)
-    assert len(ds) == 100 and ds.candidates == TASKS["scene"][3]
+    ds = make_vqa("scene", "validation", image_size=size, limit=150)
+    assert len(ds) == 150 and ds.candidates == TASKS["scene"][3]
     kinds = set()
     for record in ds:
         assert record.image.size == (size, size) and record.answer in ds.candidates
@@ -53,6 +53,21 @@ def test_splits_are_disjoint_deterministic_and_the_public_split_exists():
     assert [(r.question, r.answer) for r in a] == [(r.question, r.answer) for r in b]
     assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
     assert len(make_vqa("scene", "public", 32)) == 700
+
+
+def test_the_scene_task_has_its_own_split_layout_large_enough_to_tune_and_report_on():
+    from toolkit.data import SCENE_SPLITS, SPLITS, dataset_sizes, split_bounds
+
+    bounds = sorted(SCENE_SPLITS.values())
+    assert all(stop <= next_start for (_, stop), (next_start, _) in zip(bounds, bounds[1:]))   # disjoint ranges
+    sizes = dataset_sizes()
+    assert sizes["scene"]["private"] >= 10000 and sizes["scene"]["validation"] >= 500 and sizes["scene"]["test"] >= 1000
+    assert sizes["parity"] == {"public": 700, "validation": 100, "private": 700, "test": 297}   # the digits' own
+    assert split_bounds("parity", "private") == SPLITS["private"] != split_bounds("scene", "private")
+    ds = make_vqa("scene", "test", 32, limit=3)
+    assert [r.source_ids[0] for r in ds] == list(range(SCENE_SPLITS["test"][0], SCENE_SPLITS["test"][0] + 3))
+    # the public curriculum's warm start validates on the first 100 validation scenes: they did not move
+    assert SCENE_SPLITS["public"] == (0, 700) and SCENE_SPLITS["validation"][0] == 700
 
 
 def test_answers_are_not_one_class_and_the_collator_takes_them():

@@ -15,7 +15,7 @@ def run(args) -> dict:
     import transformers
 
     import toolkit
-    from toolkit.data import SPLITS, TASKS, dataset_sizes
+    from toolkit.data import SCENE_SPLITS, SPLITS, TASKS, dataset_sizes
     from toolkit.models import PRESETS
 
     result = dict(
@@ -26,6 +26,7 @@ def run(args) -> dict:
         presets={name: spec["description"] for name, spec in PRESETS.items()},
         tasks={name: spec[0] for name, spec in TASKS.items()},
         splits={name: list(bounds) for name, bounds in SPLITS.items()},
+        scene_splits={name: list(bounds) for name, bounds in SCENE_SPLITS.items()},
         dataset_sizes=dataset_sizes(),
     )
     print(json.dumps(result, indent=2))
