@@ -36,25 +36,36 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--batch", type=int, default=64, help="expected batch size")
+    parser.add_argument("--token-prune-ratio", type=float, default=None,
+                        help="Dual-Priv: share of the visual tokens dropped")
+    parser.add_argument("--grad-prune-ratio", type=float, default=None,
+                        help="Dual-Priv: share of the update dropped")
+    parser.add_argument("--seed", type=int, default=0, help="model init and data order")
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--render-size", type=int, default=None,
+                        help="draw the scenes at this size (the model's input resizes them; default: its image size)")
     parser.add_argument("--n", type=int, default=None, help="train on the first N private scenes (default: all)")
     parser.add_argument("--nval", type=int, default=None, help="score on the first N validation scenes (default: all)")
     parser.add_argument("--log", default="runs/scene-gate-probes.jsonl")
     args = parser.parse_args(argv)
     started = time.time()
-    image_size = PRESETS[args.preset]["image_size"]
+    image_size = args.render_size or PRESETS[args.preset]["image_size"]
     train_set = make_vqa("scene", "private", image_size, limit=args.n)
     eval_set = make_vqa("scene", "validation", image_size, limit=args.nval)
+    pruning = {name: value for name, value in (("token_prune_ratio", args.token_prune_ratio),
+                                                ("grad_prune_ratio", args.grad_prune_ratio)) if value is not None}
     config = TrainConfig(preset=args.preset, method=args.method, task="scene", steps=args.steps, lr=args.lr,
                          trainable=args.trainable, epsilon=args.epsilon, expected_batch_size=args.batch,
-                         eval_split="validation")
+                         eval_split="validation", seed=args.seed, **pruning)
     result = train(config, train_set=train_set, eval_set=eval_set)
     kinds: dict[str, list[bool]] = {}
     for record, correct in zip(eval_set.records, result.eval_answers.correct):
         kinds.setdefault(question_kind(record.question), []).append(bool(correct))
     row = dict(preset=args.preset, n=len(train_set), nval=len(eval_set), method=args.method,
-               trainable=args.trainable, steps=args.steps, lr=args.lr, epsilon=args.epsilon if config.private else None, batch=args.batch, accuracy=result.accuracy,
-               kinds={k: round(sum(v) / len(v), 3) for k, v in sorted(kinds.items())},
+               trainable=args.trainable, steps=args.steps, lr=args.lr,
+               epsilon=args.epsilon if config.private else None, batch=args.batch, **pruning,
+               render_size=image_size, seed=args.seed,
+               accuracy=result.accuracy, kinds={k: round(sum(v) / len(v), 3) for k, v in sorted(kinds.items())},
                wall_s=round(time.time() - started, 1))
     print(json.dumps(row), flush=True)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
