@@ -260,10 +260,11 @@ def make_scene_colour_questions(split: str = "public", image_size: int = 96, lim
 def dataset_sizes() -> dict:
     """Records per task and split of the embedded data (for ``python -m toolkit info``)."""
     sizes = {}
-    for task, spec in TASKS.items():
-        images_per_record = spec[1]
-        sizes[task] = {split: (stop - start) // images_per_record
-                       for split, (start, stop) in ((s, split_bounds(task, s)) for s in SPLITS)}
+    for task, (_, images_per_record, _, _) in TASKS.items():
+        sizes[task] = {}
+        for split in SPLITS:
+            start, stop = split_bounds(task, split)
+            sizes[task][split] = (stop - start) // images_per_record
     return sizes
 
 
