@@ -475,6 +475,8 @@ def test_the_queued_wait_counts_only_what_will_run_and_is_near_the_real_wait(set
     while not (jobs.LINE.snapshot()[0] and jobs.LINE.snapshot()[0].session == "second"):
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    # the case, exactly: the running job counts its 20 steps, not the reference the first run cached
+    assert jobs.LINE.snapshot()[0].units == 20
     started = time.monotonic()
     queued = _run(settings, session="third", steps=5)
     status = html.unescape(next(queued)["status"])
@@ -485,7 +487,9 @@ def test_the_queued_wait_counts_only_what_will_run_and_is_near_the_real_wait(set
     list(queued)
     running.join()
     print(f"queued wait: estimated {estimate:.0f} s, real {real:.1f} s")
-    assert real / 1.5 - 1 <= estimate <= 1.5 * real + 1, (estimate, real)
+    # seconds on a shared 2-core machine are noisy (a quiet CI run once measured 5 s estimated, 2.0 s real): the
+    # exact check is the unit count above; this one only catches an estimate of another order of magnitude
+    assert real / 3 - 1 <= estimate <= 3 * real + 1, (estimate, real)
 
 
 def test_a_cached_reference_is_not_replaced_by_a_slower_measurement(settings, tmp_path):
