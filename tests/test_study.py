@@ -168,6 +168,22 @@ def test_a_new_task_is_tested_on_a_reports_choices_and_the_reports_other_tables_
     assert "no report at" in capsys.readouterr().err
 
 
+def test_the_scene_study_runs_and_reports_the_task_headroom_beside_the_study_ceiling(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("utility_study", BENCHMARKS / "utility_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setenv("DUALPRIV_QUICK", "1")
+    earlier = dict(chosen={"DP-SGD": "DP-SGD"}, tuning=[dict(arm="DP-SGD", mean=0.8, train_time_s=100.0)])
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    out = tmp_path / "study"
+    study.main(["--out", str(out), "--tasks", "scene", "--stage", "ceiling", "--chosen-from", str(tmp_path / "earlier.json")])
+    report = json.loads((out / "utility-study.json").read_text())
+    assert report["ceilings"]["scene"]["seeds"] == 1 and report["best_ceilings"]["scene"]["seeds"] == 1
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["utility-ceiling-scene-best-quick",
+                                                                             "utility-ceiling-scene-quick"]
+    assert "the task's best known recipe: lm-full" in capsys.readouterr().out
+
+
 def test_the_rank_ablation_varies_the_noised_dimension_for_both_methods_alike():
     sweep = named_sweep("dp-lora-ranks", quick=False)
     assert sweep.base["eval_split"] == "validation" and sweep.base["epsilon"] == 3.0
@@ -179,6 +195,25 @@ def test_the_rank_ablation_varies_the_noised_dimension_for_both_methods_alike():
     assert all(pairs == {("dp-sgd", 1e-2), ("dual-priv", 1e-2)} for pairs in by_rank.values())
     noised = {a["lora_rank"]: a["tags"]["vs_rank_8"] for a in arms}
     assert noised[8] == 1.0 and noised[2] < 1.0 < noised[32]     # fewer trained coordinates, less noise in total
+
+
+def test_the_scene_task_headroom_is_measured_with_its_best_recipe_beside_the_study_recipe():
+    study, best = ceiling_sweep("scene", quick=False), ceiling_sweep("scene", quick=False, recipe="best")
+    assert study.base["trainable"] == "lora+head" and study.base["epochs"] == 20.0     # the arms' own recipe
+    assert best.base["trainable"] == "lm-full" and best.base["steps"] == 4800 and best.base["epochs"] is None
+    assert best.base["method"] == "non-private" and best.base["eval_split"] == "test" and best.seeds == study.seeds
+    assert best.name != study.name                           # separate cell files: neither resumes into the other
+    with pytest.raises(ValueError, match="no best non-private recipe is recorded for 'parity'"):
+        ceiling_sweep("parity", recipe="best")
+    with pytest.raises(ValueError, match="unknown ceiling recipe 'fast'"):
+        ceiling_sweep("scene", recipe="fast")
+    top = dict(task="scene", chance=28.0, mean=93.0, se=1.0, seeds=5)
+    report = dict(chosen={"DP-SGD": "A"}, tasks=dict(scene=[dict(family="DP-SGD", arm="A", epsilon=3.0, mean=70.0,
+                                                                 se=1.0, seeds=5, vs_dp_sgd=0.0, vs_dp_sgd_se=1.4)]),
+                  ceilings=dict(scene=dict(top, mean=85.0)), best_ceilings=dict(scene=top))
+    text = summary_markdown(report)
+    assert "Without privacy (same recipe): 85.0 ± 1.0 %" in text
+    assert "Without privacy (the task's best known recipe: lm-full, lr 0.001, batch 64, 4800 steps): 93.0 ± 1.0 %" in text
 
 
 def test_the_ceiling_is_non_private_on_the_same_recipe_and_chance_is_the_most_frequent_answer():

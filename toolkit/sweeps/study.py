@@ -138,14 +138,39 @@ def test_sweep(chosen: dict[str, dict], task: str = "parity", epsilons=TEST_EPSI
     return sweep.quick_version() if (quick if quick is not None else is_quick()) else sweep
 
 
-def ceiling_sweep(task: str = "parity", seeds=TEST_SEEDS, quick: bool | None = None) -> Sweep:
-    """Non-private fine-tuning with the study's recipe on ``task``'s test split, one cell per seed: what the task
-    reaches without privacy. A DP comparison is only informative on a task whose ceiling is well above chance."""
-    sweep = Sweep(f"utility-ceiling-{task}",
-                  base=dict(FULL_BASE, task=task, eval_split="test", method="non-private", epsilon=math.inf),
+# The study's recipe (LoRA + head, what DP-SGD is tuned on) leaves the scene task's left/right relations at chance,
+# so its headroom is also measured with the best non-private recipe found for it: the whole LM, lr 1e-3, batch 64,
+# 4800 steps (benchmarks/RESULTS.md, seventh session: relations are under-fit at 2400 steps, not memorised).
+BEST_NON_PRIVATE = {"scene": dict(trainable="lm-full", lr=1e-3, expected_batch_size=64, steps=4800, epochs=None)}
+CEILING_RECIPES = ("study", "best")
+
+
+def ceiling_sweep(task: str = "parity", seeds=TEST_SEEDS, quick: bool | None = None, recipe: str = "study") -> Sweep:
+    """Non-private fine-tuning on ``task``'s test split, one cell per seed: what the task reaches without privacy.
+    A DP comparison is only informative on a task whose ceiling is well above chance.
+
+    ``recipe="study"``: the study's own recipe (the ceiling of the arms it compares); ``"best"``: the best
+    non-private recipe known for the task (:data:`BEST_NON_PRIVATE`), where it differs, i.e. the task's headroom."""
+    if recipe not in CEILING_RECIPES:
+        raise ValueError(f"unknown ceiling recipe {recipe!r}; choose one of {CEILING_RECIPES}")
+    if recipe == "best" and task not in BEST_NON_PRIVATE:
+        raise ValueError(f"no best non-private recipe is recorded for {task!r} (only for {sorted(BEST_NON_PRIVATE)}): "
+                         f"its ceiling is the study's recipe")
+    overrides, suffix = (BEST_NON_PRIVATE[task], "-best") if recipe == "best" else ({}, "")
+    what = "its best known non-private recipe" if recipe == "best" else "the study's recipe"
+    sweep = Sweep(f"utility-ceiling-{task}{suffix}",
+                  base=dict(FULL_BASE, task=task, eval_split="test", method="non-private", epsilon=math.inf,
+                            **overrides),
                   seeds=list(seeds),
-                  description=f"Non-private with the study's recipe on the {task} test split: the task's ceiling.")
+                  description=f"Non-private with {what} on the {task} test split: the task's ceiling.")
     return sweep.quick_version() if (quick if quick is not None else is_quick()) else sweep
+
+
+def recipe_text(task: str) -> str:
+    """The best non-private recipe of ``task`` in words (for the report)."""
+    recipe = BEST_NON_PRIVATE[task]
+    return (f"{recipe['trainable']}, lr {recipe['lr']:g}, batch {recipe['expected_batch_size']}, "
+            f"{recipe['steps']} steps")
 
 
 def start_accuracy(task: str, quick: bool | None = None) -> float:
@@ -254,17 +279,26 @@ def summary_markdown(report: dict | None) -> str:
                 "`python benchmarks/utility_study.py --publish` runs it (hours on a CPU; resumable).")
     lines = ["Chosen on the validation split (ε = 3, parity):", ""]
     lines += [f"- **{family}**: {arm}" for family, arm in report["chosen"].items()]
-    for task, rows in report.get("tasks", {}).items():
-        if not rows:
-            continue
-        lines += ["", f"**{task}**, test split, accuracy % (mean ± standard error over seeds; Δ vs DP-SGD):", "",
-                  markdown(pd.DataFrame(rows)), ""]
+    measured = dict(report.get("tasks", {}))
+    for task in [*report.get("ceilings", {}), *report.get("best_ceilings", {})]:
+        measured.setdefault(task, [])     # a task whose ceilings alone were measured shows them without a table
+    for task, rows in measured.items():
+        if rows:
+            lines += ["", f"**{task}**, test split, accuracy % (mean ± standard error over seeds; Δ vs DP-SGD):", "",
+                      markdown(pd.DataFrame(rows)), ""]
+        else:
+            lines += ["", f"**{task}**, test split: no arm measured yet.", ""]
         top = report.get("ceilings", {}).get(task)
         if top and "mean" in top:
             start = f"; the starting model before fine-tuning: {top['start']:.1f} %" if "start" in top else ""
             lines += [f"Without privacy (same recipe): {top['mean']:.1f} ± {top['se']:.1f} % over {top['seeds']} "
                       f"seeds; always giving the most frequent answer: {top['chance']:.1f} %{start}.", ""]
-        lines += [verdict(rows, "Dual-Priv, equal steps"), verdict(rows, "Dual-Priv, equal wall-clock")]
+        best = report.get("best_ceilings", {}).get(task)
+        if best and "mean" in best:
+            lines += [f"Without privacy (the task's best known recipe: {recipe_text(task)}): {best['mean']:.1f} ± "
+                      f"{best['se']:.1f} % over {best['seeds']} seeds.", ""]
+        if rows:
+            lines += [verdict(rows, "Dual-Priv, equal steps"), verdict(rows, "Dual-Priv, equal wall-clock")]
     for key, title in ABLATIONS.items():
         if report.get(key):
             lines += ["", f"**{title}**: an ablation on the parity validation split at ε = 3 (reported, not a "
