@@ -7,6 +7,10 @@ like every scene run.
 
     python benchmarks/scene_gate_probe.py --steps 1200 --lr 1e-3 --trainable lm-full
     python benchmarks/scene_gate_probe.py --steps 1200 --lr 2e-3 --method dp-sgd --epsilon 3
+    python benchmarks/scene_gate_probe.py --steps 4800 --lr 1e-3 --trainable lm-full --train-score 500
+
+``--train-score N`` also scores the first N training records (one evaluation pass over both sets): a kind learned
+on them but not on validation is memorised; one at chance on both is under-fit.
 
 A probe, not the study: one seed, scored on validation; the gate (non-private >= 90 %, DP-SGD at epsilon = 3 at
 least 10 points below) decides whether the study's protocol is worth running on the task.
@@ -19,13 +23,21 @@ import time
 from pathlib import Path
 
 from toolkit.config import TrainConfig
-from toolkit.data import make_vqa
+from toolkit.data import VQADataset, make_vqa
 from toolkit.models import PRESETS
 from toolkit.train import train
 
 
 def question_kind(question: str) -> str:
     return "colour" if question.startswith("what colour") else "count" if question.startswith("how many") else "relation"
+
+
+def per_kind(records, correct: list[bool]) -> dict[str, float]:
+    """Accuracy per question kind of ``records`` answered ``correct``."""
+    kinds: dict[str, list[bool]] = {}
+    for record, ok in zip(records, correct):
+        kinds.setdefault(question_kind(record.question), []).append(ok)
+    return {kind: round(sum(v) / len(v), 3) for kind, v in sorted(kinds.items())}
 
 
 def main(argv=None) -> dict:
@@ -46,6 +58,8 @@ def main(argv=None) -> dict:
                         help="draw the scenes at this size (the model's input resizes them; default: its image size)")
     parser.add_argument("--n", type=int, default=None, help="train on the first N private scenes (default: all)")
     parser.add_argument("--nval", type=int, default=None, help="score on the first N validation scenes (default: all)")
+    parser.add_argument("--train-score", type=int, default=0, metavar="N",
+                        help="also score the first N training records (memorised or under-fit?)")
     parser.add_argument("--log", default="runs/scene-gate-probes.jsonl")
     args = parser.parse_args(argv)
     started = time.time()
@@ -57,15 +71,19 @@ def main(argv=None) -> dict:
     config = TrainConfig(preset=args.preset, method=args.method, task="scene", steps=args.steps, lr=args.lr,
                          trainable=args.trainable, epsilon=args.epsilon, expected_batch_size=args.batch,
                          eval_split="validation", seed=args.seed, **pruning)
-    result = train(config, train_set=train_set, eval_set=eval_set)
-    kinds: dict[str, list[bool]] = {}
-    for record, correct in zip(eval_set.records, result.eval_answers.correct):
-        kinds.setdefault(question_kind(record.question), []).append(bool(correct))
+    if not 0 <= args.train_score <= len(train_set):
+        parser.error(f"--train-score {args.train_score}: between 0 and the {len(train_set)} training records")
+    scored = train_set.records[:args.train_score]
+    both = VQADataset(scored + eval_set.records, eval_set.candidates, name=eval_set.name)
+    result = train(config, train_set=train_set, eval_set=both)
+    correct = [bool(c) for c in result.eval_answers.correct]
+    validation = per_kind(eval_set.records, correct[len(scored):])
     row = dict(preset=args.preset, n=len(train_set), nval=len(eval_set), method=args.method,
                trainable=args.trainable, steps=args.steps, lr=args.lr,
                epsilon=args.epsilon if config.private else None, batch=args.batch, **pruning,
                render_size=image_size, seed=args.seed,
-               accuracy=result.accuracy, kinds={k: round(sum(v) / len(v), 3) for k, v in sorted(kinds.items())},
+               accuracy=round(sum(correct[len(scored):]) / len(eval_set), 4), kinds=validation,
+               **(dict(train_scored=len(scored), train_kinds=per_kind(scored, correct[:len(scored)])) if scored else {}),
                wall_s=round(time.time() - started, 1))
     print(json.dumps(row), flush=True)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
