@@ -77,13 +77,13 @@ def main(argv=None) -> dict:
     both = VQADataset(scored + eval_set.records, eval_set.candidates, name=eval_set.name)
     result = train(config, train_set=train_set, eval_set=both)
     correct = [bool(c) for c in result.eval_answers.correct]
-    validation = per_kind(eval_set.records, correct[len(scored):])
+    on_train, on_validation = correct[:len(scored)], correct[len(scored):]
     row = dict(preset=args.preset, n=len(train_set), nval=len(eval_set), method=args.method,
                trainable=args.trainable, steps=args.steps, lr=args.lr,
                epsilon=args.epsilon if config.private else None, batch=args.batch, **pruning,
                render_size=image_size, seed=args.seed,
-               accuracy=round(sum(correct[len(scored):]) / len(eval_set), 4), kinds=validation,
-               **(dict(train_scored=len(scored), train_kinds=per_kind(scored, correct[:len(scored)])) if scored else {}),
+               accuracy=round(sum(on_validation) / len(eval_set), 4), kinds=per_kind(eval_set.records, on_validation),
+               **(dict(train_scored=len(scored), train_kinds=per_kind(scored, on_train)) if scored else {}),
                wall_s=round(time.time() - started, 1))
     print(json.dumps(row), flush=True)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)

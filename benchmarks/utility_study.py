@@ -9,7 +9,7 @@ Stages (``--stage``):
 - ``test`` chooses the winners from the tuning results (:func:`toolkit.sweeps.study.choose_arms`, validation
   only) and runs them on each task's test split, with non-private on the same recipe (the task's ceiling);
 - ``ceiling`` runs only that non-private ceiling (and, for a task with one in ``BEST_NON_PRIVATE``, its best known
-  non-private recipe: the scene task's headroom, which the study's LoRA recipe does not reach);
+  non-private recipe: the scene task's headroom, which the study's LoRA recipe did not reach in its probes);
 - ``budgets`` runs the ``dual-priv-budgets`` named sweep (update keep fraction 0.05-1.0, visual tokens 8-64) and
   ``ranks`` the ``dp-lora-ranks`` one (both methods at LoRA rank 2-32: the noised dimension), on the validation
   split: ablations reported beside the choice, not candidates for it;
@@ -37,8 +37,8 @@ import torch
 from toolkit.sweeps import parse_shard, run_sweep, summarize, sweep_results
 from toolkit.sweeps.named import named_sweep
 from toolkit.sweeps.study import (
-    BEST_NON_PRIVATE, FAMILIES, MEASURED_STUDY, arm_table, ceiling, ceiling_sweep, choose_arms, chosen_from_report, compare,
-    load_measured_study, start_accuracy, summary_markdown, test_sweep,
+    BEST_NON_PRIVATE, FAMILIES, MEASURED_STUDY, arm_table, ceiling, ceiling_sweep, choose_arms, chosen_from_report,
+    compare, load_measured_study, start_accuracy, summary_markdown, test_sweep,
 )
 from toolkit.vocabulary import format_epsilon
 
@@ -109,7 +109,8 @@ def main(argv=None) -> None:
         chosen = args.chosen
         earlier = args.earlier
         report = dict(chosen=earlier["chosen"], tuning=earlier["tuning"], tasks=dict(earlier.get("tasks", {})),
-                      ceilings=dict(earlier.get("ceilings", {})), best_ceilings=dict(earlier.get("best_ceilings", {})))
+                      ceilings=dict(earlier.get("ceilings", {})),
+                      best_ceilings=dict(earlier.get("best_ceilings", {})))
         for ablation in ("budgets", "ranks"):
             if ablation in earlier:
                 report[ablation] = earlier[ablation]
@@ -131,22 +132,18 @@ def main(argv=None) -> None:
             print(f"{task}: no results in {out}; the table from {args.chosen_from} is kept")
             continue
         report["tasks"][task] = compare(results, chosen).round(2).to_dict(orient="records")
-    for task in args.tasks:
-        sweep = ceiling_sweep(task)
+    # the ceiling of the arms compared (the study's recipe) and, where it differs, the task's headroom (its best one)
+    ceilings = [("ceilings", "study", task) for task in args.tasks]
+    ceilings += [("best_ceilings", "best", task) for task in args.tasks if task in BEST_NON_PRIVATE]
+    for key, recipe, task in ceilings:
+        sweep = ceiling_sweep(task, recipe=recipe)
         if args.stage in ("test", "ceiling", "all"):
             run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
         results = sweep_results(sweep, out)
-        if results.empty and task in report.get("ceilings", {}):
+        if results.empty and task in report.get(key, {}):
             continue
-        report.setdefault("ceilings", {})[task] = ceiling(results, task, start=start_accuracy(task))
-    for task in [t for t in args.tasks if t in BEST_NON_PRIVATE]:   # the task's headroom, where the recipe differs
-        sweep = ceiling_sweep(task, recipe="best")
-        if args.stage in ("test", "ceiling", "all"):
-            run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
-        results = sweep_results(sweep, out)
-        if results.empty and task in report.get("best_ceilings", {}):
-            continue
-        report.setdefault("best_ceilings", {})[task] = ceiling(results, task)
+        start = start_accuracy(task) if recipe == "study" else None
+        report.setdefault(key, {})[task] = ceiling(results, task, start=start)
     for key, ablation in (("budgets", budgets), ("ranks", ranks)):
         rows = sweep_results(ablation, out)
         if len(rows):

@@ -176,7 +176,8 @@ def test_the_scene_study_runs_and_reports_the_task_headroom_beside_the_study_cei
     earlier = dict(chosen={"DP-SGD": "DP-SGD"}, tuning=[dict(arm="DP-SGD", mean=0.8, train_time_s=100.0)])
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     out = tmp_path / "study"
-    study.main(["--out", str(out), "--tasks", "scene", "--stage", "ceiling", "--chosen-from", str(tmp_path / "earlier.json")])
+    study.main(["--out", str(out), "--tasks", "scene", "--stage", "ceiling",
+                "--chosen-from", str(tmp_path / "earlier.json")])
     report = json.loads((out / "utility-study.json").read_text())
     assert report["ceilings"]["scene"]["seeds"] == 1 and report["best_ceilings"]["scene"]["seeds"] == 1
     assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["utility-ceiling-scene-best-quick",
@@ -213,7 +214,8 @@ def test_the_scene_task_headroom_is_measured_with_its_best_recipe_beside_the_stu
                   ceilings=dict(scene=dict(top, mean=85.0)), best_ceilings=dict(scene=top))
     text = summary_markdown(report)
     assert "Without privacy (same recipe): 85.0 ± 1.0 %" in text
-    assert "Without privacy (the task's best known recipe: lm-full, lr 0.001, batch 64, 4800 steps): 93.0 ± 1.0 %" in text
+    assert ("Without privacy (the task's best known recipe: lm-full, lr 0.001, batch 64, 4800 steps): "
+            "93.0 ± 1.0 %") in text
 
 
 def test_the_ceiling_is_non_private_on_the_same_recipe_and_chance_is_the_most_frequent_answer():
