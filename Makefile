@@ -8,7 +8,7 @@ PORT ?= 7860
 # torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test warm-start app test test-fast chromium clean mutations gpu-bench gpu-bench-smoke
+.PHONY: install install-test warm-start app test test-fast chromium clean mutations gpu-bench gpu-bench-smoke gpu-wheels
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,3 +62,8 @@ gpu-bench: $(VENV)/.installed
 # The same code path on a CPU, tiny preset (tests/test_gpu_bench.py runs it in CI).
 gpu-bench-smoke: $(VENV)/.installed
 	PYTHONPATH=. $(PY) benchmarks/gpu_bench.py --smoke --out artifacts/gpu-bench-smoke
+
+# For a CUDA machine without internet whose python3 holds torch: the pinned libraries as wheels in .whl/ (here),
+# then `bash benchmarks/gpu_device.sh` there with .whl/ beside the repository.
+gpu-wheels: $(VENV)/.installed
+	$(PY) benchmarks/gpu_wheels.py

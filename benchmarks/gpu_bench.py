@@ -5,11 +5,18 @@
 
 One cell = one method at one batch size, measured by :func:`toolkit.bench.measure_method` in a fresh subprocess
 (its own ``max_memory_allocated`` / reserved; an OOM kills only that cell, which is recorded as ``oom`` and the
-run goes on). Cells run batch by batch (the batch-4 row is complete first); a cell is started only if the time
-left before ``--time-limit`` covers it (a cell is given at most the time left, then recorded as ``timeout``), so
-the run stops cleanly before the limit. Then the bf16 checks (a shallow copy of the preset, same widths): the
-per-example gradient norms of the bf16 model against the same weights in fp32, each example's clipped sum and its
-dtype (≥ fp32), and the noise added in fp32 (its measured std against σ·C). Progress: one line per cell.
+run goes on). First the bf16 checks (a shallow copy of the preset, same widths; first, so the cells cannot use up
+their time): the per-example gradient norms of the bf16 model against the same weights in fp32, each example's
+clipped sum and its dtype (≥ fp32), and the noise added in fp32 (its measured std against σ·C). Then the cells,
+batch by batch (the batch-4 row is complete first); a cell is started only if the time left before
+``--time-limit`` covers it (a cell is given at most the time left, then recorded as ``timeout``), so the run stops
+cleanly before the limit. Progress: a line when a cell starts and when it ends; the files are rewritten after each
+cell, so a run killed from outside keeps what it measured.
+
+The smoke mode runs the GPU run's settings (``llava-7b-shape``'s lean defaults: LoRA, activation checkpointing,
+ghost-fp32 clipping, SGD; 16 of the tiny preset's 64 visual tokens) in one process; the subprocess path of a
+cell and of the checks is tested on its own (tests/test_gpu_bench.py). On a machine without internet whose
+python3 holds CUDA torch: ``make gpu-wheels`` here, then ``bash benchmarks/gpu_device.sh`` there.
 
 Writes ``<out>/gpu-<date>.json`` (every cell, the checks, the settings) and ``<out>/gpu-<date>.md`` (the table
 with DP-SGD / non-private throughput and Dual-Priv / DP-ZO, Dual-Priv / DP-SGD memory per batch size).
@@ -31,22 +38,31 @@ import torch
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
-FULL = dict(preset="llava-7b-shape", batches=(4, 8, 16), steps=3, device="cuda", dtype="bfloat16", lm_layers=None,
-            vision_layers=None, check_layers=(1, 2), time_limit=450.0, min_cell_s=20.0, isolate=True)
+# steps: one warm-up, one profiled (peak memory), the median of the rest timed
+FULL = dict(preset="llava-7b-shape", batches=(4, 8, 16), steps=5, device="cuda", dtype="bfloat16", lm_layers=None,
+            vision_layers=None, check_layers=(1, 2), time_limit=450.0, min_cell_s=20.0, isolate=True,
+            settings_of="llava-7b-shape", keep_tokens=None)
 SMOKE = dict(preset="tiny", batches=(2,), steps=3, device="cpu", dtype="bfloat16", lm_layers=None,
-             vision_layers=None, check_layers=(None, None), time_limit=55.0, min_cell_s=1.0, isolate=False)
+             vision_layers=None, check_layers=(None, None), time_limit=55.0, min_cell_s=1.0, isolate=False,
+             settings_of="llava-7b-shape", keep_tokens=16)
+# what a failed allocation says on CUDA (the caching allocator, cuBLAS, cuDNN) and on a CPU
+OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed", "cannot allocate memory")
 
 
-def _preset_defaults(preset: str) -> dict:
-    """The preset's bench settings (llava-7b-shape: LoRA, 576 -> 64 tokens, activation checkpointing, ghost-fp32, SGD
-    with momentum; toolkit.bench.bench_defaults)."""
+def _lean_settings(mode: dict) -> dict:
+    """The bench settings of ``mode["settings_of"]`` (llava-7b-shape: LoRA, 576 -> 64 tokens, activation
+    checkpointing, ghost-fp32, SGD with momentum; toolkit.bench.bench_defaults), ``mode["keep_tokens"]`` if set."""
     from toolkit.bench import bench_defaults
 
-    bench = bench_defaults(preset)
-    keep = bench["keep_tokens"]
+    bench = bench_defaults(mode["settings_of"])
+    keep = mode["keep_tokens"] or bench["keep_tokens"]
     return dict(trainable=bench["trainable"], keep_tokens=keep, token_prune_ratio=None if keep else 0.75,
                 activation_checkpointing=bool(bench["activation_checkpointing"]),
                 grad_sample_mode=bench["grad_sample_mode"], optimizer=bench["optimizer"])
+
+
+def _failure(message: str) -> str:
+    return "oom" if any(marker in message.lower() for marker in OOM_MARKERS) else "error"
 
 
 def _in_process(fn, kwargs: dict) -> tuple[str, dict | None, str]:
@@ -54,7 +70,7 @@ def _in_process(fn, kwargs: dict) -> tuple[str, dict | None, str]:
     try:
         return "ok", fn(**kwargs), ""
     except Exception as err:  # recorded, the run goes on
-        return ("oom" if "out of memory" in str(err).lower() else "error"), None, repr(err)[-1500:]
+        return _failure(str(err)), None, repr(err)[-1500:]
 
 
 def _cell(kwargs: dict) -> dict:
@@ -77,7 +93,7 @@ def _child(args: list[str], timeout: float) -> tuple[str, dict | None, str]:
     if proc.returncode == 0:
         return "ok", json.loads(proc.stdout.strip().splitlines()[-1]), ""
     tail = proc.stderr[-1500:]
-    return ("oom" if "out of memory" in tail.lower() else "error"), None, tail
+    return _failure(tail), None, tail
 
 
 def bf16_checks(preset: str, device: str, lm_layers: int | None, vision_layers: int | None) -> dict:
@@ -164,9 +180,11 @@ def ghost_fp32_check(lm, feats, batch: dict, max_grad_norm: float) -> dict:
 
 def markdown(cells: list[dict], checks: dict | None, settings: dict) -> str:
     lines = [f"# GPU bench {settings['date']} — {settings['device_name']}", "",
-             f"preset {settings['preset']}, {settings['dtype']}, {settings['steps']} steps per cell (warm-up, "
-             "profiled, timed), " + ("each cell in a fresh subprocess." if settings["isolate"] else
-                                     "cells in one process (smoke)."), "",
+             f"preset {settings['preset']}, {settings['dtype']}, {settings['steps']} steps per cell (one warm-up, "
+             "one profiled, the median of the rest timed), " + ("each cell in a fresh subprocess." if settings["isolate"]
+                                                                else "cells in one process (smoke)."),
+             "settings (" + settings["settings_of"] + "'s): " + ", ".join(
+                 f"{k} {v}" for k, v in _lean_settings(settings).items()) + ".", "",
              "| batch | method | status | peak allocated MB | reserved MB | step s | tokens/s |",
              "|---|---|---|---|---|---|---|"]
     for c in cells:
@@ -191,13 +209,42 @@ def markdown(cells: list[dict], checks: dict | None, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _checks(mode: dict, left: float) -> dict:
+    if left <= mode["min_cell_s"]:
+        return dict(status="skipped (time limit)")
+    lm, vision = mode["check_layers"]
+    spec = dict(preset=mode["preset"], device=mode["device"], lm_layers=lm, vision_layers=vision)
+    status, checks, error = (_child(["--check", json.dumps(spec)], left) if mode["isolate"]
+                             else _in_process(bf16_checks, spec))
+    return checks if status == "ok" else dict(status=status, error=error[-300:])
+
+
+def _write(out: Path, result: dict) -> None:
+    """The JSON and the table, replaced whole (a reader never sees half a file)."""
+    date = result["settings"]["date"]
+    for name, text in ((f"gpu-{date}.json", json.dumps(result, indent=2, default=str)),
+                       (f"gpu-{date}.md", markdown(result["cells"], result["bf16_checks"], result["settings"]))):
+        scratch = out / f".{name}.partial"
+        scratch.write_text(text)
+        scratch.replace(out / name)
+
+
 def run(mode: dict, out: Path, methods=METHODS) -> dict:
     started = time.monotonic()
     deadline = started + mode["time_limit"]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     device_name = torch.cuda.get_device_name() if mode["device"].startswith("cuda") else "cpu"
     settings = dict(mode, date=date, device_name=device_name, methods=list(methods))
-    cells, spent = [], []
+    out.mkdir(parents=True, exist_ok=True)
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
+
+    say(f"bf16 checks on {mode['preset']} ({device_name}) ...")
+    result = dict(settings=settings, cells=[], bf16_checks=_checks(mode, deadline - time.monotonic()), wall_s=None)
+    say(f"bf16 checks: {result['bf16_checks']}")
+    _write(out, result)
+    spent = []
     for batch in mode["batches"]:
         for method in methods:
             left = deadline - time.monotonic()
@@ -206,33 +253,24 @@ def run(mode: dict, out: Path, methods=METHODS) -> dict:
             if left < need:
                 cell["status"] = "skipped (time limit)"
             else:
+                say(f"batch {batch:>2} {method:<11} started ({left:.0f} s left)")
                 kwargs = dict(method=method, preset=mode["preset"], batch_size=batch, steps=mode["steps"],
                               device=mode["device"], dtype=mode["dtype"], lm_layers=mode["lm_layers"],
-                              vision_layers=mode["vision_layers"], **_preset_defaults(mode["preset"]))
+                              vision_layers=mode["vision_layers"], **_lean_settings(mode))
                 t0 = time.monotonic()
-                cell["status"], cell["record"], cell["error"] = (
-                    _child(["--cell", json.dumps(kwargs)], left) if mode["isolate"] else _in_process(_cell, dict(kwargs=kwargs)))
+                cell["status"], cell["record"], cell["error"] = (_child(["--cell", json.dumps(kwargs)], left)
+                                                                  if mode["isolate"]
+                                                                  else _in_process(_cell, dict(kwargs=kwargs)))
                 spent.append(time.monotonic() - t0)
                 cell["wall_s"] = round(spent[-1], 1)
-            cells.append(cell)
+            result["cells"].append(cell)
             r = cell["record"] or {}
-            print(f"[{time.monotonic() - started:6.1f} s] batch {batch:>2} {method:<11} {cell['status']:<8} "
-                  f"peak {r.get('peak_memory_mb', '-')} MB  step {r.get('step_time_s', '-')} s", flush=True)
-    checks = None
-    left = deadline - time.monotonic()
-    if left > mode["min_cell_s"]:
-        lm, vision = mode["check_layers"]
-        spec = dict(preset=mode["preset"], device=mode["device"], lm_layers=lm, vision_layers=vision)
-        status, checks, error = (_child(["--check", json.dumps(spec)], left) if mode["isolate"]
-                                 else _in_process(bf16_checks, spec))
-        checks = checks if status == "ok" else dict(status=status, error=error[-300:])
-    else:
-        checks = dict(status="skipped (time limit)")
-    print(f"[{time.monotonic() - started:6.1f} s] bf16 checks: {checks}", flush=True)
-    result = dict(settings=settings, cells=cells, bf16_checks=checks, wall_s=round(time.monotonic() - started, 1))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu-{date}.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / f"gpu-{date}.md").write_text(markdown(cells, checks, settings))
+            say(f"batch {batch:>2} {method:<11} {cell['status']:<8} peak {r.get('peak_memory_mb', '-')} MB  "
+                f"step {r.get('step_time_s', '-')} s")
+            result["wall_s"] = round(time.monotonic() - started, 1)
+            _write(out, result)
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    _write(out, result)
     print(f"wrote {out / f'gpu-{date}.json'} and .md ({result['wall_s']} s)")
     return result
 

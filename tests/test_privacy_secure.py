@@ -53,6 +53,27 @@ def _is_a_32_bit_seed_state(generator) -> bool:
                for i in range(1, 8))
 
 
+def test_a_cuda_generator_seed_keeps_all_64_bits_of_its_two_words():
+    # the Philox seed on a GPU: every bit of both 32-bit words, never a float's 53 (nor a rounding up to 2**64)
+    assert secret_random.philox_seed(_Words([0xFFFFFFFF, 0xFFFFFFFF])) == 2 ** 64 - 1
+    torch.Generator().manual_seed(2 ** 64 - 1)   # the largest seed is one a generator takes
+    seeds = [secret_random.philox_seed(np.random.SeedSequence([i, 7])) for i in range(400)]
+    words = [np.random.SeedSequence([i, 7]).generate_state(2, dtype=np.uint32) for i in range(400)]
+    assert seeds == [int(w[0]) + (int(w[1]) << 32) for w in words]
+    assert len({seed % 2 ** 12 for seed in seeds}) > 300    # the low bits vary (a float64 would zero them)
+
+
+class _Words(np.random.SeedSequence):
+    """A SeedSequence whose state words are given: the extreme values a real one can produce."""
+
+    def __init__(self, words):
+        super().__init__(0)
+        self._words = np.array(words, dtype=np.uint32)
+
+    def generate_state(self, n_words, dtype=np.uint32):
+        return self._words[:n_words].astype(dtype)
+
+
 def test_the_sampler_of_a_private_run_is_seeded_with_128_bits_of_os_entropy(monkeypatch):
     seen = []
     real = secret_random.os_entropy

@@ -105,6 +105,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                 lm_layers=spec["lm_layers"], vision_layers=spec["vision_layers"], dtype=str(torch_dtype).split(".")[-1],
                 activation_checkpointing=activation_checkpointing, tower_in_step=tower_in_step,
                 optimizer=config.optimizer if method != "dp-zo" else "zo-sgd", lora_variant=config.lora_variant,
+                grad_sample_mode=config.grad_sample_mode if method in ("dp-sgd", "dual-priv") else None,
                 memory_method=peak.method, device=str(device))
 
 

@@ -53,13 +53,20 @@ def _set_mersenne_state(generator: torch.Generator, words: np.ndarray) -> torch.
     return generator
 
 
+def philox_seed(sequence: np.random.SeedSequence) -> int:
+    """The 64-bit seed of a CUDA (Philox) generator: two 32-bit words joined in Python integers. (In numpy,
+    ``uint64 @ [1, 2**32]`` is a float64: it would keep 53 bits and could round up to 2**64, past the seed range.)"""
+    low, high = (int(word) for word in sequence.generate_state(2, dtype=np.uint32))
+    return low | high << 32
+
+
 def seeded_generator(device: str | torch.device = "cpu", entropy=None) -> torch.Generator:
     """A generator whose whole state comes from ``SeedSequence(entropy)`` (default: :func:`os_entropy`)."""
     sequence = np.random.SeedSequence(os_entropy() if entropy is None else entropy)
     generator = torch.Generator(device=device)
     if torch.device(device).type == "cpu":
         return _set_mersenne_state(generator, sequence.generate_state(_MT_WORDS, dtype=np.uint32))
-    generator.manual_seed(int(sequence.generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1, 2 ** 32]))
+    generator.manual_seed(philox_seed(sequence))
     return generator
 
 

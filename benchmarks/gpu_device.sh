@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU table on a CUDA machine without internet whose python3 holds CUDA torch (issue 23):
+#   here:  make gpu-wheels                      (fills .whl/ with the toolkit's pinned libraries)
+#   there: bash benchmarks/gpu_device.sh        (with .whl/ carried beside the repository)
+# Installs the wheels into a scratch folder (never into the image), checks the versions the toolkit is tested with
+# are the ones imported, then runs benchmarks/gpu_bench.py (<= 8 min). Results go to $OUT if set (the lending
+# tool's return folder), else benchmarks/results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+SITE=${SITE:-/tmp/dualpriv-site}
+WHEELS=${WHEELS:-.whl}
+if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  echo "no wheels in .whl/: run 'make gpu-wheels' where PyPI is reachable and carry .whl with the repository" >&2
+  exit 2
+fi
+"$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+"$PYTHON" - <<'PY'
+import re, sys
+from pathlib import Path
+import torch, transformers, peft, opacus
+pins = dict(re.findall(r"^(transformers|peft|opacus)==(\S+)", Path("requirements.txt").read_text(), re.M))
+got = dict(transformers=transformers.__version__, peft=peft.__version__, opacus=opacus.__version__)
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
+      f"available: {torch.cuda.is_available()}), " + ", ".join(f"{k} {v}" for k, v in got.items()))
+wrong = {k: (got[k], v) for k, v in pins.items() if got[k] != v}
+if wrong:
+    sys.exit(f"imported versions differ from requirements.txt: {wrong} (is {Path('.whl')} stale? make gpu-wheels)")
+PY
+"$PYTHON" benchmarks/gpu_bench.py --out "${OUT:-benchmarks/results}" "$@"
