@@ -57,9 +57,9 @@ def closure(requirements: list[str], python_version: str) -> list[tuple[str, str
     """(name, version) of everything pip would install for ``requirements`` on the target, resolved, not fetched."""
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), "--target", str(Path(scratch) / "target"),
-                        *target_args(python_version), *requirements], check=True)
+        _pip(["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+              "--target", str(Path(scratch) / "target"), *target_args(python_version), *requirements],
+             f"resolve {' '.join(requirements)} for Python {python_version}")
         items = json.loads(report.read_text())["install"]
     return [(item["metadata"]["name"], item["metadata"]["version"]) for item in items]
 
@@ -70,6 +70,13 @@ def carried(resolved: list[tuple[str, str]]) -> list[str]:
             if normalize(name) not in IMAGE_PROVIDES and not normalize(name).startswith(("nvidia-", "cuda-"))]
 
 
+def _pip(args: list[str], what: str) -> None:
+    try:
+        subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+    except subprocess.CalledProcessError as err:   # pip said why above; say what it was doing
+        raise SystemExit(f"pip could not {what} (exit {err.returncode}; is PyPI reachable from here?)") from None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".whl")
@@ -78,10 +85,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     wanted = carried(closure(pins(), args.python_version))
     args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("*.whl"):   # one version of each: two would stop the install there
-        old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(args.out),
-                    *target_args(args.python_version), *wanted], check=True)
+    with tempfile.TemporaryDirectory(dir=args.out) as fresh:   # the old set stays until the new one is complete
+        _pip(["download", "--quiet", "--no-deps", "-d", fresh, *target_args(args.python_version), *wanted],
+             f"download {len(wanted)} wheels")
+        for old in args.out.glob("*.whl"):   # one version of each: two would stop the install there
+            old.unlink()
+        for wheel in Path(fresh).glob("*.whl"):
+            wheel.replace(args.out / wheel.name)
     wheels = sorted(args.out.glob("*.whl"))
     size_mb = sum(w.stat().st_size for w in wheels) / 2 ** 20
     print("\n".join(f"  {w.name}" for w in wheels))
