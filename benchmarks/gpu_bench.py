@@ -6,12 +6,12 @@
 One cell = one method at one batch size, measured by :func:`toolkit.bench.measure_method` in a fresh subprocess
 (its own ``max_memory_allocated`` / reserved; an OOM kills only that cell, which is recorded as ``oom`` and the
 run goes on). First the bf16 checks (a shallow copy of the preset, same widths; first, so the cells cannot use up
-their time): the per-example gradient norms of the bf16 model against the same weights in fp32, each example's
-clipped sum and its dtype (≥ fp32), and the noise added in fp32 (its measured std against σ·C). Then the cells,
-batch by batch (the batch-4 row is complete first); a cell is started only if the time left before
-``--time-limit`` covers it (a cell is given at most the time left, then recorded as ``timeout``), so the run stops
-cleanly before the limit. Progress: a line when a cell starts and when it ends; the files are rewritten after each
-cell, so a run killed from outside keeps what it measured.
+their time; at most ``check_limit_s``, 120 s, so they cannot use up the cells'): the per-example gradient norms of
+the bf16 model against the same weights in fp32, each example's clipped sum and its dtype (≥ fp32), and the noise
+added in fp32 (its measured std against σ·C). Then the cells, batch by batch (the batch-4 row is complete first);
+a cell is started only if the time left before ``--time-limit`` covers it (a cell is given at most the time left,
+then recorded as ``timeout``), so the run stops cleanly before the limit. Progress: a line when a cell starts and
+when it ends; the files are rewritten after each cell, so a run killed from outside keeps what it measured.
 
 The smoke mode runs the GPU run's settings (``llava-7b-shape``'s lean defaults: LoRA, activation checkpointing,
 ghost-fp32 clipping, SGD; 16 of the tiny preset's 64 visual tokens) in one process; the subprocess path of a
@@ -42,10 +42,10 @@ METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
 # fit the 7.5 minutes; a GPU step varies little once warm)
 FULL = dict(preset="llava-7b-shape", batches=(4, 8, 16), steps=4, device="cuda", dtype="bfloat16", lm_layers=None,
             vision_layers=None, check_layers=(1, 2), time_limit=450.0, min_cell_s=20.0, isolate=True,
-            settings_of="llava-7b-shape", keep_tokens=None)
+            settings_of="llava-7b-shape", keep_tokens=None, check_limit_s=120.0)
 SMOKE = dict(preset="tiny", batches=(2,), steps=3, device="cpu", dtype="bfloat16", lm_layers=None,
              vision_layers=None, check_layers=(None, None), time_limit=55.0, min_cell_s=1.0, isolate=False,
-             settings_of="llava-7b-shape", keep_tokens=16)
+             settings_of="llava-7b-shape", keep_tokens=16, check_limit_s=55.0)
 # what a failed allocation says on CUDA (the caching allocator, cuBLAS, cuDNN) and on a CPU
 OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed", "cannot allocate memory")
 
@@ -182,8 +182,8 @@ def ghost_fp32_check(lm, feats, batch: dict, max_grad_norm: float) -> dict:
 def markdown(cells: list[dict], checks: dict | None, settings: dict) -> str:
     lines = [f"# GPU bench {settings['date']} — {settings['device_name']}", "",
              f"preset {settings['preset']}, {settings['dtype']}, {settings['steps']} steps per cell (one warm-up, "
-             "one profiled, the median of the rest timed), " + ("each cell in a fresh subprocess." if settings["isolate"]
-                                                                else "cells in one process (smoke)."),
+             "one profiled, the median of the rest timed), "
+             + ("each cell in a fresh subprocess." if settings["isolate"] else "cells in one process (smoke)."),
              "settings (" + settings["settings_of"] + "'s): " + ", ".join(
                  f"{k} {v}" for k, v in _lean_settings(settings).items()) + ".", "",
              "| batch | method | status | peak allocated MB | reserved MB | step s | tokens/s |",
@@ -215,8 +215,10 @@ def _checks(mode: dict, left: float) -> dict:
         return dict(status="skipped (time limit)")
     lm, vision = mode["check_layers"]
     spec = dict(preset=mode["preset"], device=mode["device"], lm_layers=lm, vision_layers=vision)
-    status, checks, error = (_child(["--check", json.dumps(spec)], left) if mode["isolate"]
-                             else _in_process(bf16_checks, spec))
+    if mode["isolate"]:   # first but bounded: a stuck check must not take the table's time
+        status, checks, error = _child(["--check", json.dumps(spec)], min(left, mode["check_limit_s"]))
+    else:
+        status, checks, error = _in_process(bf16_checks, spec)
     return checks if status == "ok" else dict(status=status, error=error[-300:])
 
 

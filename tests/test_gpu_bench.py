@@ -121,3 +121,11 @@ def test_the_device_script_without_wheels_says_what_to_run_and_stops(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_device.sh")], capture_output=True, text=True,
                           env=dict(os.environ, WHEELS=str(tmp_path / "none")), timeout=60)
     assert proc.returncode == 2 and "make gpu-wheels" in proc.stderr
+
+
+def test_the_checks_are_given_at_most_their_own_limit_so_the_cells_keep_their_time(gpu_bench, monkeypatch):
+    given = []
+    monkeypatch.setattr(gpu_bench, "_child", lambda args, timeout: given.append(timeout) or ("timeout", None, "k"))
+    assert gpu_bench._checks(gpu_bench.FULL, left=450.0) == dict(status="timeout", error="k")
+    assert gpu_bench._checks(gpu_bench.FULL, left=60.0)["status"] == "timeout"
+    assert given == [gpu_bench.FULL["check_limit_s"], 60.0] and gpu_bench.FULL["check_limit_s"] <= 120
