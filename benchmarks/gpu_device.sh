@@ -3,8 +3,8 @@
 #   here:  make gpu-wheels                      (fills .whl/ with the toolkit's pinned libraries)
 #   there: bash benchmarks/gpu_device.sh        (with .whl/ carried beside the repository)
 # Installs the wheels into a scratch folder (never into the image), checks the versions the toolkit is tested with
-# are the ones imported, then runs benchmarks/gpu_bench.py (<= 8 min). Results go to $OUT if set (the lending
-# tool's return folder), else benchmarks/results.
+# are the ones imported, then runs benchmarks/gpu_bench.py (<= 7.5 min) and benchmarks/train_smoke.py (<= 75 s).
+# Results go to $OUT if set (the lending tool's return folder), else benchmarks/results. Whole: about 9.5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -28,4 +28,9 @@ wrong = {k: (got[k], v) for k, v in pins.items() if got[k] != v}
 if wrong:
     sys.exit(f"imported versions differ from requirements.txt: {wrong} (is {Path('.whl')} stale? make gpu-wheels)")
 PY
-"$PYTHON" benchmarks/gpu_bench.py --out "${OUT:-benchmarks/results}" "$@"
+RESULTS=${OUT:-benchmarks/results}
+rc=0
+"$PYTHON" benchmarks/gpu_bench.py --out "$RESULTS" "$@" || rc=$?
+# then every method and privacy mode trains a few steps on the device (<= 75 s): what the table does not run
+"$PYTHON" benchmarks/train_smoke.py --device "${TRAIN_DEVICE:-cuda}" --out "$RESULTS" --time-limit 75 || rc=$?
+exit $rc

@@ -1,13 +1,13 @@
 """Wheels for a GPU machine that has CUDA torch but no internet: the toolkit's pinned libraries, nothing heavy.
 
-    make gpu-wheels          # here, where PyPI is reachable: fills .whl/ (git-ignored; about 20 MB)
-    bash benchmarks/gpu_device.sh   # there, with .whl carried beside the repo: installs them, runs make's gpu-bench
+    make gpu-wheels                 # here, where PyPI is reachable: fills .whl/ (git-ignored; about 31 MB)
+    bash benchmarks/gpu_device.sh   # there, with .whl carried beside the repo: installs them, runs the GPU checks
 
 A CUDA image typically holds torch, numpy, scipy, pandas, scikit-learn and pillow, but not Opacus, and other
 versions of transformers / peft / huggingface_hub than the ones this toolkit is tested with. This script asks
-pip for the whole dependency closure of the pins in ``requirements.txt`` (transformers, peft, opacus) for the
-target interpreter and platform (default CPython 3.12, manylinux x86-64) without installing anything, leaves out
-what the image brings (:data:`IMAGE_PROVIDES`: torch and its CUDA stack, numpy, scipy, ...), and downloads the rest
+pip for the whole dependency closure of the pins in ``requirements.txt`` (transformers, peft, opacus, imagehash)
+for the target interpreter and platform (default CPython 3.12, manylinux x86-64) without installing anything,
+leaves out what the image brings (:data:`IMAGE_PROVIDES`: torch and its CUDA stack, numpy, scipy, ...), and downloads the rest
 with ``--no-deps``: the exact versions CI runs, so the first GPU run cannot fail on a missing module or an API
 difference. It prints what it fetched and fails if the folder would not travel (over ``--max-mb``).
 """
@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PINNED = ("transformers", "peft", "opacus")
+PINNED = ("transformers", "peft", "opacus", "imagehash")   # imagehash: the training path checks image overlaps
 # Brought by a CUDA PyTorch image (and too large to carry): torch's own stack and the scientific base.
 IMAGE_PROVIDES = ("torch", "triton", "numpy", "scipy", "sympy", "mpmath", "networkx", "setuptools", "jinja2",
-                  "markupsafe", "psutil")
+                  "markupsafe", "psutil", "pillow", "hf-xet")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 

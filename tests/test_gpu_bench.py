@@ -110,7 +110,7 @@ def test_a_cell_and_the_checks_come_back_from_their_own_subprocess(gpu_bench, tm
 def test_the_wheels_for_a_gpu_machine_are_the_pinned_versions_without_the_images_cuda_stack():
     wheels = _load(ROOT / "benchmarks" / "gpu_wheels.py", "gpu_wheels")
     pinned = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    assert wheels.pins() == [p for name in ("transformers", "peft", "opacus") for p in pinned
+    assert wheels.pins() == [p for name in ("transformers", "peft", "opacus", "imagehash") for p in pinned
                              if p.startswith(name + "==")]
     resolved = [("transformers", "5.0"), ("torch", "2.9.0"), ("nvidia-cublas-cu12", "12.6"),
                 ("cuda-bindings", "12.9"), ("NumPy", "2.5"), ("opacus", "1.6.0"), ("typing_extensions", "4.16")]
@@ -129,3 +129,15 @@ def test_the_checks_are_given_at_most_their_own_limit_so_the_cells_keep_their_ti
     assert gpu_bench._checks(gpu_bench.FULL, left=450.0) == dict(status="timeout", error="k")
     assert gpu_bench._checks(gpu_bench.FULL, left=60.0)["status"] == "timeout"
     assert given == [gpu_bench.FULL["check_limit_s"], 60.0] and gpu_bench.FULL["check_limit_s"] <= 120
+
+
+def test_the_device_training_smoke_records_a_failing_run_and_goes_on(tmp_path):
+    smoke = _load(ROOT / "benchmarks" / "train_smoke.py", "train_smoke")
+    runs = {"broken": dict(method="no-such-method"), "resumed": dict(method="dual-priv", update_mask="past-noisy",
+                                                                     grad_prune_ratio=0.5, resume=True)}
+    result = smoke.run("cpu", tmp_path, time_limit=120.0, runs=runs)
+    broken, resumed = result["runs"]
+    assert broken["status"] == "error" and "no-such-method" in broken["error"]
+    assert resumed["status"] == "ok" and resumed["steps"] == smoke.BASE["steps"] and resumed["epsilon_spent"] <= 8
+    assert json.loads(next(tmp_path.glob("train-smoke-*.json")).read_text())["runs"][1]["status"] == "ok"
+    assert set(smoke.RUNS) >= {"non-private", "dp-sgd, hooks", "dual-priv, hooks", "dp-zo"}

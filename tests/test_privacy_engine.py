@@ -258,6 +258,23 @@ def test_resume_keeps_epsilon_and_the_exact_trajectory(records):
         second.load_state_dict(saved_engine)  # would drop the steps it has taken from the accounting
 
 
+def test_a_checkpoint_from_another_device_type_resumes_with_fresh_secret_noise_or_refuses_a_seeded_run(records):
+    # a GPU's noise generator state (Philox, 16 bytes) cannot go into a CPU generator (5056 bytes) and back
+    cuda_shaped = torch.zeros(16, dtype=torch.uint8)
+    case = make_case(records, "lora", 16, dtype=torch.float32)
+    saved = engine_for(case, noise_multiplier=1.0, max_grad_norm=1.0).state_dict() | {"noise_generator": cuda_shaped}
+    secret = engine_for(make_case(records, "lora", 16, dtype=torch.float32), noise_multiplier=1.0, max_grad_norm=1.0,
+                        noise_seed=None)
+    fresh = secret.generator.get_state().clone()
+    with pytest.warns(UserWarning, match="fresh OS entropy"):
+        secret.load_state_dict(saved)
+    assert torch.equal(secret.generator.get_state(), fresh)   # kept its own 128-bit secret state
+    seeded = engine_for(make_case(records, "lora", 16, dtype=torch.float32), noise_multiplier=1.0,
+                        max_grad_norm=1.0, noise_seed=3)
+    with pytest.raises(ValueError, match="saved on CUDA and this run is on CPU"):
+        seeded.load_state_dict(saved)
+
+
 # ---------------------------------------------------------------- clear errors
 
 def test_bad_input_fails_clearly(records):

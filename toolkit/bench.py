@@ -93,8 +93,8 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
 
     stepper.step(losses)  # warm-up
     baseline = live_training_tensors(bundle.model, getattr(stepper, "optimizer", None)) + [pixels]
-    peak = measure_peak(lambda: stepper.step(losses), baseline, device=device.type)
-    timer = StepTimer(skip=0)
+    peak = measure_peak(lambda: stepper.step(losses), baseline, device=device)
+    timer = StepTimer(skip=0, device=device)
     for _ in range(steps - 2):
         timer.time(lambda: stepper.step(losses))
     tokens = int(batch["attention_mask"].sum())

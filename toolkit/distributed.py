@@ -88,8 +88,17 @@ def shared_secret_entropy(ctx: DistributedContext, bits: int = ENTROPY_BITS) -> 
     """``bits`` (≥ 128) of OS entropy drawn on rank 0 and broadcast, as 32-bit words every rank agrees on."""
     words = torch.tensor(os_entropy(bits) if ctx.is_main else [0] * (-(-bits // 32)), dtype=torch.int64)
     if ctx.enabled:
+        words = words.to(collective_device(ctx))
         dist.broadcast(words, src=0)
-    return [int(w) for w in words.tolist()]
+    return [int(w) for w in words.cpu().tolist()]
+
+
+def collective_device(ctx: DistributedContext) -> torch.device:
+    """Where a tensor must be for this group's collectives: NCCL moves CUDA tensors only (a CPU tensor is
+    refused), gloo moves CPU tensors."""
+    if ctx.enabled and dist.get_backend() == "nccl":
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
 
 
 def shared_secret_generator(noise_seed: int | None, stream: int, ctx: DistributedContext) -> torch.Generator:

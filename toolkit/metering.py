@@ -64,16 +64,19 @@ def live_training_tensors(module: torch.nn.Module, optimizer=None) -> list[torch
     return tensors
 
 
-def measure_peak(step: Callable[[], object], baseline_tensors: Iterable[torch.Tensor], device: str = "cpu") -> PeakMemory:
-    """Run ``step()`` once and return its peak memory (see the module docstring for the method)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+def measure_peak(step: Callable[[], object], baseline_tensors: Iterable[torch.Tensor],
+                 device: str | torch.device = "cpu") -> PeakMemory:
+    """Run ``step()`` once and return its peak memory (see the module docstring for the method). On CUDA, the
+    counters of ``device`` itself (``cuda:1`` is not the current device unless someone made it so)."""
+    if torch.device(device).type == "cuda":
+        gpu = torch.device(device)
+        torch.cuda.synchronize(gpu)
+        torch.cuda.reset_peak_memory_stats(gpu)
+        before = torch.cuda.memory_allocated(gpu)
         step()
-        torch.cuda.synchronize()
-        return PeakMemory(torch.cuda.max_memory_allocated() / MB, before / MB,
-                          torch.cuda.max_memory_reserved() / MB, device, "cuda max_memory_allocated")
+        torch.cuda.synchronize(gpu)
+        return PeakMemory(torch.cuda.max_memory_allocated(gpu) / MB, before / MB,
+                          torch.cuda.max_memory_reserved(gpu) / MB, str(device), "cuda max_memory_allocated")
     baseline = tensor_bytes(baseline_tensors)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -89,17 +92,24 @@ def measure_peak(step: Callable[[], object], baseline_tensors: Iterable[torch.Te
 class StepTimer:
     """Wall time per step; ``median`` over the recorded steps (the first ``skip`` are warm-up)."""
 
-    def __init__(self, skip: int = 1):
+    def __init__(self, skip: int = 1, device: str | torch.device | None = None):
         self.skip = skip
+        self.device = None if device is None else torch.device(device)
         self.times: list[float] = []
 
-    def time(self, step: Callable[[], object]):
-        if torch.cuda.is_available():
+    def _wait_for_device(self) -> None:
+        """A GPU runs asynchronously: wait for the step's device (any GPU when none was named) before reading
+        the clock."""
+        if self.device is None and torch.cuda.is_available():
             torch.cuda.synchronize()
+        elif self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, step: Callable[[], object]):
+        self._wait_for_device()
         started = time.perf_counter()
         out = step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        self._wait_for_device()
         self.times.append(time.perf_counter() - started)
         return out
 

@@ -36,11 +36,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {DTYPES}")
     if name == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" and cuda_has_native_bf16(device) else torch.float32
     else:
         dtype = _BY_NAME[name]
     check_dtype_supported(dtype, device)
     return dtype
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Compute capability >= 8.0 (Ampere on): ``torch.cuda.is_bf16_supported()`` also says True where bf16 is only
+    emulated (a T4 or V100), several times slower than fp32 there."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
@@ -49,7 +55,7 @@ def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
     if dtype != torch.bfloat16:
         return
     if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
+        if not cuda_has_native_bf16(device):
             raise DtypeNotSupportedError(
                 f"dtype bfloat16 asked for, but the GPU {torch.cuda.get_device_name(device)} does not support it "
                 "(compute capability < 8.0); use dtype='float32'")

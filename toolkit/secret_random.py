@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import secrets
+import warnings
 
 import numpy as np
 import torch
@@ -77,6 +78,22 @@ def secret_generator(noise_seed: int | None, stream: int, device: str | torch.de
         return seeded_generator(device)
     generator = torch.Generator(device=device)
     return generator.manual_seed(int(np.random.SeedSequence([int(noise_seed), stream]).generate_state(1)[0]))
+
+
+def restore_generator_state(generator: torch.Generator, state: torch.Tensor, seeded: bool) -> None:
+    """Continue a checkpoint's noise stream in ``generator``. A state saved on another device type (a CUDA Philox
+    state is 16 bytes, a CPU Mersenne Twister's 5056) cannot go into it: a secret generator then keeps the fresh
+    OS entropy it was made with (its noise stays secret and independent of every earlier draw, which is all the
+    guarantee needs), a seeded one is refused (its stream cannot be continued, so the run would not reproduce)."""
+    if state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+        return
+    saved, here = ("CUDA", "CPU") if generator.device.type == "cpu" else ("CPU", generator.device.type.upper())
+    if seeded:
+        raise ValueError(f"the checkpoint's noise generator was saved on {saved} and this run is on {here}: a run "
+                         f"with a noise_seed resumes on the device type it was saved on (or drop the seed)")
+    warnings.warn(f"the checkpoint's noise generator was saved on {saved}; on {here} the noise continues from fresh "
+                  "OS entropy (still secret; the accounting is unchanged)", stacklevel=3)
 
 
 def reseed_from_os(generator: torch.Generator) -> torch.Generator:

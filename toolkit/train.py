@@ -132,7 +132,7 @@ def run_steps(run: Run, callback: Callable[[dict], bool | None] | None) -> Steps
     """The loop: one step per sampled batch, a history row each, until the plan's steps or a cancel."""
     c = run.config
     release, release_cost = releases_training_stats(c), releases_cost_stats(c)
-    timer, rows, peak, cancelled = StepTimer(skip=1), [], None, False
+    timer, rows, peak, cancelled = StepTimer(skip=1, device=run.device), [], None, False
     measure_at = run.start_step + min(2, run.steps - run.start_step - 1)  # a warm step (lazy allocations done)
     bar = tqdm(total=run.steps, initial=run.start_step, desc=f"{c.method} ε={format_epsilon(c.epsilon if c.private else None)}",
                disable=not c.progress)
@@ -141,7 +141,7 @@ def run_steps(run: Run, callback: Callable[[dict], bool | None] | None) -> Steps
         if step == measure_at and release_cost:  # withheld costs are not even measured
             box = {}
             baseline = live_training_tensors(run.lm, getattr(run.optimizer, "optimizer", None)) + [run.train_features]
-            peak = measure_peak(lambda: box.setdefault("loss", one_step(run, idx)), baseline, device=run.device.type)
+            peak = measure_peak(lambda: box.setdefault("loss", one_step(run, idx)), baseline, device=run.device)
             loss = box["loss"]
             timer.times.append(float("nan"))  # profiled steps are slower: not timed
         else:

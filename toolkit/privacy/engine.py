@@ -58,7 +58,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from toolkit.compat import opacus_captured_batch_size, opacus_forget_captures, opacus_reset_accumulation
-from toolkit.secret_random import seeded_generator
+from toolkit.secret_random import restore_generator_state, seeded_generator
 
 from .accounting import accountant_state, check_sampled_step, epsilon_spent, make_accountant, resume_accountant
 from .engine_checks import check_parameters, check_precision, positive_number
@@ -135,6 +135,7 @@ class DPEngine:
             raise ValueError("secure_mode draws every noise sample from fresh OS randomness: a noise_seed is "
                              "refused (it would make the noise re-creatable)")
         # 128 bits of OS entropy in the whole generator state (torch's own seed() keeps 32 bits)
+        self.noise_seed = noise_seed
         self.generator = seeded_generator(device) if noise_seed is None \
             else torch.Generator(device=device).manual_seed(int(noise_seed))
         self.optimizer = optimizer_cls(
@@ -318,8 +319,8 @@ class DPEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.accountant = accountant
         self.steps_taken = int(state["steps_taken"])
-        if state.get("noise_generator") is not None:
-            self.generator.set_state(state["noise_generator"])
+        if state.get("noise_generator") is not None:   # saved on another device type: see the function
+            restore_generator_state(self.generator, state["noise_generator"], seeded=self.noise_seed is not None)
         if state.get("update_mask") is not None and self.optimizer.pre_noise_mask is not None:
             self.optimizer.pre_noise_mask.load_state_dict(state["update_mask"])
 

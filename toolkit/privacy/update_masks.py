@@ -117,6 +117,7 @@ class PastNoisyMask(PreNoiseMask):
     def mask(self, params):
         if self.ema is None:
             return None  # step 0: nothing released yet, keep everything
+        self.ema = [e.to(p.device) for e, p in zip(self.ema, params)]   # a checkpoint loads it on the CPU
         return magnitude_mask(self.ema, self.grad_prune_ratio, self.scope)
 
     def observe(self, released):
@@ -124,6 +125,7 @@ class PastNoisyMask(PreNoiseMask):
         if self.ema is None:
             self.ema = [r.clone() for r in released]
             return
+        self.ema = [e.to(r.device) for e, r in zip(self.ema, released)]
         for e, r in zip(self.ema, released):
             e.mul_(self.ema_decay).add_(r, alpha=1.0 - self.ema_decay)
 
