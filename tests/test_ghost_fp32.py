@@ -12,6 +12,7 @@ from torch import nn
 
 from test_scale import engine_for, make_case, records  # noqa: F401  (records is a fixture)
 from fast_run import fast
+import toolkit.privacy.ghost_fp32 as ghost_fp32
 from toolkit.config import TrainConfig
 from toolkit.privacy import make_private
 from toolkit.privacy.ghost_fp32 import NORM_TOLERANCE, GhostFp32Module, linear_clipped_sum_blocks, linear_norms_sq
@@ -92,6 +93,28 @@ def test_linear_norms_take_the_ghost_and_the_direct_route_to_the_same_float64_va
     bias = blocks[-1][2]
     torch.testing.assert_close(weight, 0.5 * torch.einsum("bto,bti->oi", g, a))
     torch.testing.assert_close(bias, 0.5 * g.sum((0, 1)))
+
+
+def test_ghost_fp32_norms_and_clipped_sums_are_computed_in_full_fp32_under_a_users_tf32_setting(monkeypatch):
+    seen = []
+
+    def spy(original):
+        def wrapped(*args, **kwargs):
+            seen.append(torch.get_float32_matmul_precision())
+            return original(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ghost_fp32, "linear_norms_sq", spy(ghost_fp32.linear_norms_sq))
+    monkeypatch.setattr(ghost_fp32, "linear_clipped_sum_blocks", spy(ghost_fp32.linear_clipped_sum_blocks))
+    net = GhostFp32Module(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")   # TF32 (or bf16) products for fp32, as a user may set
+    try:
+        net.clipped_backward(net(torch.randn(4, 4)).squeeze(1) ** 2, max_grad_norm=1.0)
+        assert torch.get_float32_matmul_precision() == "medium"   # the user's setting is back afterwards
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert len(seen) == 6 and set(seen) == {"highest"}   # 2 layers: norms in pass 1, norms and sums in pass 2
 
 
 class _GrowsOnSecondBackward(torch.autograd.Function):

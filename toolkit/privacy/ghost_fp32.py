@@ -123,6 +123,19 @@ def accumulate_sink(p: torch.Tensor, rows: slice, block: torch.Tensor) -> None:
     p.clipped_sum[rows] += block
 
 
+@contextlib.contextmanager
+def full_fp32_products():
+    """fp32 matrix products in full fp32 while a hook computes norms and clipped sums: a user's TF32 setting
+    (``torch.set_float32_matmul_precision("high")``, or bf16 products for fp32 on some CPUs) would round them by
+    about 1e-3, the size of ``NORM_TOLERANCE``, and the bound C would hold only approximately."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def trainable_linears(module: nn.Module) -> list[nn.Linear]:
     """Every nn.Linear holding a trainable parameter; raises (naming it) on a trainable parameter elsewhere."""
     layers, covered = [], set()
@@ -213,13 +226,15 @@ class GhostFp32Module(nn.Module):
                              f"{activation.shape[0]}")
         weight = id(layer.weight) in self._trainable   # (requires_grad is off while the passes run)
         bias = layer.bias is not None and id(layer.bias) in self._trainable
-        norms_sq = linear_norms_sq(activation, grad, weight, bias, self.dtype)
-        if self._pass == "norms":
-            self._norms_sq += norms_sq
-            return
-        self._check_sq += norms_sq
-        for which, rows, block in linear_clipped_sum_blocks(activation, grad, self._factors, weight, bias, self.dtype):
-            self._sink(layer.weight if which == "weight" else layer.bias, rows, block)
+        with full_fp32_products():
+            norms_sq = linear_norms_sq(activation, grad, weight, bias, self.dtype)
+            if self._pass == "norms":
+                self._norms_sq += norms_sq
+                return
+            self._check_sq += norms_sq
+            for which, rows, block in linear_clipped_sum_blocks(activation, grad, self._factors, weight, bias,
+                                                                self.dtype):
+                self._sink(layer.weight if which == "weight" else layer.bias, rows, block)
 
     def _drop_autograd_grad(self, p: torch.Tensor) -> None:
         # autograd's own gradient (parameter dtype, unclipped) is never used: free it as soon as it exists
