@@ -21,14 +21,14 @@ import time
 import traceback
 from pathlib import Path
 
+from toolkit.bench import bench_defaults
 from toolkit.config import TrainConfig
 from toolkit.train import train
 
 BASE = dict(preset="tiny", task="parity", steps=4, train_limit=32, eval_limit=16, warm_start_steps=0,
             expected_batch_size=16, epsilon=8.0, progress=False)
-# the 7B preset's defaults (toolkit.models.PRESETS["llava-7b-shape"]["bench"]), on the tiny model
-LEAN = dict(trainable="lora", grad_sample_mode="ghost-fp32", activation_checkpointing=True, optimizer="sgd",
-            dtype="bfloat16")
+# the 7B preset's lean defaults (its token budget aside), on the tiny model in bf16: one place says what they are
+LEAN = dict({k: v for k, v in bench_defaults("llava-7b-shape").items() if k != "keep_tokens"}, dtype="bfloat16")
 RUNS = {
     "non-private": dict(method="non-private"),
     "dp-sgd, hooks": dict(method="dp-sgd"),
