@@ -59,7 +59,8 @@ def _lean_settings(mode: dict) -> dict:
     keep = mode["keep_tokens"] or bench["keep_tokens"]
     return dict(trainable=bench["trainable"], keep_tokens=keep, token_prune_ratio=None if keep else 0.75,
                 activation_checkpointing=bool(bench["activation_checkpointing"]),
-                grad_sample_mode=bench["grad_sample_mode"], optimizer=bench["optimizer"])
+                grad_sample_mode=bench["grad_sample_mode"], optimizer=bench["optimizer"],
+                trainable_dtype=bench["trainable_dtype"])
 
 
 def _failure(message: str) -> str:

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from toolkit.checkpoint import load_checkpoint
 from toolkit.config import TrainConfig
 from toolkit.data import Collator, make_vqa, preprocess_images
 from toolkit.forward import (LlavaLM, answer_losses, answer_positions, per_example_loss, per_example_token_loss,
                              select_features, tower_hidden_states)
 from toolkit.models import apply_trainable, build_model, enable_activation_checkpointing
 from toolkit.optimizers import NonPrivateOptimizer
+from toolkit.precision import cast_for_training
 from toolkit.privacy import make_private
 from toolkit.privacy.update_pruning import per_example_clip_factors
 from toolkit.train import train
@@ -51,15 +53,16 @@ class Case:
         return torch.cat([p.detach().double().reshape(-1) for p in self.trainable().values()])
 
 
-def make_case(records, n=8, mode="lora", dtype=torch.float32, n_visual=16, checkpointing=False) -> Case:
+def make_case(records, n=8, mode="lora", dtype=torch.float32, n_visual=16, checkpointing=False,
+              trainable_dtype="model", lora_variant="standard") -> Case:
     bundle = build_model("tiny", seed=0)
     torch.manual_seed(0)
-    apply_trainable(bundle, mode, lora_rank=4)
+    apply_trainable(bundle, mode, lora_rank=4, lora_variant=lora_variant)
     with torch.no_grad():  # peft zero-inits lora_B, which would make every lora_A gradient exactly 0
         for name, p in bundle.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
-    bundle.model.to(dtype)
+    cast_for_training(bundle.model, dtype, trainable_dtype)
     if checkpointing:
         enable_activation_checkpointing(bundle)
     recs = records[:n]
@@ -156,6 +159,44 @@ def test_bf16_parameters_noise_is_drawn_and_added_in_fp32(records):
     assert seen["freed"]
 
 
+@pytest.mark.parametrize("mode, lora_variant", [("lora", "standard"), ("lora", "ffa"), ("lora+head", "standard"),
+                                                ("lm-full", "standard")])
+def test_mixed_precision_trains_fp32_weights_beside_a_bf16_frozen_model(records, mode, lora_variant):
+    """trainable_dtype='float32': every trained weight (and FFA's frozen LoRA A, which feeds B) is fp32, the rest
+    bf16; bf16 activations reach the fp32 projector, adapters and head, and a DP-SGD step clips and noises fp32
+    per-example gradients into fp32 updates."""
+    case = make_case(records, n=4, mode=mode, dtype=torch.bfloat16, trainable_dtype="float32",
+                     lora_variant=lora_variant)
+    for name, p in case.bundle.model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad or "lora_" in name else torch.bfloat16), name
+    assert case.bundle.vision_tower.dtype == torch.bfloat16
+    engine = engine_for(case, noise_multiplier=1.0, max_grad_norm=1.0)
+    seen = {}
+    engine.optimizer.original_optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.update(grads=[p.grad for p in engine.optimizer.params]))
+    engine.step(case.losses(engine.module))
+    assert seen["grads"] and all(g.dtype == torch.float32 and bool(g.isfinite().all()) for g in seen["grads"])
+    fresh = make_case(records, n=4, mode=mode, dtype=torch.bfloat16, trainable_dtype="float32",
+                      lora_variant=lora_variant)
+    engine_for(fresh, grad_sample_mode="ghost")  # fp32 trained weights: Opacus' ghost clipping is exact again
+
+
+def test_an_update_below_bf16_resolution_moves_an_fp32_trained_weight_and_is_lost_in_pure_bf16(records):
+    """Why fp32 trained weights are the default: an Adam step of lr 1e-6 moves every fp32 projector weight
+    of size >= 2^-5 and leaves every such pure-bf16 weight where it was."""
+    moved = {}
+    for trainable_dtype in ("float32", "model"):
+        case = make_case(records, n=4, mode="projector", dtype=torch.bfloat16, trainable_dtype=trainable_dtype)
+        weight = case.bundle.model.model.multi_modal_projector.linear_1.weight
+        before = weight.detach().clone()
+        optimizer = torch.optim.Adam([weight], lr=1e-6)
+        case.losses().mean().backward()
+        optimizer.step()
+        sizable = before.abs() >= 2 ** -5  # a bf16 ulp there is >= 2^-12 = 2.4e-4: a 1e-6 step rounds away
+        moved[trainable_dtype] = float((weight.detach() != before)[sizable].double().mean())
+    assert moved == {"float32": 1.0, "model": 0.0}
+
+
 def test_ghost_clipping_refuses_bf16_parameters(records):
     case = make_case(records, n=2, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="ghost clipping with torch.bfloat16"):
@@ -165,6 +206,8 @@ def test_ghost_clipping_refuses_bf16_parameters(records):
 def test_dtype_config_is_checked():
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(steps=1, dtype="float16").resolved()
+    with pytest.raises(ValueError, match="trainable_dtype"):
+        TrainConfig(steps=1, trainable_dtype="bfloat16").resolved()
     with pytest.raises(ValueError, match="max_physical_batch_size"):
         TrainConfig(steps=1, max_physical_batch_size=0).resolved()
     with pytest.raises(ValueError, match="activation_checkpointing.*functorch"):
@@ -239,12 +282,26 @@ def test_non_private_chunks_equal_one_pass(records):
     torch.testing.assert_close(updates[1], updates[0], atol=1e-6, rtol=0)
 
 
-def test_train_with_physical_batches_and_bf16_runs_every_method():
+@pytest.mark.parametrize("trainable_dtype", ["float32", "model"])
+def test_train_with_physical_batches_and_bf16_runs_every_method(trainable_dtype, tmp_path):
+    """The trained weights train (and are checkpointed) in ``trainable_dtype``; the model a run returns is in the
+    model's dtype throughout, so transformers' own forward runs on it."""
     fast = dict(steps=2, train_limit=32, eval_limit=16, warm_start_steps=0, expected_batch_size=8, progress=False)
     for method in ("non-private", "dual-priv", "dp-zo"):
-        result = train(TrainConfig(method=method, dtype="bfloat16", max_physical_batch_size=3, noise_seed=0, **fast))
+        checkpoint = tmp_path / f"{method}.pt"
+        result = train(TrainConfig(method=method, dtype="bfloat16", max_physical_batch_size=3, noise_seed=0,
+                                   trainable_dtype=trainable_dtype, checkpoint_path=str(checkpoint), **fast))
         assert result.steps == 2 and 0 <= result.accuracy <= 1
+        trained = load_checkpoint(checkpoint).trainable
+        assert {t.dtype for t in trained.values()} == {
+            torch.float32 if trainable_dtype == "float32" else torch.bfloat16}
         assert {p.dtype for p in result.bundle.model.parameters()} == {torch.bfloat16}
+        bundle = result.bundle
+        pixels = bundle.preprocess([make_vqa("parity", "test", bundle.image_size, limit=1).records[0].image])
+        ids = torch.tensor([[bundle.image_token_id] * bundle.n_patches + [1]])
+        with torch.no_grad():
+            logits = bundle.model(input_ids=ids, pixel_values=pixels.to(torch.bfloat16)).logits
+        assert bool(logits.isfinite().all())
         if method != "non-private":
             assert 0 < result.epsilon_spent <= 3.0
 

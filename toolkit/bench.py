@@ -37,14 +37,14 @@ from toolkit.forward import LlavaLM, answer_losses, tower_hidden_states
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.models import PRESETS, apply_trainable, build_model, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
-from toolkit.precision import resolve_dtype
+from toolkit.precision import cast_for_training, resolve_dtype
 from toolkit.vocabulary import METHODS
 
 DEFAULT_METHODS = METHODS
 COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "tokens_per_s", "memory_vs_dp_sgd",
            "memory_vs_dp_zo", "memory_vs_non_private", "time_vs_dp_sgd", "time_vs_non_private",
            "throughput_vs_non_private", "trainable_params", "tokens_per_step", "batch_size", "preset", "lm_layers",
-           "vision_layers", "dtype", "activation_checkpointing", "tower_in_step", "optimizer", "lora_variant",
+           "vision_layers", "dtype", "trainable_dtype", "activation_checkpointing", "tower_in_step", "optimizer", "lora_variant",
            "memory_method", "device"]
 
 
@@ -54,9 +54,10 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                    grad_sample_mode: str = "hooks", prune_tokens_for_all: bool = False, tower_in_step: bool = True,
                    seed: int = 0, device: str = "auto", dtype: str = "auto", lm_layers: int | None = None,
                    vision_layers: int | None = None, activation_checkpointing: bool = False,
-                   optimizer: str = "adam", lora_variant: str = "standard") -> dict:
-    """Measure one method in this process; returns one record of the table. ``optimizer`` and ``lora_variant`` are
-    the run's (``TrainConfig``): Adam's two moments and LoRA's A matrices are part of a method's memory."""
+                   optimizer: str = "adam", lora_variant: str = "standard", trainable_dtype: str = "float32") -> dict:
+    """Measure one method in this process; returns one record of the table. ``optimizer``, ``lora_variant`` and
+    ``trainable_dtype`` are the run's (``TrainConfig``): Adam's two moments, LoRA's A matrices and fp32 trained
+    weights are part of a method's memory."""
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (warm-up, profiled, timed), got {steps}")
     prune = method == "dual-priv" or prune_tokens_for_all
@@ -66,7 +67,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                          grad_prune_ratio=grad_prune_ratio if method == "dual-priv" else 0.0,
                          trainable=trainable, grad_sample_mode=grad_sample_mode, seed=seed, device=device,
                          dtype=dtype, activation_checkpointing=activation_checkpointing, optimizer=optimizer,
-                         lora_variant=lora_variant).resolved()
+                         lora_variant=lora_variant, trainable_dtype=trainable_dtype).resolved()
     device = resolve_device(config)
     torch_dtype = resolve_dtype(config.dtype, device)
     # weights do not change memory or time: random ones, no warm start, created on the device in the dtype
@@ -74,7 +75,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                          device=device)
     torch.manual_seed(seed)
     n_trainable = apply_trainable(bundle, config.trainable, config.lora_rank, lora_variant=config.lora_variant)
-    bundle.model.to(torch_dtype)  # LoRA adapters are created in fp32
+    cast_for_training(bundle.model, torch_dtype, config.trainable_dtype)
     if activation_checkpointing and method != "dp-zo":  # DP-ZO has no backward: nothing to recompute
         enable_activation_checkpointing(bundle)
     pruner = make_pruner_for(bundle, config)
@@ -105,6 +106,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                 lm_layers=spec["lm_layers"], vision_layers=spec["vision_layers"], dtype=str(torch_dtype).split(".")[-1],
                 activation_checkpointing=activation_checkpointing, tower_in_step=tower_in_step,
                 optimizer=config.optimizer if method != "dp-zo" else "zo-sgd", lora_variant=config.lora_variant,
+                trainable_dtype=config.trainable_dtype,
                 grad_sample_mode=config.grad_sample_mode if method in ("dp-sgd", "dual-priv") else None,
                 memory_method=peak.method, device=str(device))
 
@@ -139,7 +141,7 @@ def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
 # (toolkit.models.PRESETS[...]["bench"]): the paper's LoRA and 576 -> 64 tokens, checkpointing, ghost-fp32, and
 # SGD with momentum (one state tensor; DP-ZO's update has none, Adam's two bf16 moments are 156 MB at 7B).
 BENCH_DEFAULTS = dict(trainable="lora+head", keep_tokens=None, activation_checkpointing=False,
-                      grad_sample_mode="hooks", optimizer="adam")
+                      grad_sample_mode="hooks", optimizer="adam", trainable_dtype="float32")
 
 
 def bench_defaults(preset: str) -> dict:
@@ -158,7 +160,7 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
               progress: Callable[[str, int, int], None] | None = None, device: str = "auto", dtype: str = "auto",
               lm_layers: int | None = None, vision_layers: int | None = None,
               activation_checkpointing: bool | None = None, optimizer: str | None = None,
-              lora_variant: str = "standard") -> pd.DataFrame:
+              lora_variant: str = "standard", trainable_dtype: str | None = None) -> pd.DataFrame:
     """Measure every method on the same model and batch; one row per method, with ratios.
 
     ``progress(method, index, total)`` is called before each method (the dashboard uses it).
@@ -172,6 +174,8 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
         grad_sample_mode = lean["grad_sample_mode"]
     if optimizer is None:
         optimizer = lean["optimizer"]
+    if trainable_dtype is None:
+        trainable_dtype = lean["trainable_dtype"]
     methods = list(methods)
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown or not methods:
@@ -188,7 +192,7 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
                       prune_tokens_for_all=prune_tokens_for_all, tower_in_step=tower_in_step, device=device,
                       dtype=dtype, lm_layers=lm_layers, vision_layers=vision_layers,
                       activation_checkpointing=activation_checkpointing, optimizer=optimizer,
-                      lora_variant=lora_variant)
+                      lora_variant=lora_variant, trainable_dtype=trainable_dtype)
         rows.append(_measure_isolated(kwargs) if isolate else measure_method(**kwargs))
     return add_ratios(pd.DataFrame(rows))
 

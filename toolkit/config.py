@@ -18,7 +18,7 @@ import torch
 from toolkit.data import SPLITS, TASKS
 from toolkit.methods import get_method, method_names
 from toolkit.models import PRESETS, TRAINABLE_MODES, check_activation_checkpointing
-from toolkit.precision import DTYPES
+from toolkit.precision import DTYPES, TRAINABLE_DTYPES
 from toolkit.privacy.accounting import ACCOUNTANTS
 from toolkit.privacy.engine import GRAD_SAMPLE_MODES
 from toolkit.privacy.update_masks import PRUNE_SCOPES
@@ -126,6 +126,9 @@ class TrainConfig:
     # scale: precision, physical batches, activation memory
     dtype: str = setting("auto", group="scale", choices=DTYPES,
                          help="model dtype ('auto': bf16 on CUDA, fp32 on CPU); DP clipping/noise always >= fp32")
+    trainable_dtype: str = setting("float32", group="scale", choices=TRAINABLE_DTYPES,
+                                   help="dtype of the trained weights and their optimizer state: 'float32' (beside a "
+                                        "bf16 model: mixed precision) or 'model' (the model's dtype: less memory)")
     max_physical_batch_size: int | None = setting(None, group="scale", minimum=1,
                                                   help="process each logical batch in chunks of at most this many "
                                                        "records (one noise draw, one step per batch)")

@@ -78,14 +78,14 @@ class LlavaLM(nn.Module):
         dimension first, so Opacus' per-example gradient of the LM head stays exact (tested).
 
         ``fusion_noise`` (optional) is added to the projected-from features before the projector, per example
-        (it is the heuristic fusion noise of mechanism 1). Features of another dtype (e.g. fp32 features of a
-        bf16 model) are cast to the projector's dtype."""
+        (it is the heuristic fusion noise of mechanism 1). Inputs of another dtype are cast to the projector's and
+        the head's (bf16 features into an fp32 projector: :func:`toolkit.precision.cast_for_training`)."""
         embeds = self.embed(image_features, input_ids, fusion_noise)
         hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         if positions is not None:
             index = positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             hidden = hidden.gather(1, index)
-        return self.lm_head(hidden)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))  # a trained fp32 head beside a bf16 LM
 
     def embed(self, image_features: torch.Tensor, input_ids: torch.Tensor,
               fusion_noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,10 @@
 """The dtype a run computes in: ``"auto"`` resolves to bfloat16 on CUDA and float32 on CPU.
 
-``TrainConfig.dtype`` sets the dtype of the whole model (frozen tower and trainable parts alike). Whatever it is,
+``TrainConfig.dtype`` sets the dtype of the frozen model. ``TrainConfig.trainable_dtype`` sets that of what trains:
+``"float32"`` (the default) keeps the trained weights, their gradients and their optimizer state in fp32 beside a
+bf16 frozen model, as peft does for its adapters (a bf16 weight loses an update below 2^-8 of its size, Adam's
+second moment would never decay, DP-ZO's perturb-and-restore would drift); ``"model"`` puts them in the model's
+dtype (pure bf16: less memory, the setting the memory comparisons at the 7B shape use). Whatever they are,
 the privacy-relevant arithmetic of DP-SGD (per-example norms, clipping factors, the clipped sum, the noise and the
 noisy sum) runs in at least fp32 (:mod:`toolkit.privacy.update_pruning`), the DP-ZO scalars in fp64, and the loss
 in at least fp32 (:func:`toolkit.forward.per_example_token_loss`).
@@ -13,16 +17,23 @@ Example::
     torch.float32
     >>> resolve_dtype("bfloat16", torch.device("cpu"))
     torch.bfloat16
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> _ = model[0].requires_grad_(False)
+    >>> cast_for_training(model, torch.bfloat16, "float32")
+    >>> [p.dtype for p in model.parameters()]
+    [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+from torch import nn
 
 from toolkit.compat import cpu_has_native_bf16
 
 DTYPES = ("auto", "float32", "bfloat16")
+TRAINABLE_DTYPES = ("float32", "model")
 _BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -68,3 +79,23 @@ def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
     if device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn("this CPU has no native bfloat16 instructions (AVX512-BF16 / AMX): torch emulates them, "
                       "correctly but slowly; dtype='float32' is likely faster here", stacklevel=3)
+
+
+def cast_for_training(model: nn.Module, dtype: torch.dtype, trainable_dtype: str = "float32") -> None:
+    """Put ``model`` in ``dtype``; with ``trainable_dtype="float32"`` the trainable parameters, and every LoRA
+    adapter weight (FFA-LoRA's frozen A too: peft feeds B in A's dtype), stay in at least fp32.
+
+    Call it after choosing what trains (:func:`toolkit.trainable.apply_trainable`). Inputs reach the fp32 parts in
+    their dtype: peft casts a LoRA layer's input, :class:`toolkit.forward.LlavaLM` the projector's and the head's."""
+    if trainable_dtype not in TRAINABLE_DTYPES:
+        raise ValueError(f"unknown trainable_dtype {trainable_dtype!r}; choose one of {TRAINABLE_DTYPES}")
+    model.to(dtype)
+    master = torch.promote_types(dtype, torch.float32)
+    if trainable_dtype == "model" or master == dtype:
+        return
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        adapter = any(part.startswith("lora_") for part in name.split("."))
+        if own and (adapter or any(p.requires_grad for p in own)):
+            for p in own:  # the module's own tensors only: a LoRA wrapper's frozen base layer stays in ``dtype``
+                p.data = p.data.to(master)

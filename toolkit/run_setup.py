@@ -34,7 +34,7 @@ from toolkit.image_duplicates import report_overlap
 from toolkit.methods import get_method
 from toolkit.models import apply_trainable, enable_activation_checkpointing
 from toolkit.optimizers import make_optimizer
-from toolkit.precision import resolve_dtype
+from toolkit.precision import cast_for_training, resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
 from toolkit.privacy.release import checkpoint_segments
@@ -191,9 +191,9 @@ def model_stage(c: TrainConfig) -> ModelStage:
     bundle.model.to(device)
     torch.manual_seed(c.seed)
     trainable_params = apply_trainable(bundle, c.trainable, c.lora_rank, lora_variant=c.lora_variant)
-    # one dtype for frozen and trainable parts (after LoRA injection, so adapters get it too); DP clipping and
-    # noise stay in >= fp32 whatever it is (toolkit.privacy.update_pruning)
-    bundle.model.to(resolve_dtype(c.dtype, device))
+    # after LoRA injection, so adapters get their dtype too; DP clipping and noise stay in >= fp32 whatever it is
+    # (toolkit.privacy.update_pruning)
+    cast_for_training(bundle.model, resolve_dtype(c.dtype, device), c.trainable_dtype)
     if c.activation_checkpointing and get_method(c.method).backward:  # no backward (DP-ZO): nothing to recompute
         enable_activation_checkpointing(bundle)
     broadcast_trainable(bundle.model, dist)  # every rank starts from rank 0's weights

@@ -8,7 +8,8 @@
    optimizer (:mod:`toolkit.optimizers`) and the sampler.
 2. :func:`run_steps`: one step per Poisson batch (an empty batch still adds noise and is accounted); a history row
    per step.
-3. :func:`finish`: evaluate on the held-out split, checkpoint if asked, report.
+3. :func:`finish`: checkpoint if asked, round the trained weights to the model's dtype, evaluate on the
+   held-out split, report.
 
 Example (a few seconds on a CPU)::
 
@@ -166,24 +167,27 @@ def run_steps(run: Run, callback: Callable[[dict], bool | None] | None) -> Steps
 # ------------------------------------------------------------------------------------------------ finish
 
 def finish(run: Run, done: Steps) -> TrainResult:
-    """Evaluate, checkpoint if asked, and report."""
+    """Checkpoint if asked, round the trained weights to the model's dtype, evaluate, and report."""
     c = run.config
     rows, timer, peak = done.rows, done.timer, done.peak
     check_replicas_identical(run.lm, run.dist)
+    steps_done = run.start_step + len(rows)
+    released = released_stats(c)
+    segments = list(run.past_segments)
+    if run.plan is not None and rows:
+        segments.append(segment_record(c, run.plan, run.start_step + 1, steps_done, released))
+    if c.checkpoint_path and run.dist.is_main:  # the fp32 trained weights, to resume from
+        save_checkpoint(c.checkpoint_path, config=c.to_dict(), step=steps_done, module=run.lm,
+                        optimizer=run.optimizer, sampler=run.sampler, plan=run.plan, segments=segments)
+    # Mixed precision ends here: the trained weights are rounded to the model's dtype (the frozen tower's), so the
+    # model that is evaluated, returned and exported is one-dtype, as transformers loads and runs it.
+    run.bundle.model.to(run.bundle.vision_tower.dtype)
     answers = None
     if len(run.eval_set):
         answers = answer_records(run.lm, run.eval_features, run.eval_set.records, run.eval_collator,
                                  mode=run.eval_mode, candidates=run.candidates, max_new_tokens=c.max_new_tokens,
                                  batch_size=c.eval_batch_size)
     accuracy = answers.accuracy if answers is not None else None
-    steps_done = run.start_step + len(rows)
-    released = released_stats(c)
-    segments = list(run.past_segments)
-    if run.plan is not None and rows:
-        segments.append(segment_record(c, run.plan, run.start_step + 1, steps_done, released))
-    if c.checkpoint_path and run.dist.is_main:
-        save_checkpoint(c.checkpoint_path, config=c.to_dict(), step=steps_done, module=run.lm,
-                        optimizer=run.optimizer, sampler=run.sampler, plan=run.plan, segments=segments)
     timer.times = [t for t in timer.times if not math.isnan(t)]
     cost = releases_cost_stats(c)
     return TrainResult(

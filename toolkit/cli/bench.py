@@ -5,6 +5,7 @@ import argparse
 
 from toolkit.cli import subcommand
 from toolkit.config import LORA_VARIANTS, OPTIMIZERS
+from toolkit.precision import TRAINABLE_DTYPES
 
 
 @subcommand("bench", help="side-by-side peak memory and step time of the methods on one model and batch")
@@ -23,7 +24,7 @@ def run(args) -> list[dict]:
                       grad_sample_mode=args.grad_sample_mode, tower_in_step=not args.cached_features,
                       isolate=not args.in_process, device=args.device, dtype=args.dtype, lm_layers=args.lm_layers,
                       vision_layers=args.vision_layers, activation_checkpointing=args.activation_checkpointing,
-                      optimizer=args.optimizer, lora_variant=args.lora_variant)
+                      optimizer=args.optimizer, lora_variant=args.lora_variant, trainable_dtype=args.trainable_dtype)
     print(format_table(table))
     first = table.iloc[0]
     backward = table[table["method"] != "dp-zo"]   # DP-ZO's update has no inner optimizer
@@ -31,7 +32,8 @@ def run(args) -> list[dict]:
     print(f"\nmemory: {first['memory_method']} on {first['device']}; {first['dtype']}; preset {first['preset']} with "
           f"{first['lm_layers']} LM / {first['vision_layers']} vision layers; batch {first['batch_size']}; "
           f"tower {'inside' if not args.cached_features else 'outside'} the step; optimizer {optimizer} "
-          f"(DP-ZO: its own SGD update, no state); LoRA {args.lora_variant}")
+          f"(DP-ZO: its own SGD update, no state); LoRA {args.lora_variant}; trained weights in "
+          f"{first['trainable_dtype']}")
     return table.to_dict(orient="records")
 
 
@@ -60,6 +62,9 @@ def configure(parser) -> None:
     parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                         help="the inner optimizer of the methods with a backward (its state is part of their memory); "
                              "default: the preset's (sgd, with momentum, for llava-7b-shape), else adam")
+    parser.add_argument("--trainable-dtype", default=None, choices=TRAINABLE_DTYPES,
+                        help="the trained weights' dtype: float32 (mixed precision beside a bf16 model) or model "
+                             "(the model's dtype); default: the preset's, else float32")
     parser.add_argument("--lora-variant", default="standard", choices=LORA_VARIANTS,
                         help="'ffa': LoRA's A matrices frozen (FFA-LoRA), for every method")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
