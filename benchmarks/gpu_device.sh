@@ -16,18 +16,7 @@ if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
-"$PYTHON" - <<'PY'
-import re, sys
-from pathlib import Path
-import torch, transformers, peft, opacus
-pins = dict(re.findall(r"^(transformers|peft|opacus)==(\S+)", Path("requirements.txt").read_text(), re.M))
-got = dict(transformers=transformers.__version__, peft=peft.__version__, opacus=opacus.__version__)
-print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
-      f"available: {torch.cuda.is_available()}), " + ", ".join(f"{k} {v}" for k, v in got.items()))
-wrong = {k: (got[k], v) for k, v in pins.items() if got[k] != v}
-if wrong:
-    sys.exit(f"imported versions differ from requirements.txt: {wrong} (is {Path('.whl')} stale? make gpu-wheels)")
-PY
+"$PYTHON" benchmarks/gpu_wheels.py --check-imported
 RESULTS=${OUT:-benchmarks/results}
 rc=0
 "$PYTHON" benchmarks/gpu_bench.py --out "$RESULTS" "$@" || rc=$?

@@ -77,12 +77,34 @@ def _pip(args: list[str], what: str) -> None:
         raise SystemExit(f"pip could not {what} (exit {err.returncode}; is PyPI reachable from here?)") from None
 
 
+def check_imported_versions() -> str:
+    """On the device, after the install: the pinned libraries this interpreter imports must be the pinned versions
+    (a stale .whl/ or an image copy shadowing them would run untested code). Returns a line saying what runs."""
+    import importlib
+
+    import torch
+
+    want = dict(spec.split("==") for spec in pins())
+    got = {name: importlib.import_module(name).__version__ for name in want}
+    wrong = {name: (got[name], version) for name, version in want.items() if got[name] != version}
+    if wrong:
+        raise SystemExit(f"imported versions differ from requirements.txt (imported, pinned): {wrong}; "
+                         "is .whl stale? run make gpu-wheels")
+    return (f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, available: "
+            f"{torch.cuda.is_available()}), " + ", ".join(f"{k} {v}" for k, v in got.items()))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check-imported", action="store_true",
+                        help="on the device: check the imported versions against the pins, download nothing")
     parser.add_argument("--out", type=Path, default=ROOT / ".whl")
     parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default 3.12)")
     parser.add_argument("--max-mb", type=float, default=40.0, help="fail above this (the carried tree's budget)")
     args = parser.parse_args(argv)
+    if args.check_imported:
+        print(check_imported_versions())
+        return
     wanted = carried(closure(pins(), args.python_version))
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out) as fresh:   # the old set stays until the new one is complete

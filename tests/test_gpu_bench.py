@@ -117,6 +117,15 @@ def test_the_wheels_for_a_gpu_machine_are_the_pinned_versions_without_the_images
     assert wheels.carried(resolved) == ["transformers==5.0", "opacus==1.6.0", "typing_extensions==4.16"]
 
 
+def test_the_device_refuses_imported_libraries_other_than_the_pinned_versions(monkeypatch):
+    wheels = _load(ROOT / "benchmarks" / "gpu_wheels.py", "gpu_wheels")
+    assert "opacus 1.6.0" in wheels.check_imported_versions()   # this venv holds the pins
+    stale = [spec if not spec.startswith("opacus==") else "opacus==1.5.4" for spec in wheels.pins()]
+    monkeypatch.setattr(wheels, "pins", lambda: stale)
+    with pytest.raises(SystemExit, match=r"'opacus': \('1.6.0', '1.5.4'\)"):
+        wheels.check_imported_versions()
+
+
 def test_the_device_script_without_wheels_says_what_to_run_and_stops(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_device.sh")], capture_output=True, text=True,
                           env=dict(os.environ, WHEELS=str(tmp_path / "none")), timeout=60)
