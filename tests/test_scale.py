@@ -197,6 +197,22 @@ def test_an_update_below_bf16_resolution_moves_an_fp32_trained_weight_and_is_los
     assert moved == {"float32": 1.0, "model": 0.0}
 
 
+def test_a_dp_zo_step_restores_fp32_trained_weights_and_drifts_pure_bf16_ones(records):
+    """DP-ZO perturbs θ by +μz, -2μz, +μz before its update: with lr 0 the step must leave θ where it was. fp32
+    trained weights come back to within fp32 rounding; pure bf16 ones (``trainable_dtype="model"``) drift."""
+    drift = {}
+    for trainable_dtype in ("float32", "model"):
+        case = make_case(records, n=4, mode="projector", dtype=torch.bfloat16, trainable_dtype=trainable_dtype)
+        params = list(case.trainable().values())
+        zo = DPZeroOrder(params, lr=0.0, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+                         sample_rate=0.25, seed=1, noise_seed=2, mu=1e-2)
+        theta0 = case.flat()
+        zo.step(lambda: case.losses())
+        drift[trainable_dtype] = float(((case.flat() - theta0).abs() / theta0.abs().clamp(min=1e-3)).max())
+    assert drift["float32"] < 1e-5, drift
+    assert drift["model"] > 1e-3, drift
+
+
 def test_ghost_clipping_refuses_bf16_parameters(records):
     case = make_case(records, n=2, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="ghost clipping with torch.bfloat16"):
