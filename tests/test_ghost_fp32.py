@@ -15,16 +15,22 @@ from fast_run import fast
 import toolkit.privacy.ghost_fp32 as ghost_fp32
 from toolkit.config import TrainConfig
 from toolkit.privacy import make_private
-from toolkit.privacy.ghost_fp32 import NORM_TOLERANCE, GhostFp32Module, linear_clipped_sum_blocks, linear_norms_sq
+from toolkit.privacy import ghost_fp32
+from toolkit.privacy.ghost_fp32 import (CHUNK_BYTES, NORM_TOLERANCE, GhostFp32Module, chunk_budget, example_chunks,
+                                        linear_clipped_sum_blocks, linear_norms_sq)
 from toolkit.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
-@pytest.mark.parametrize("mode,checkpointing", [("lora+head", False), ("lora+head", True), ("projector", False)])
-def test_ghost_fp32_update_equals_the_per_example_gradient_update_in_float64(records, mode, checkpointing):
+@pytest.mark.parametrize("mode,checkpointing,chunks", [("lora+head", False, "cpu"), ("lora+head", True, "cpu"),
+                                                       ("projector", False, "cpu"), ("lora+head", True, "cuda")])
+def test_ghost_fp32_update_equals_the_per_example_gradient_update_in_float64(records, mode, checkpointing, chunks,
+                                                                             monkeypatch):
     """No noise, clipping active for most examples, mechanism 2 on: the two modes take the same step (up to the
-    NORM_TOLERANCE relative slack of the factors); with checkpointing the layers are recomputed in both passes."""
+    NORM_TOLERANCE relative slack of the factors); with checkpointing the layers are recomputed in both passes;
+    with a GPU's chunks of examples (``cuda``: the whole batch in one product) as with a CPU's one at a time."""
+    monkeypatch.setattr(ghost_fp32, "chunk_budget", lambda device: chunk_budget(torch.device(chunks)))
     updates = []
     for grad_sample_mode in ("hooks", "ghost-fp32"):
         case = make_case(records, n=8, mode=mode, dtype=torch.float64, checkpointing=checkpointing)
@@ -93,6 +99,25 @@ def test_linear_norms_take_the_ghost_and_the_direct_route_to_the_same_float64_va
     bias = blocks[-1][2]
     torch.testing.assert_close(weight, 0.5 * torch.einsum("bto,bti->oi", g, a))
     torch.testing.assert_close(bias, 0.5 * g.sum((0, 1)))
+
+
+# one example per chunk; two (T = 40: 8 bytes x (40 x 11 + 30) per example) or more; the whole batch in one chunk
+@pytest.mark.parametrize("budget", [1, 2 * 8 * (40 * 11 + 30), CHUNK_BYTES])
+def test_norms_and_clipped_sums_are_the_same_whatever_the_chunk_of_examples(budget):
+    """Examples are batched into chunks (one kernel per chunk): every chunking gives each example its own norm and
+    factor, against the float64 reference, by the ghost and the direct route and for a bias."""
+    factors = torch.tensor([1.0, 0.25, 0.5, 0.125, 2.0], dtype=torch.float64)
+    for tokens in (2, 40):
+        a, g = torch.randn(5, tokens, 5, dtype=torch.float64), torch.randn(5, tokens, 6, dtype=torch.float64)
+        direct = torch.einsum("bto,bti->boi", g, a).pow(2).sum((1, 2)) + g.sum(1).pow(2).sum(1)
+        torch.testing.assert_close(linear_norms_sq(a, g, True, True, torch.float64, budget=budget), direct)
+        blocks = list(linear_clipped_sum_blocks(a, g, factors, True, True, torch.float64, block_elements=10,
+                                                budget=budget))
+        weight = torch.cat([block for which, _, block in blocks if which == "weight"])
+        torch.testing.assert_close(weight, torch.einsum("b,bto,bti->oi", factors, g, a))
+        torch.testing.assert_close(blocks[-1][2], torch.einsum("b,bto->o", factors, g))
+    assert [len(range(5)[c]) for c in example_chunks(5, 8 * (40 * 11 + 30), budget)] == \
+        {1: [1] * 5, CHUNK_BYTES: [5]}.get(budget, [2, 2, 1])
 
 
 def test_ghost_fp32_norms_and_clipped_sums_are_computed_in_full_fp32_under_a_users_tf32_setting(monkeypatch):
