@@ -167,7 +167,7 @@ class _UpdatePruningMixin:
             p.summed_grad = None
         if self.pre_noise_mask is not None:
             masks, self._step_mask = self._step_mask, None
-            kept = sum(int(m.count_nonzero()) for m in masks) if masks is not None else sum(p.numel() for p in params)
+            kept = kept_count(masks) if masks is not None else sum(p.numel() for p in params)
             self.last_kept_fraction = kept / max(sum(p.numel() for p in params), 1)
             self._masks = masks
             self.pre_noise_mask.observe([p.grad for p in params])  # the released update: public from now on
@@ -176,13 +176,10 @@ class _UpdatePruningMixin:
             self.last_kept_fraction = 1.0
             return True
         masks = noisy_gradient_mask([p.grad for p in params], self.grad_prune_ratio, self.prune_scope)
-        kept = total = 0
         for p, mask in zip(params, masks):
             # (not mul_(mask) or mask.sum(): they copy the mask to the gradient's dtype / int64, up to 8 B a value)
             p.grad.masked_fill_(~mask, 0)
-            kept += int(mask.count_nonzero())
-            total += mask.numel()
-        self.last_kept_fraction = kept / max(total, 1)
+        self.last_kept_fraction = kept_count(masks) / max(sum(mask.numel() for mask in masks), 1)
         self._masks = masks if self.pruned_state == "freeze" else None   # only "freeze" reads them after the step
         return True
 
@@ -259,6 +256,11 @@ def per_example_clip_factors(grad_samples: list[torch.Tensor], max_grad_norm: fl
         for cols in _column_blocks(flat):
             squares += flat[:, cols].to(dtype).pow(2).sum(dim=1).to(device)
     return (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+
+
+def kept_count(masks: list[torch.Tensor]) -> int:
+    """How many coordinates the masks keep, read back once (one device sync per step, not one per tensor)."""
+    return int(torch.stack([mask.count_nonzero() for mask in masks]).sum()) if masks else 0
 
 
 def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
