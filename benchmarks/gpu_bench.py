@@ -36,6 +36,13 @@ from pathlib import Path
 
 import torch
 
+from toolkit.bench import bench_defaults, measure_method
+from toolkit.data import Collator, make_vqa, preprocess_images
+from toolkit.forward import LlavaLM, answer_losses, select_features, tower_hidden_states
+from toolkit.models import apply_trainable, build_model
+from toolkit.privacy import make_private
+from toolkit.privacy.ghost_fp32 import GhostFp32Module
+
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
 # steps: one warm-up, one profiled (peak memory), the median of the rest timed (4: two timed steps, so all 12 cells
@@ -53,8 +60,6 @@ OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_allo
 def _lean_settings(mode: dict) -> dict:
     """The bench settings of ``mode["settings_of"]`` (llava-7b-shape: LoRA, 576 -> 64 tokens, activation
     checkpointing, ghost-fp32, SGD with momentum; toolkit.bench.bench_defaults), ``mode["keep_tokens"]`` if set."""
-    from toolkit.bench import bench_defaults
-
     bench = bench_defaults(mode["settings_of"])
     keep = mode["keep_tokens"] or bench["keep_tokens"]
     return dict(trainable=bench["trainable"], keep_tokens=keep, token_prune_ratio=None if keep else 0.75,
@@ -76,8 +81,6 @@ def _in_process(fn, kwargs: dict) -> tuple[str, dict | None, str]:
 
 
 def _cell(kwargs: dict) -> dict:
-    from toolkit.bench import measure_method
-
     record = measure_method(**kwargs)
     if kwargs["device"].startswith("cuda"):
         record["reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2 ** 20, 1)
@@ -100,11 +103,6 @@ def _child(args: list[str], timeout: float) -> tuple[str, dict | None, str]:
 
 def bf16_checks(preset: str, device: str, lm_layers: int | None, vision_layers: int | None) -> dict:
     """Per-example norms bf16 vs fp32 (same weights), clipping and noise in ≥ fp32 with bf16 parameters."""
-    from toolkit.data import Collator, make_vqa, preprocess_images
-    from toolkit.forward import LlavaLM, answer_losses, select_features, tower_hidden_states
-    from toolkit.models import apply_trainable, build_model
-    from toolkit.privacy import make_private
-
     bundle = build_model(preset, seed=0, device=device, lm_layers=lm_layers, vision_layers=vision_layers)
     torch.manual_seed(0)
     apply_trainable(bundle, "lora", lora_rank=8)
@@ -161,9 +159,6 @@ def bf16_checks(preset: str, device: str, lm_layers: int | None, vision_layers: 
 def ghost_fp32_check(lm, feats, batch: dict, max_grad_norm: float) -> dict:
     """The lean mode on this device: each example's fp32 clipped sum against C, and whether a whole-batch pair of
     backward passes agrees (a non-deterministic kernel would make the engine refuse the step)."""
-    from toolkit.forward import answer_losses
-    from toolkit.privacy.ghost_fp32 import GhostFp32Module
-
     module, worst = GhostFp32Module(lm), 0.0
     for i in range(feats.shape[0]):
         rows = {k: v[i:i + 1] for k, v in batch.items()}

@@ -80,12 +80,10 @@ def _pip(args: list[str], what: str) -> None:
 def check_imported_versions() -> str:
     """On the device, after the install: the pinned libraries this interpreter imports must be the pinned versions
     (a stale .whl/ or an image copy shadowing them would run untested code). Returns a line saying what runs."""
-    import importlib
-
-    import torch
+    import torch   # here, not at the top: the download side (make gpu-wheels) needs no torch
 
     want = dict(spec.split("==") for spec in pins())
-    got = {name: importlib.import_module(name).__version__ for name in want}
+    got = {name: __import__(name).__version__ for name in want}
     wrong = {name: (got[name], version) for name, version in want.items() if got[name] != version}
     if wrong:
         raise SystemExit(f"imported versions differ from requirements.txt (imported, pinned): {wrong}; "
