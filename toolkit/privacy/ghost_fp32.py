@@ -60,9 +60,9 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
 # Examples go through the norm and sum products a chunk at a time, each chunk's ≥ fp32 copies and products under a
 # budget, so the transient stays bounded at any batch size. On a GPU the budget is CHUNK_BYTES: one batched kernel
 # per chunk rather than a loop over examples (at 7B and batch 16 such a loop launches ~10^5 small kernels per step,
-# which a GPU waits on). On a CPU it is one example: measured at 7B LoRA shapes on a loaded 2-core machine, chunks
-# ran at 0.71-0.94x the loop's speed on one thread (batch 16 at 77 tokens, batch 4 at 589) and 1.05-2.3x on two:
-# no clear gain to pay a larger transient for (benchmarks/RESULTS.md).
+# which a GPU waits on). On a CPU it is one example: at 7B's LoRA and projector shapes chunks took 0.75-1.63x the
+# one-at-a-time time on one thread (benchmarks/ghost_chunks.py, benchmarks/RESULTS.md): no gain to pay a larger
+# transient for.
 CHUNK_BYTES = 32 << 20
 
 
