@@ -1,7 +1,7 @@
 """Issue 14's utility study: tune on validation, choose, report on test with 5 seeds at ε = 1, 3, 8.
 
     python benchmarks/utility_study.py --out runs/utility-study [--tasks parity,left-digit,sum] [--shard 0/2]
-    python benchmarks/utility_study.py --out runs/utility-study-scene --tasks scene --tune-task scene   # issue 23
+    python benchmarks/utility_study.py --out benchmarks/results/utility-study-scene --tasks scene --tune-task scene
 
 Stages (``--stage``):
 
@@ -16,7 +16,9 @@ Stages (``--stage``):
 - ``report`` prints the comparison and writes ``<out>/utility-study.json``; ``all`` does them in turn.
 
 Every cell is one file under ``--out``: re-running resumes, and ``--shard i/n`` workers (one thread each) can
-share the folder. The harder tasks (left-digit: 10-way, sum: 19-way, two digits per image) reuse the
+share the folder. The scene study (issue 23: tens of CPU hours, over many sessions) keeps its cells in the tracked
+``benchmarks/results/utility-study-scene``, committed as they finish: an ignored folder such as ``runs/`` does not
+outlive the machine it was written on. The harder tasks (left-digit: 10-way, sum: 19-way, two digits per image) reuse the
 configurations chosen on parity: their validation splits hold 50 records (a standard error of about 6.5 points
 at 30 % accuracy), too few to tune on.
 

@@ -454,19 +454,20 @@ def test_a_rank_with_an_empty_share_contributes_a_zero_clipped_sum():
 
 
 def test_llava_7b_shape_bench_uses_the_lean_settings_without_flags(monkeypatch):
-    """The 7B-shape preset's bench defaults are activation checkpointing, ghost-fp32 clipping and SGD with momentum;
-    other presets stay off / hooks / Adam; a flag overrides."""
+    """The 7B-shape preset's bench defaults are activation checkpointing, ghost-fp32 clipping and SGD with momentum,
+    with trained weights in fp32 as training keeps them; other presets stay off / hooks / Adam; a flag overrides."""
     import toolkit.bench as bench
 
     seen = []
     monkeypatch.setattr(bench, "measure_method", lambda **kw: seen.append(
-        (kw["activation_checkpointing"], kw["grad_sample_mode"], kw["optimizer"])) or dict(
+        (kw["activation_checkpointing"], kw["grad_sample_mode"], kw["optimizer"], kw["trainable_dtype"])) or dict(
         method=kw["method"], peak_memory_mb=1.0, step_time_s=1.0, tokens_per_s=1.0))
     bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False)
     bench.run_bench(methods=("dual-priv",), preset="tiny", isolate=False)
     bench.run_bench(methods=("dual-priv",), preset="llava-7b-shape", isolate=False, activation_checkpointing=False,
-                    grad_sample_mode="hooks", optimizer="adam")
-    assert seen == [(True, "ghost-fp32", "sgd"), (False, "hooks", "adam"), (False, "hooks", "adam")]
+                    grad_sample_mode="hooks", optimizer="adam", trainable_dtype="model")
+    assert seen == [(True, "ghost-fp32", "sgd", "float32"), (False, "hooks", "adam", "float32"),
+                    (False, "hooks", "adam", "model")]
 
 
 def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():

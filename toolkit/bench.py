@@ -139,7 +139,8 @@ def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
 
 # What a preset's bench measures when no flag says otherwise. The llava-7b-shape preset names its own lean settings
 # (toolkit.models.PRESETS[...]["bench"]): the paper's LoRA and 576 -> 64 tokens, checkpointing, ghost-fp32, and
-# SGD with momentum (one state tensor; DP-ZO's update has none, Adam's two bf16 moments are 156 MB at 7B).
+# SGD with momentum (one state tensor; DP-ZO's update has none, Adam's two bf16 moments are 156 MB at 7B). Trained
+# weights are fp32 for every preset, as training keeps them (TrainConfig.trainable_dtype).
 BENCH_DEFAULTS = dict(trainable="lora+head", keep_tokens=None, activation_checkpointing=False,
                       grad_sample_mode="hooks", optimizer="adam", trainable_dtype="float32")
 

@@ -4,9 +4,10 @@
 ``"float32"`` (the default) keeps the trained weights, their gradients and their optimizer state in fp32 beside a
 bf16 frozen model, as peft does for its adapters (a bf16 weight loses an update below 2^-8 of its size, Adam's
 second moment would never decay, DP-ZO's perturb-and-restore would drift); ``"model"`` puts them in the model's
-dtype (pure bf16: less memory, the setting the memory comparisons at the 7B shape use). Whatever they are,
-the privacy-relevant arithmetic of DP-SGD (per-example norms, clipping factors, the clipped sum, the noise and the
-noisy sum) runs in at least fp32 (:mod:`toolkit.privacy.update_pruning`), the DP-ZO scalars in fp64, and the loss
+dtype (pure bf16: less memory, and the setting of the 7B memory rows measured before fp32 trained weights became
+the default; with them Dual-Priv stays below DP-ZO, which pays fp32 copies of 576-token activations). Whatever
+they are, the privacy-relevant arithmetic of DP-SGD (per-example norms, clipping factors, the clipped sum, the
+noise and the noisy sum) runs in at least fp32 (:mod:`toolkit.privacy.update_pruning`), the DP-ZO scalars in fp64, and the loss
 in at least fp32 (:func:`toolkit.forward.per_example_token_loss`).
 
 Example::
