@@ -322,6 +322,22 @@ def test_train_with_physical_batches_and_bf16_runs_every_method(trainable_dtype,
             assert 0 < result.epsilon_spent <= 3.0
 
 
+def test_an_interrupted_bf16_run_resumes_its_fp32_trained_weights_exactly(tmp_path):
+    """The checkpoint keeps the fp32 trained weights and their optimizer state (the model a run returns is rounded
+    to bf16 only after it is saved), so 2 steps + 2 resumed end where 4 uninterrupted steps do, bit for bit."""
+    settings = dict(method="dual-priv", dtype="bfloat16", trainable_dtype="float32", noise_seed=3, steps=4,
+                    train_limit=32, eval_limit=8, warm_start_steps=0, expected_batch_size=8, progress=False)
+    train(TrainConfig(checkpoint_path=str(tmp_path / "whole.pt"), **settings))
+    first = train(TrainConfig(checkpoint_path=str(tmp_path / "half.pt"), **settings),
+                  callback=lambda row: row["step"] < 2)
+    assert first.steps == 2
+    train(TrainConfig(resume_from=str(tmp_path / "half.pt"), checkpoint_path=str(tmp_path / "resumed.pt"), **settings))
+    whole, half, resumed = (load_checkpoint(tmp_path / f"{name}.pt").trainable for name in ("whole", "half", "resumed"))
+    assert {t.dtype for t in resumed.values()} == {torch.float32}
+    assert any(not torch.equal(half[name], whole[name]) for name in whole)   # the last two steps moved something
+    for name, weight in whole.items():
+        assert torch.equal(resumed[name], weight), name
+
 # ---------------------------------------------------------------- 3. logits only where the labels are
 
 def test_answer_positions_give_the_full_logits_loss_and_a_small_lm_head(records):
