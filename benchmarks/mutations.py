@@ -115,6 +115,9 @@ MUTATIONS = (
     Mutation("ghost-fp32-drift-unchecked", "ghost-fp32 refuses a second backward that drifts from the first",
              "toolkit/privacy/ghost_fp32.py", "if bool(drift.any()):", "if False:",
              ("tests/test_ghost_fp32.py", "-k", "drifts")),
+    Mutation("ghost-fp32-bk-unclipped", "ghost-fp32-bk bounds each bf16 example by C in fp32 (one backward)",
+             "toolkit/privacy/ghost_fp32.py", "factors = self._factors", "factors = torch.ones_like(self._factors)",
+             ("tests/test_ghost_fp32.py", "-k", "norm_at_most_C")),
 )
 
 

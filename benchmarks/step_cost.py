@@ -1,11 +1,11 @@
 """Cost of one training step per method, measured side by side in one run, with the analytic FLOPs beside it.
 
-    python benchmarks/step_cost.py [--repeats 5] [--batch 128]
+    python benchmarks/step_cost.py [--repeats 5] [--batch 128] [--cold]
 
 The utility study's equal-compute view (``toolkit.sweeps.study``) compares methods at equal analytic FLOPs; this
 prints how the measured step times of the same configurations compare (tiny preset, warm start, parity, the
-study's defaults: DP-SGD at 64 visual tokens with hooks and with ghost clipping, Dual-Priv at 16). Each step
-is timed after a warm-up step; methods are interleaved so a change of machine load hits all of them alike.
+study's defaults: DP-SGD at 64 visual tokens with hooks, with ghost clipping, with ghost-fp32's two backward
+passes and with its one-pass book-keeping, Dual-Priv at 16). Each step is timed after a warm-up step; methods are interleaved so a change of machine load hits all of them alike.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from toolkit.train import one_step, setup
 ARMS = {
     "DP-SGD (hooks)": dict(method="dp-sgd"),
     "DP-SGD (ghost clipping)": dict(method="dp-sgd", grad_sample_mode="ghost"),
+    "DP-SGD (ghost-fp32, two backward passes)": dict(method="dp-sgd", grad_sample_mode="ghost-fp32"),
+    "DP-SGD (ghost-fp32-bk, one backward)": dict(method="dp-sgd", grad_sample_mode="ghost-fp32-bk"),
     "Dual-Priv (16 of 64 tokens)": dict(method="dual-priv"),
     "non-private": dict(method="non-private", epsilon=float("inf")),
 }
@@ -33,12 +35,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per method (after one warm-up)")
     parser.add_argument("--batch", type=int, default=128, help="expected batch size")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cold", action="store_true",
+                        help="no public warm start (a step's time does not depend on the weights; skips its training)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = {}
     for name, fields in ARMS.items():
+        cold = dict(warm_start_steps=0) if args.cold else {}
         config = TrainConfig(**dict(dict(epsilon=3.0, steps=args.repeats + 1, expected_batch_size=args.batch,
-                                         progress=False), **fields)).resolved()
+                                         progress=False, **cold), **fields)).resolved()
         run = setup(config)
         batches = iter(run.sampler.batches(args.repeats + 1))
         one_step(run, next(batches))                                   # warm-up: lazy allocations
@@ -55,6 +60,7 @@ def main(argv=None) -> None:
     reference = table.set_index("arm").loc["Dual-Priv (16 of 64 tokens)"]
     table["time_x_dual_priv"] = table["step_s"] / reference["step_s"]
     table["flops_x_dual_priv"] = table["gflops_step"] / reference["gflops_step"]
+    table["time_x_non_private"] = table["step_s"] / table.set_index("arm").loc["non-private", "step_s"]
     print(table.round(3).to_string(index=False))
 
 

@@ -20,7 +20,7 @@ from toolkit.methods import get_method, method_names
 from toolkit.models import PRESETS, TRAINABLE_MODES, check_activation_checkpointing
 from toolkit.precision import DTYPES, TRAINABLE_DTYPES
 from toolkit.privacy.accounting import ACCOUNTANTS
-from toolkit.privacy.engine import GRAD_SAMPLE_MODES
+from toolkit.privacy.engine import FP32_GHOST_MODES, GRAD_SAMPLE_MODES
 from toolkit.privacy.update_masks import PRUNE_SCOPES
 from toolkit.privacy.update_pruning import PRUNED_STATES
 from toolkit.schema import check_fields, from_dict, setting
@@ -236,8 +236,8 @@ def check_config(c: TrainConfig, method_rules: bool = True) -> None:
     if c.privacy_unit == "user" and not c.train_data:
         raise ValueError("privacy_unit='user' needs train_data whose records carry a user_id (the embedded tasks "
                          "have one record per image and no users)")
-    if c.grad_sample_mode == "ghost-fp32" and c.trainable == "lm-full" and get_method(c.method).noise == "gradient":
-        raise ValueError("grad_sample_mode='ghost-fp32' clips trainable nn.Linear layers only; trainable='lm-full' "
+    if c.grad_sample_mode in FP32_GHOST_MODES and c.trainable == "lm-full" and get_method(c.method).noise == "gradient":
+        raise ValueError(f"grad_sample_mode={c.grad_sample_mode!r} clips trainable nn.Linear layers only; trainable='lm-full' "
                          "also trains the embeddings and norms: use lora, lora+head or projector, or "
                          "grad_sample_mode='hooks'")
     if c.export_format == "adapter" and not c.trainable.startswith("lora"):

@@ -76,7 +76,7 @@ def count_trainable(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------ activation memory
 
-CHECKPOINTING_MODES = ("hooks", "ghost", "ghost-fp32", None)  # grad_sample_mode values (None: no per-example gradients)
+CHECKPOINTING_MODES = ("hooks", "ghost", "ghost-fp32", "ghost-fp32-bk", None)  # grad_sample_mode values (None: no per-example gradients)
 
 
 def check_activation_checkpointing(grad_sample_mode: str | None) -> None:

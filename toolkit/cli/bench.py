@@ -50,7 +50,7 @@ def configure(parser) -> None:
     parser.add_argument("--grad-prune-ratio", type=float, default=0.2)
     parser.add_argument("--trainable", default=None, help="default: the preset's, else lora+head")
     parser.add_argument("--grad-sample-mode", default=None,
-                        help="per-example clipping: hooks, functorch, ghost, ghost-fp32 (default: the preset's, "
+                        help="per-example clipping: hooks, functorch, ghost, ghost-fp32, ghost-fp32-bk (default: the preset's, "
                              "ghost-fp32 for llava-7b-shape, else hooks)")
     parser.add_argument("--cached-features", action="store_true", help="run the vision tower outside the step")
     parser.add_argument("--in-process", action="store_true", help="no fresh subprocess per method")

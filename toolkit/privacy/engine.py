@@ -20,6 +20,8 @@ Per-sample-gradient modes (``grad_sample_mode``):
 * ``"ghost-fp32"``: ghost clipping whose norms and clipped sum are computed in ≥ fp32 inside the hooks
   (:mod:`toolkit.privacy.ghost_fp32`): exact with bf16 parameters, no per-example gradient held; trainable
   nn.Linear layers only. The lean mode of the 7B preset.
+* ``"ghost-fp32-bk"``: the same arithmetic in ONE backward (book-keeping: each layer's input and output gradient
+  are kept from the norms' pass for the clipped sum): faster, at the memory of holding them.
 
 A logical batch too large for the device is given as a list of chunk closures (physical batches): each chunk's
 per-example gradients are clipped and added to an fp32 sum, and only the last chunk adds the noise and takes the
@@ -69,9 +71,11 @@ from .update_pruning import (
     UpdatePruningDPOptimizerGhostFp32,
 )
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ghost-fp32")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ghost-fp32", "ghost-fp32-bk")
 # modes that never materialise per-example gradients (norms only)
-GHOST_MODES = ("ghost", "ghost-fp32")
+GHOST_MODES = ("ghost", "ghost-fp32", "ghost-fp32-bk")
+# modes whose clipped sum the hooks compute in ≥ fp32 (toolkit.privacy.ghost_fp32)
+FP32_GHOST_MODES = ("ghost-fp32", "ghost-fp32-bk")
 
 
 class DPEngine:
@@ -117,8 +121,8 @@ class DPEngine:
                 module, batch_first=True, loss_reduction="mean", max_grad_norm=self.max_grad_norm,
                 use_ghost_clipping=True)
             optimizer_cls = UpdatePruningDPOptimizerFastGradientClipping
-        elif grad_sample_mode == "ghost-fp32":
-            self.module = GhostFp32Module(module)
+        elif grad_sample_mode in FP32_GHOST_MODES:
+            self.module = GhostFp32Module(module, bookkeeping=grad_sample_mode == "ghost-fp32-bk")
             optimizer_cls = UpdatePruningDPOptimizerGhostFp32
         else:
             self.module = GradSampleModule(module, batch_first=True, loss_reduction="mean",
@@ -127,7 +131,7 @@ class DPEngine:
         # Two backwards without a step in between would stack per-example gradients (Opacus then divides by
         # the number of backwards and the accountant multiplies q by it): refused. Physical chunks of one
         # logical batch go through step(list of chunks), which clips each chunk and accumulates the clipped sum.
-        if grad_sample_mode != "ghost-fp32":   # (ghost-fp32 consumes each backward's sums in the same step)
+        if grad_sample_mode not in FP32_GHOST_MODES:   # (ghost-fp32 consumes each backward's sums in the same step)
             self.module.forbid_grad_accumulation()
 
         device = next(p for g in optimizer.param_groups for p in g["params"]).device
@@ -256,7 +260,7 @@ class DPEngine:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             if self.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(self.module, self.optimizer, per_example_losses, "mean").backward()
-            elif self.grad_sample_mode == "ghost-fp32":
+            elif self.grad_sample_mode in FP32_GHOST_MODES:
                 # the step's last chunk is noised block by block inside the hooks (no whole-model fp32 sum)
                 self.module.clipped_backward(per_example_losses, self.max_grad_norm,
                                              sink=self.optimizer.noise_sink() if last else None)
@@ -271,7 +275,7 @@ class DPEngine:
             for p in params:
                 if self.grad_sample_mode == "ghost":
                     p.grad = torch.zeros_like(p)
-                elif self.grad_sample_mode == "ghost-fp32":
+                elif self.grad_sample_mode in FP32_GHOST_MODES:
                     p.clipped_sum = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
                 else:
                     p.grad_sample = p.new_zeros((0, *p.shape))  # Opacus clips an empty batch to a zero sum
@@ -350,7 +354,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_m
         sample_rate: q, the Poisson sampling rate the accountant records.
         accountant: ``"prv"`` or ``"rdp"``.
         grad_prune_ratio, prune_scope, pruned_state: mechanism 2 (:mod:`toolkit.privacy.update_pruning`).
-        grad_sample_mode: ``"hooks"`` (default), ``"functorch"``, ``"ghost"`` or ``"ghost-fp32"``.
+        grad_sample_mode: ``"hooks"`` (default), ``"functorch"``, ``"ghost"``, ``"ghost-fp32"`` or ``"ghost-fp32-bk"``.
         noise_seed: seed of the noise generator, for reproducible experiments and tests ONLY: whoever knows it
             can regenerate the noise and subtract it, so a model trained with a known (e.g. config-derived)
             seed has no privacy guarantee. None (default): seeded from OS entropy.

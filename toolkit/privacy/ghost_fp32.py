@@ -23,7 +23,13 @@ soon as they are accumulated. Only trainable ``nn.Linear`` weights and biases ar
 projector, an LM head); anything else is refused with the parameter's name.
 
 Cost: a second backward (checkpointed layers are recomputed again) plus the norm products; memory: one ≥ fp32
-clipped sum per trainable parameter instead of B per-example gradients. The optimizer side (noise, mechanism 2,
+clipped sum per trainable parameter instead of B per-example gradients.
+
+Book-keeping (``bookkeeping=True``, ``grad_sample_mode="ghost-fp32-bk"``; Bu et al., 2023): pass 1 also keeps each
+layer's A and G, and the clipped sum is computed from them once the factors are known, without a second backward.
+The norms and the sum then come from the very same A and G, so no drift check is needed; the price is holding
+every trainable layer's A and G (in the model's dtype) until the end of the backward, which with checkpointing
+undoes part of what the recomputation saved. A choice of speed against memory, not the 7B preset's default. The optimizer side (noise, mechanism 2,
 accountant) is :class:`toolkit.privacy.update_pruning.UpdatePruningDPOptimizerGhostFp32`.
 
 Example::
@@ -199,9 +205,11 @@ class GhostFp32Module(nn.Module):
     """Wraps a module; :meth:`clipped_backward` leaves ``p.clipped_sum = Σ_i c_i g_i`` (≥ fp32) on every trainable
     parameter. Forward through this wrapper (it calls the wrapped module); see the module docstring."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, bookkeeping: bool = False):
         super().__init__()
         self._module = module   # Opacus' name for the wrapped module
+        self.bookkeeping = bool(bookkeeping)
+        self._kept: list[tuple] = []   # book-keeping: (layer, A, G, weight?, bias?) of pass 1
         self.layers = trainable_linears(module)
         self.params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
         self._trainable = {id(p) for p in self.params}
@@ -273,6 +281,8 @@ class GhostFp32Module(nn.Module):
             norms_sq = linear_norms_sq(activation, grad, weight, bias, self.dtype, budget)
             if self._pass == "norms":
                 self._norms_sq += norms_sq
+                if self.bookkeeping:
+                    self._kept.append((layer, activation, grad, weight, bias))
                 return
             self._check_sq += norms_sq
             for which, rows, block in linear_clipped_sum_blocks(activation, grad, self._factors, weight, bias,
@@ -299,9 +309,12 @@ class GhostFp32Module(nn.Module):
         self._norms_sq = torch.zeros(per_example_losses.shape[0], dtype=self.dtype, device=per_example_losses.device)
         try:
             with self._weights_frozen():   # (checkpointed layers rebuild their graph inside each pass)
-                self._run_pass("norms", losses, retain_graph=True)
+                self._run_pass("norms", losses, retain_graph=not self.bookkeeping)
             norms = self._norms_sq.sqrt()
             self._factors = (max_grad_norm / (norms * (1 + NORM_TOLERANCE) + 1e-6)).clamp(max=1.0)
+            if self.bookkeeping:
+                self._sum_kept()
+                return self._factors
             self._check_sq = torch.zeros_like(self._norms_sq)
             with self._weights_frozen():
                 self._run_pass("sum", losses, retain_graph=False)
@@ -316,7 +329,17 @@ class GhostFp32Module(nn.Module):
             self.forget()
             raise
         finally:
-            self._pass, self._fired = None, set()
+            self._pass, self._fired, self._kept = None, set(), []
+
+    def _sum_kept(self) -> None:
+        """Book-keeping: every kept layer's clipped sum from the A and G its norms were computed from."""
+        factors = self._factors
+        while self._kept:
+            layer, activation, grad, weight, bias = self._kept.pop()   # each layer's A and G freed once summed
+            with full_fp32_products():
+                for which, rows, block in linear_clipped_sum_blocks(activation, grad, factors, weight, bias,
+                                                                    self.dtype, budget=chunk_budget(grad.device)):
+                    self._sink(layer.weight if which == "weight" else layer.bias, rows, block)
 
     def _run_pass(self, name: str, losses: torch.Tensor, retain_graph: bool) -> None:
         self._pass, self._fired = name, set()
@@ -330,6 +353,7 @@ class GhostFp32Module(nn.Module):
 
     def forget(self) -> None:
         """Drop a half-computed clipped (or noised) sum: a refused or failed step leaves nothing behind."""
+        self._kept = []
         for p in self.params:
             p.clipped_sum = None
             p.noisy_grad = None
