@@ -10,7 +10,8 @@ their time; at most ``check_limit_s``, 120 s, so they cannot use up the cells'):
 the bf16 model against the same weights in fp32, each example's clipped sum and its dtype (≥ fp32), and the noise
 added in fp32 (its measured std against σ·C). Then the cells, batch by batch (the batch-4 row is complete first);
 a cell is started only if the time left before ``--time-limit`` covers it (a cell is given at most the time left,
-then recorded as ``timeout``), so the run stops cleanly before the limit. Progress: a line when a cell starts and
+then recorded as ``timeout``), so the run stops cleanly before the limit. After the whole table, while time is
+left, the ``EXTRA_CELLS``: DP-SGD with book-keeping (``ghost-fp32-bk``, one backward pass) at each batch size. Progress: a line when a cell starts and
 when it ends; the files are rewritten after each cell, so a run killed from outside keeps what it measured.
 
 The smoke mode runs the GPU run's settings (``llava-7b-shape``'s lean defaults: LoRA, activation checkpointing,
@@ -45,6 +46,10 @@ from toolkit.privacy.ghost_fp32 import GhostFp32Module
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
+# Cells run after the whole table, while time is left: DP-SGD with ghost-fp32's one-backward book-keeping, the lever
+# for the DP-SGD / non-private throughput target (two backward passes bound it near 0.5-0.6; tiny preset on a CPU:
+# 0.47 with two passes, 0.67 with one, benchmarks/step_cost.py).
+EXTRA_CELLS = (("dp-sgd-bk", dict(method="dp-sgd", grad_sample_mode="ghost-fp32-bk")),)
 # steps: one warm-up, one profiled (peak memory), the median of the rest timed (4: two timed steps, so all 12 cells
 # fit the 7.5 minutes; a GPU step varies little once warm)
 FULL = dict(preset="llava-7b-shape", batches=(4, 8, 16), steps=4, device="cuda", dtype="bfloat16", lm_layers=None,
@@ -189,7 +194,7 @@ def markdown(cells: list[dict], checks: dict | None, settings: dict) -> str:
         lines.append(f"| {c['batch']} | {c['method']} | {c['status']} | {r.get('peak_memory_mb', '')} | "
                      f"{r.get('reserved_mb', '')} | {r.get('step_time_s', '')} | {r.get('tokens_per_s', '')} |")
     lines += ["", "| batch | DP-SGD / non-private tokens/s | Dual-Priv / DP-ZO memory | Dual-Priv / DP-SGD memory |"
-              " Dual-Priv / DP-SGD steps/s |", "|---|---|---|---|---|"]
+              " Dual-Priv / DP-SGD steps/s | DP-SGD book-keeping / non-private tokens/s |", "|---|---|---|---|---|---|"]
     for batch in settings["batches"]:
         got = {c["method"]: c["record"] for c in cells if c["batch"] == batch and c["record"]}
 
@@ -200,7 +205,8 @@ def markdown(cells: list[dict], checks: dict | None, settings: dict) -> str:
             return f"{(y / x if invert else x / y):.3f}"
         lines.append(f"| {batch} | {ratio('dp-sgd', 'non-private', 'tokens_per_s')} | "
                      f"{ratio('dual-priv', 'dp-zo', 'peak_memory_mb')} | {ratio('dual-priv', 'dp-sgd', 'peak_memory_mb')}"
-                     f" | {ratio('dual-priv', 'dp-sgd', 'step_time_s', invert=True)} |")
+                     f" | {ratio('dual-priv', 'dp-sgd', 'step_time_s', invert=True)} | "
+                     f"{ratio('dp-sgd-bk', 'non-private', 'tokens_per_s')} |")
     if checks is not None:
         lines += ["", "bf16 checks: " + ", ".join(f"{k} = {v}" for k, v in checks.items())]
     return "\n".join(lines) + "\n"
@@ -228,7 +234,7 @@ def _write(out: Path, result: dict) -> None:
         scratch.replace(out / name)
 
 
-def run(mode: dict, out: Path, methods=METHODS) -> dict:
+def run(mode: dict, out: Path, methods=METHODS, extra_cells=EXTRA_CELLS) -> dict:
     started = time.monotonic()
     deadline = started + mode["time_limit"]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -244,30 +250,32 @@ def run(mode: dict, out: Path, methods=METHODS) -> dict:
     say(f"bf16 checks: {result['bf16_checks']}")
     _write(out, result)
     spent = []
-    for batch in mode["batches"]:
-        for method in methods:
-            left = deadline - time.monotonic()
-            need = max(mode["min_cell_s"], max(spent) if spent else mode["min_cell_s"])
-            cell = dict(batch=batch, method=method, record=None, error="")
-            if left < need:
-                cell["status"] = "skipped (time limit)"
-            else:
-                say(f"batch {batch:>2} {method:<11} started ({left:.0f} s left)")
-                kwargs = dict(method=method, preset=mode["preset"], batch_size=batch, steps=mode["steps"],
-                              device=mode["device"], dtype=mode["dtype"], lm_layers=mode["lm_layers"],
-                              vision_layers=mode["vision_layers"], **_lean_settings(mode))
-                t0 = time.monotonic()
-                cell["status"], cell["record"], cell["error"] = (_child(["--cell", json.dumps(kwargs)], left)
-                                                                  if mode["isolate"]
-                                                                  else _in_process(_cell, dict(kwargs=kwargs)))
-                spent.append(time.monotonic() - t0)
-                cell["wall_s"] = round(spent[-1], 1)
-            result["cells"].append(cell)
-            r = cell["record"] or {}
-            say(f"batch {batch:>2} {method:<11} {cell['status']:<8} peak {r.get('peak_memory_mb', '-')} MB  "
-                f"step {r.get('step_time_s', '-')} s")
-            result["wall_s"] = round(time.monotonic() - started, 1)
-            _write(out, result)
+    # the table first (batch by batch), then the extra cells while time is left
+    plan = [(batch, method, dict(method=method)) for batch in mode["batches"] for method in methods]
+    plan += [(batch, label, overrides) for batch in mode["batches"] for label, overrides in extra_cells]
+    for batch, method, overrides in plan:
+        left = deadline - time.monotonic()
+        need = max(mode["min_cell_s"], max(spent) if spent else mode["min_cell_s"])
+        cell = dict(batch=batch, method=method, record=None, error="")
+        if left < need:
+            cell["status"] = "skipped (time limit)"
+        else:
+            say(f"batch {batch:>2} {method:<11} started ({left:.0f} s left)")
+            kwargs = dict(dict(preset=mode["preset"], batch_size=batch, steps=mode["steps"],
+                               device=mode["device"], dtype=mode["dtype"], lm_layers=mode["lm_layers"],
+                               vision_layers=mode["vision_layers"], **_lean_settings(mode)), **overrides)
+            t0 = time.monotonic()
+            cell["status"], cell["record"], cell["error"] = (_child(["--cell", json.dumps(kwargs)], left)
+                                                              if mode["isolate"]
+                                                              else _in_process(_cell, dict(kwargs=kwargs)))
+            spent.append(time.monotonic() - t0)
+            cell["wall_s"] = round(spent[-1], 1)
+        result["cells"].append(cell)
+        r = cell["record"] or {}
+        say(f"batch {batch:>2} {method:<11} {cell['status']:<8} peak {r.get('peak_memory_mb', '-')} MB  "
+            f"step {r.get('step_time_s', '-')} s")
+        result["wall_s"] = round(time.monotonic() - started, 1)
+        _write(out, result)
     result["wall_s"] = round(time.monotonic() - started, 1)
     _write(out, result)
     print(f"wrote {out / f'gpu-{date}.json'} and .md ({result['wall_s']} s)")

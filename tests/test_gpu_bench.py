@@ -32,19 +32,22 @@ def gpu_bench():
 
 def test_smoke_run_writes_the_table_with_every_cell_and_passing_bf16_checks(gpu_bench, tmp_path):
     result = gpu_bench.run(dict(gpu_bench.SMOKE, time_limit=300.0), tmp_path)
+    # the table's four methods first, then DP-SGD with book-keeping (one backward) while time is left
     assert [(c["batch"], c["method"], c["status"]) for c in result["cells"]] == \
-        [(2, m, "ok") for m in gpu_bench.METHODS]
+        [(2, m, "ok") for m in gpu_bench.METHODS] + [(2, "dp-sgd-bk", "ok")]
     assert all(c["record"]["peak_memory_mb"] > 0 and c["record"]["step_time_s"] > 0 for c in result["cells"])
     records = {c["method"]: c["record"] for c in result["cells"]}
     # the GPU run's lean settings, not the tiny preset's own: what runs on the GPU first ran here
     assert all(r["activation_checkpointing"] for r in records.values())
     assert records["dp-sgd"]["grad_sample_mode"] == records["dual-priv"]["grad_sample_mode"] == "ghost-fp32"
+    assert records["dp-sgd-bk"]["grad_sample_mode"] == "ghost-fp32-bk" and records["dp-sgd-bk"]["method"] == "dp-sgd"
     assert records["dp-sgd"]["optimizer"] == "sgd" and records["dual-priv"]["visual_tokens"] == 16
     assert result["bf16_checks"]["ok"], result["bf16_checks"]
     written = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
-    assert len(written["cells"]) == 4
+    assert len(written["cells"]) == 5
     table = next(tmp_path.glob("gpu-*.md")).read_text()
     assert "| 2 | dual-priv | ok |" in table and "DP-SGD / non-private tokens/s" in table
+    assert "DP-SGD book-keeping / non-private tokens/s" in table
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(gpu_bench, tmp_path, monkeypatch):
@@ -60,7 +63,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(gpu_bench, tmp_path, mon
     monkeypatch.setattr(gpu_bench, "_cell", cell)
     monkeypatch.setattr(gpu_bench, "bf16_checks", lambda **_: dict(ok=True))
     result = gpu_bench.run(dict(gpu_bench.SMOKE, time_limit=60.0), tmp_path)
-    assert [c["status"] for c in result["cells"]] == ["ok", "oom", "oom", "error"]
+    assert [c["status"] for c in result["cells"]] == ["ok", "oom", "oom", "error", "oom"]   # dp-sgd-bk is dp-sgd
     assert "| 2 | dp-sgd | oom |" in next(tmp_path.glob("gpu-*.md")).read_text()
 
 
@@ -93,7 +96,7 @@ def test_the_checks_come_first_and_the_files_are_rewritten_after_every_cell(gpu_
     monkeypatch.setattr(gpu_bench, "_cell", cell)
     monkeypatch.setattr(gpu_bench, "bf16_checks", checks)
     gpu_bench.run(dict(gpu_bench.SMOKE, time_limit=60.0), tmp_path)
-    assert seen == [(i, dict(ok=True)) for i in range(len(gpu_bench.METHODS))]
+    assert seen == [(i, dict(ok=True)) for i in range(len(gpu_bench.METHODS) + len(gpu_bench.EXTRA_CELLS))]
 
 
 def test_a_cell_and_the_checks_come_back_from_their_own_subprocess(gpu_bench, tmp_path):
