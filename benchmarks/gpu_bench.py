@@ -11,7 +11,8 @@ the bf16 model against the same weights in fp32, each example's clipped sum and 
 added in fp32 (its measured std against σ·C). Then the cells, batch by batch (the batch-4 row is complete first);
 a cell is started only if the time left before ``--time-limit`` covers it (a cell is given at most the time left,
 then recorded as ``timeout``), so the run stops cleanly before the limit. After the whole table, while time is
-left, the ``EXTRA_CELLS``: DP-SGD with book-keeping (``ghost-fp32-bk``, one backward pass) at each batch size. Progress: a line when a cell starts and
+left, the ``EXTRA_CELLS``: DP-SGD with book-keeping (``ghost-fp32-bk``, one backward pass) at each batch size.
+Progress: a line when a cell starts and
 when it ends; the files are rewritten after each cell, so a run killed from outside keeps what it measured.
 
 The smoke mode runs the GPU run's settings (``llava-7b-shape``'s lean defaults: LoRA, activation checkpointing,

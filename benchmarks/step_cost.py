@@ -5,7 +5,8 @@
 The utility study's equal-compute view (``toolkit.sweeps.study``) compares methods at equal analytic FLOPs; this
 prints how the measured step times of the same configurations compare (tiny preset, warm start, parity, the
 study's defaults: DP-SGD at 64 visual tokens with hooks, with ghost clipping, with ghost-fp32's two backward
-passes and with its one-pass book-keeping, Dual-Priv at 16). Each step is timed after a warm-up step; methods are interleaved so a change of machine load hits all of them alike.
+passes and with its one-pass book-keeping, Dual-Priv at 16). Each step is timed after a warm-up step; methods
+are interleaved so a change of machine load hits all of them alike.
 """
 from __future__ import annotations
 

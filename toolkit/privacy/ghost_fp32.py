@@ -29,8 +29,9 @@ Book-keeping (``bookkeeping=True``, ``grad_sample_mode="ghost-fp32-bk"``; Bu et 
 layer's A and G, and the clipped sum is computed from them once the factors are known, without a second backward.
 The norms and the sum then come from the very same A and G, so no drift check is needed; the price is holding
 every trainable layer's A and G (in the model's dtype) until the end of the backward, which with checkpointing
-undoes part of what the recomputation saved. A choice of speed against memory, not the 7B preset's default. The optimizer side (noise, mechanism 2,
-accountant) is :class:`toolkit.privacy.update_pruning.UpdatePruningDPOptimizerGhostFp32`.
+undoes part of what the recomputation saved. A choice of speed against memory, not the 7B preset's default.
+
+The optimizer side (noise, mechanism 2, accountant) is :class:`toolkit.privacy.update_pruning.UpdatePruningDPOptimizerGhostFp32`.
 
 Example::
 

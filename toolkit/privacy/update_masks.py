@@ -186,3 +186,8 @@ def make_pre_noise_mask(update_mask: str, grad_prune_ratio: float, scope: str = 
     if update_mask == "public":
         return PublicGradientMask(grad_prune_ratio, public_gradients or [], scope)
     return RandomMask(grad_prune_ratio, scope, seed=seed)
+
+
+def kept_count(masks: list[torch.Tensor]) -> int:
+    """How many coordinates the masks keep, read back once (one device sync per step, not one per tensor)."""
+    return int(torch.stack([mask.count_nonzero() for mask in masks]).sum()) if masks else 0

@@ -53,7 +53,8 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from toolkit.compat import opacus_check_unprocessed, opacus_mark_processed, opacus_noise, opacus_release_grad_sample
 from toolkit.distributed import all_reduce_sum
 from toolkit.secret_random import reseed_from_os
-from toolkit.privacy.update_masks import PRUNE_SCOPES, PreNoiseMask, check_ratio, check_scope, magnitude_mask
+from toolkit.privacy.update_masks import (PRUNE_SCOPES, PreNoiseMask, check_ratio, check_scope, kept_count,
+                                         magnitude_mask)
 
 PRUNED_STATES = ("advance", "freeze")
 
@@ -256,11 +257,6 @@ def per_example_clip_factors(grad_samples: list[torch.Tensor], max_grad_norm: fl
         for cols in _column_blocks(flat):
             squares += flat[:, cols].to(dtype).pow(2).sum(dim=1).to(device)
     return (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-
-
-def kept_count(masks: list[torch.Tensor]) -> int:
-    """How many coordinates the masks keep, read back once (one device sync per step, not one per tensor)."""
-    return int(torch.stack([mask.count_nonzero() for mask in masks]).sum()) if masks else 0
 
 
 def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

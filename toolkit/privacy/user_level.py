@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from toolkit.privacy.engine import GHOST_MODES
 from toolkit.privacy.sampling import StepSampler
 
 UNITS = ("record", "user")
@@ -60,7 +61,7 @@ def check_user_mode(method: str, grad_sample_mode: str, max_physical_batch_size,
     if method not in ("dp-sgd", "dual-priv"):
         raise ValueError(f"privacy_unit='user' works with dp-sgd and dual-priv; {method} is not supported yet "
                          "(dp-zo: its per-example scalars are not grouped by user)")
-    if grad_sample_mode in ("ghost", "ghost-fp32", "ghost-fp32-bk"):
+    if grad_sample_mode in GHOST_MODES:
         raise ValueError("privacy_unit='user' needs per-example gradients to average per user; ghost clipping never "
                          "materialises them: use grad_sample_mode='hooks'")
     if max_physical_batch_size is not None:
