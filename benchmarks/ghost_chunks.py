@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from toolkit.privacy.ghost_fp32 import CHUNK_BYTES, linear_clipped_sum_blocks, linear_norms_sq
+from toolkit.privacy.linear_grads import CHUNK_BYTES, linear_clipped_sum_blocks, linear_norms_sq
 
 # (name, d_in, d_out, tokens per example): LoRA rank 8 on a 4096-wide attention projection, the projector's two
 # layers over the kept visual tokens; 77 tokens = 64 kept visual + 13 text (Dual-Priv), 589 = 576 + 13 (DP-SGD)

@@ -48,8 +48,8 @@ from toolkit.privacy.ghost_fp32 import GhostFp32Module
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 METHODS = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
 # Cells run after the whole table, while time is left: DP-SGD with ghost-fp32's one-backward book-keeping, the lever
-# for the DP-SGD / non-private throughput target (two backward passes bound it near 0.5-0.6; tiny preset on a CPU:
-# 0.47 with two passes, 0.67 with one, benchmarks/step_cost.py).
+# for the DP-SGD / non-private throughput target (a second backward costs about one more backward; measured only on
+# a CPU so far, tiny preset: 0.47 with two passes, 0.67 with one, benchmarks/step_cost.py).
 EXTRA_CELLS = (("dp-sgd-bk", dict(method="dp-sgd", grad_sample_mode="ghost-fp32-bk")),)
 # steps: one warm-up, one profiled (peak memory), the median of the rest timed (4: two timed steps, so all 12 cells
 # fit the 7.5 minutes; a GPU step varies little once warm)

@@ -104,7 +104,7 @@ MUTATIONS = (
              "toolkit/cli/audit.py", "config_from_args(args, _AuditFlags)", "config_from_args(args, TrainConfig)",
              ("tests/test_audit_cli.py", "-k", "schedule")),
     Mutation("ghost-fp32-factors-in-bf16", "ghost-fp32 bounds each bf16 example by C in fp32",
-             "toolkit/privacy/ghost_fp32.py",
+             "toolkit/privacy/linear_grads.py",
              "factors = factors.to(device=g.device, dtype=dtype)",
              "factors = factors.to(device=g.device, dtype=g.dtype).to(dtype)",
              ("tests/test_ghost_fp32.py", "-k", "norm_at_most_C")),
@@ -118,6 +118,10 @@ MUTATIONS = (
     Mutation("ghost-fp32-bk-unclipped", "ghost-fp32-bk bounds each bf16 example by C in fp32 (one backward)",
              "toolkit/privacy/ghost_fp32.py", "factors = self._factors", "factors = torch.ones_like(self._factors)",
              ("tests/test_ghost_fp32.py", "-k", "norm_at_most_C")),
+    Mutation("ghost-fp32-bk-kept-grads-unclipped",
+             "ghost-fp32-bk bounds each example by C where it keeps per-example gradients (LoRA)",
+             "toolkit/privacy/linear_grads.py", 'torch.einsum("b,boi->oi", factors, weight_grads[:, rows])',
+             "weight_grads[:, rows].sum(0)", ("tests/test_ghost_fp32.py", "-k", "norm_at_most_C")),
 )
 
 

@@ -9,8 +9,9 @@ example could weigh up to ~0.5 % more than C. Here the clipping factors are appl
 One step on per-example losses ``L_i``, two backward passes of ``Σ_i L_i`` through the same graph::
 
     pass 1 (norms)  every trainable nn.Linear hook gets its input A [B, T, d_in] and output gradient G [B, T, d_out]
-                    and adds ‖G_iᵀA_i‖² (+ ‖Σ_t G_i,t‖² for a bias) to n_i², in ≥ fp32: the ghost norm
-                    Σ (A_iA_iᵀ)⊙(G_iG_iᵀ) when T² ≤ d_in·d_out, otherwise G_iᵀA_i, a chunk of examples at a time
+                    and adds ‖G_iᵀA_i‖² (+ ‖Σ_t G_i,t‖² for a bias) to n_i², in ≥ fp32: from G_iᵀA_i itself
+                    where d_in·d_out ≤ T·(d_in + d_out) (fewer products), else the ghost norm Σ (A_iA_iᵀ)⊙(G_iG_iᵀ)
+                    (:mod:`toolkit.privacy.linear_grads`)
     c_i = min(1, C / (n_i·(1 + NORM_TOLERANCE) + 1e-6))
     pass 2 (sum)    every hook adds Σ_i c_i G_iᵀA_i (and Σ_i c_i Σ_t G_i,t), computed in ≥ fp32 from the same A and G,
                     to the parameter's ``clipped_sum``; it also recomputes n_i², and the step is refused if a pass-2
@@ -25,11 +26,12 @@ projector, an LM head); anything else is refused with the parameter's name.
 Cost: a second backward (checkpointed layers are recomputed again) plus the norm products; memory: one ≥ fp32
 clipped sum per trainable parameter instead of B per-example gradients.
 
-Book-keeping (``bookkeeping=True``, ``grad_sample_mode="ghost-fp32-bk"``; Bu et al., 2023): pass 1 also keeps each
-layer's A and G, and the clipped sum is computed from them once the factors are known, without a second backward.
-The norms and the sum then come from the very same A and G, so no drift check is needed; the price is holding
-every trainable layer's A and G (in the model's dtype) until the end of the backward, which with checkpointing
-undoes part of what the recomputation saved. A choice of speed against memory, not the 7B preset's default.
+Book-keeping (``bookkeeping=True``, ``grad_sample_mode="ghost-fp32-bk"``; Bu et al., 2023): pass 1 also keeps, for
+each layer, whichever is smaller: its A and G (in their own dtype), or its per-example gradients in ≥ fp32 (LoRA's
+factors: rank 8 against 77-589 tokens); the clipped sum is computed from them once the factors are known, without
+a second backward. The norms and the sum then come from the very same record, so no drift check is needed; the
+price is holding every trainable layer's record until the end of the backward, which with checkpointing undoes
+part of what the recomputation saved. A choice of speed against memory, not the 7B preset's default.
 
 The optimizer side (noise, mechanism 2, accountant) is :class:`toolkit.privacy.update_pruning.UpdatePruningDPOptimizerGhostFp32`.
 
@@ -52,117 +54,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from toolkit.privacy.linear_grads import (chunk_budget, direct_route, example_grads_clipped_sum_blocks, itemsize,
+                                          linear_clipped_sum_blocks, linear_example_grads, linear_norms_sq,
+                                          tokens_view)
+
 # Relative slack between the norms of the two passes: the factors are computed from n_i·(1 + NORM_TOLERANCE), and a
 # pass-2 norm above that is an error, so c_i·‖g_i‖ ≤ C holds for the gradient that is actually summed. 1e-3 leaves
 # room for a GPU kernel whose backward rounds differently from one pass to the next (an atomics-based attention
 # backward moves a norm by far less) and costs at most 0.1 % of a clipped example's weight.
 NORM_TOLERANCE = 1e-3
-
-
-def _tokens(t: torch.Tensor) -> torch.Tensor:
-    """``[B, ..., d]`` -> ``[B, T, d]`` (T = 1 for a 2-D input)."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
-
-
-# Examples go through the norm and sum products a chunk at a time, each chunk's ≥ fp32 copies and products under a
-# budget, so the transient stays bounded at any batch size. On a GPU the budget is CHUNK_BYTES: one batched kernel
-# per chunk rather than a loop over examples (at 7B and batch 16 such a loop launches ~10^5 small kernels per step,
-# which a GPU waits on). On a CPU it is one example: at 7B's LoRA and projector shapes chunks took 0.75-1.63x the
-# one-at-a-time time on one thread (benchmarks/ghost_chunks.py, benchmarks/RESULTS.md): no gain to pay a larger
-# transient for.
-CHUNK_BYTES = 32 << 20
-
-
-def chunk_budget(device: torch.device) -> int:
-    """The bytes a chunk of examples may take on ``device``: :data:`CHUNK_BYTES` on CUDA, one example elsewhere.
-
-    >>> chunk_budget(torch.device("cuda")) == CHUNK_BYTES, chunk_budget(torch.device("cpu"))
-    (True, 0)
-    """
-    return CHUNK_BYTES if device.type == "cuda" else 0
-
-
-def example_chunks(batch: int, per_example_bytes: int, budget: int = CHUNK_BYTES) -> list[slice]:
-    """Consecutive slices of ``range(batch)``, as many examples each as fit ``budget`` (at least one).
-
-    >>> example_chunks(5, 10, budget=25)
-    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
-    """
-    size = max(1, budget // max(1, per_example_bytes))
-    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def linear_norms_sq(activation: torch.Tensor, output_grad: torch.Tensor, weight: bool, bias: bool,
-                    dtype: torch.dtype, budget: int = CHUNK_BYTES) -> torch.Tensor:
-    """Per-example ``‖∂L_i/∂W‖² (+ ‖∂L_i/∂b‖²)`` of an nn.Linear from its input and output gradient, in ``dtype``,
-    a chunk of examples at a time (:func:`example_chunks`): the ghost norm ``Σ (A_iA_iᵀ)⊙(G_iG_iᵀ)`` when
-    ``T² ≤ d_in·d_out``, otherwise each example's gradient ``G_iᵀA_i`` itself.
-
-    >>> a, g = torch.randn(3, 5, 3), torch.randn(3, 5, 4)
-    >>> direct = torch.einsum("bto,bti->boi", g, a).pow(2).sum((1, 2))
-    >>> torch.allclose(linear_norms_sq(a, g, True, False, torch.float64, budget=1), direct.double())
-    True
-    """
-    a, g = _tokens(activation), _tokens(output_grad)
-    batch, tokens, d_in = a.shape
-    d_out = g.shape[2]
-    ghost = tokens * tokens <= d_in * d_out
-    products = (2 * tokens * tokens if ghost else d_out * d_in) if weight else 0
-    per_example = _itemsize(dtype) * (tokens * (d_in + d_out) + products)
-    total = torch.zeros(batch, dtype=dtype, device=a.device)
-    for chunk in example_chunks(batch, per_example, budget):
-        g32 = g[chunk].to(dtype)
-        if weight:
-            a32 = a[chunk].to(dtype)
-            if ghost:   # [T, T] products instead of [d_out, d_in]
-                total[chunk] += ((a32 @ a32.mT) * (g32 @ g32.mT)).sum((1, 2)).clamp(min=0)
-            else:       # small layer, many tokens: the examples' gradients themselves
-                total[chunk] += (g32.mT @ a32).pow(2).sum((1, 2))
-        if bias:
-            total[chunk] += g32.sum(1).pow(2).sum(1)
-    return total
-
-
-# A weight's clipped sum is produced a block of rows at a time (<= 2**20 values = 4 MiB in fp32), so neither the
-# whole fp32 sum of a large layer nor its noise ever exists at once when the sink noises and rounds each block.
-BLOCK_ELEMENTS = 1 << 20
-
-
-def linear_clipped_sum_blocks(activation: torch.Tensor, output_grad: torch.Tensor, factors: torch.Tensor,
-                              weight: bool, bias: bool, dtype: torch.dtype, block_elements: int = BLOCK_ELEMENTS,
-                              budget: int = CHUNK_BYTES):
-    """Yield ``(which, rows, block)``: ``Σ_i c_i G_iᵀA_i`` (``which="weight"``) a block of output rows at a time,
-    then ``Σ_i c_i Σ_t G_i,t`` (``"bias"``), in ``dtype``; only the trainable ones. Each block is one product per
-    chunk of examples, ``(c ⊙ G)ᵀA`` over the chunk's tokens.
-
-    >>> a, g, c = torch.randn(2, 5, 3), torch.randn(2, 5, 4), torch.tensor([1.0, 0.5])
-    >>> blocks = list(linear_clipped_sum_blocks(a, g, c, True, True, torch.float32, block_elements=6))
-    >>> [(which, rows) for which, rows, _ in blocks]
-    [('weight', slice(0, 2, None)), ('weight', slice(2, 4, None)), ('bias', slice(None, None, None))]
-    >>> w = torch.cat([b for which, _, b in blocks if which == "weight"])
-    >>> torch.allclose(w, g[0].T @ a[0] + 0.5 * g[1].T @ a[1], atol=1e-5)
-    True
-    """
-    a, g = _tokens(activation), _tokens(output_grad)
-    factors = factors.to(device=g.device, dtype=dtype)
-    batch, tokens, d_in = a.shape
-    d_out = g.shape[2]
-    if weight:
-        step = max(1, block_elements // d_in)
-        chunks = example_chunks(batch, _itemsize(dtype) * tokens * (d_in + min(step, d_out)), budget)
-        for start in range(0, d_out, step):
-            rows = slice(start, min(start + step, d_out))
-            block = torch.zeros(rows.stop - rows.start, d_in, dtype=dtype, device=g.device)
-            for chunk in chunks:
-                scaled = g[chunk, :, rows].to(dtype) * factors[chunk, None, None]
-                block.addmm_(scaled.reshape(-1, rows.stop - rows.start).mT, a[chunk].to(dtype).reshape(-1, d_in))
-            yield "weight", rows, block
-    if bias:
-        yield "bias", slice(None), (g.to(dtype).sum(1) * factors[:, None]).sum(0)
 
 
 def accumulate_sink(p: torch.Tensor, rows: slice, block: torch.Tensor) -> None:
@@ -279,16 +179,30 @@ class GhostFp32Module(nn.Module):
         bias = layer.bias is not None and id(layer.bias) in self._trainable
         budget = chunk_budget(grad.device)
         with full_fp32_products():
+            if self._pass == "norms" and self.bookkeeping and weight and self._keeps_example_grads(activation, grad):
+                weight_grads, bias_grads = linear_example_grads(activation, grad, bias, self.dtype, budget)
+                norms_sq = weight_grads.pow(2).sum((1, 2))
+                self._norms_sq += norms_sq if bias_grads is None else norms_sq + bias_grads.pow(2).sum(1)
+                self._kept.append((layer, "example-grads", weight_grads, bias_grads))
+                return
             norms_sq = linear_norms_sq(activation, grad, weight, bias, self.dtype, budget)
             if self._pass == "norms":
                 self._norms_sq += norms_sq
                 if self.bookkeeping:
-                    self._kept.append((layer, activation, grad, weight, bias))
+                    self._kept.append((layer, "inputs", activation, grad, weight, bias))
                 return
             self._check_sq += norms_sq
             for which, rows, block in linear_clipped_sum_blocks(activation, grad, self._factors, weight, bias,
                                                                 self.dtype, budget=budget):
                 self._sink(layer.weight if which == "weight" else layer.bias, rows, block)
+
+    def _keeps_example_grads(self, activation: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Book-keeping keeps a layer's per-example gradients (≥ fp32) rather than its A and G (the model's or
+        peft's dtype) when they take fewer bytes: LoRA's factors, by 5-70x at the 7B shape (77-589 tokens)."""
+        a, g = tokens_view(activation), tokens_view(grad)
+        tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        kept_inputs = tokens * (d_in * a.element_size() + d_out * g.element_size())
+        return direct_route(tokens, d_in, d_out) and d_in * d_out * itemsize(self.dtype) < kept_inputs
 
     def _drop_autograd_grad(self, p: torch.Tensor) -> None:
         # autograd's own gradient (parameter dtype, unclipped) is never used: free it as soon as it exists
@@ -336,10 +250,15 @@ class GhostFp32Module(nn.Module):
         """Book-keeping: every kept layer's clipped sum from the A and G its norms were computed from."""
         factors = self._factors
         while self._kept:
-            layer, activation, grad, weight, bias = self._kept.pop()   # each layer's A and G freed once summed
+            layer, kind, *kept = self._kept.pop()   # each layer's record freed once summed
             with full_fp32_products():
-                for which, rows, block in linear_clipped_sum_blocks(activation, grad, factors, weight, bias,
-                                                                    self.dtype, budget=chunk_budget(grad.device)):
+                if kind == "example-grads":
+                    blocks = example_grads_clipped_sum_blocks(*kept, factors)
+                else:
+                    activation, grad, weight, bias = kept
+                    blocks = linear_clipped_sum_blocks(activation, grad, factors, weight, bias, self.dtype,
+                                                       budget=chunk_budget(grad.device))
+                for which, rows, block in blocks:
                     self._sink(layer.weight if which == "weight" else layer.bias, rows, block)
 
     def _run_pass(self, name: str, losses: torch.Tensor, retain_graph: bool) -> None:
