@@ -254,8 +254,8 @@ def test_app_settings_refuse_nonsense():
         AppSettings(time_limit=0)
 
 
-def test_json_safe_makes_strict_json():
-    text = json.dumps(common.json_safe(dict(a=math.inf, b=[float("nan"), 1.0])), allow_nan=False)
+def test_strict_json_makes_strict_json():
+    text = json.dumps(common.strict_json(dict(a=math.inf, b=[float("nan"), 1.0])), allow_nan=False)
     assert json.loads(text) == dict(a="inf", b=["nan", 1.0])
 
 

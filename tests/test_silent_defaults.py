@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from toolkit.config import TrainConfig
-from toolkit.silent_defaults import json_safe, silent_default_notes
+from toolkit.silent_defaults import silent_default_notes
+from toolkit.vocabulary import strict_json
 from toolkit.image_duplicates import report_overlap
 from toolkit.userdata import load_llava_json
 
@@ -44,8 +45,8 @@ def test_a_one_pixel_image_is_warned_about_by_record(tmp_path):
 
 
 def test_infinities_become_strict_json():
-    text = json.dumps(json_safe({"epsilon": float("inf"), "x": [float("nan"), float("-inf")], "ok": 1.5}))
-    assert _strict(text) == {"epsilon": "inf", "x": [None, "-inf"], "ok": 1.5}
+    text = json.dumps(strict_json({"epsilon": float("inf"), "x": [float("nan"), float("-inf")], "ok": 1.5}))
+    assert _strict(text) == {"epsilon": "inf", "x": ["nan", "-inf"], "ok": 1.5}
     assert float(_strict(text)["epsilon"]) == float("inf")
 
 
@@ -95,3 +96,14 @@ def test_a_quiet_non_private_cli_run_on_user_data_says_everything_it_used_to_hid
     result = _strict(out.read_text())            # strict JSON: no Infinity
     assert result["epsilon"] == "inf" and result["task"] is None
     assert "sentence" in result["verdict"] and result["verdict"]["total"] == 16
+
+
+def test_every_json_file_the_command_line_writes_is_strict_json(tmp_path):
+    """``--json PATH`` (bench, train, plan, ...) once wrote ``NaN`` for the ratios a one-method bench lacks, which
+    ``jq`` and JavaScript's ``JSON.parse`` refuse."""
+    from toolkit.cli import write_json
+
+    write_json([{"memory_vs_dp_zo": float("nan"), "epsilon": float("inf"), "steps": 3}], str(tmp_path / "r.json"))
+    text = (tmp_path / "r.json").read_text()
+    rows = json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} is not JSON"))
+    assert rows == [{"memory_vs_dp_zo": "nan", "epsilon": "inf", "steps": 3}]

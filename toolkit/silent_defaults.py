@@ -1,18 +1,13 @@
-"""What the toolkit used to do silently, said out loud (issue 22): notes on ignored settings, JSON-safe numbers.
-
-* :func:`silent_default_notes`: settings a run accepts but does not use (ε or δ given to a non-private run);
-* :func:`json_safe`: a result made strict JSON: ``inf`` becomes the string ``"inf"`` (``float("inf")`` reads it
-  back), NaN becomes ``null``; Python's ``json`` would otherwise write ``Infinity`` / ``NaN``, which JSON does not
-  allow and strict readers (``jq``, JavaScript's ``JSON.parse``) refuse.
+"""What the toolkit used to do silently, said out loud (issue 22): notes on settings a run accepts but does not
+use (ε or δ given to a non-private run). Strict JSON numbers are :func:`toolkit.vocabulary.strict_json`.
 
 Example::
 
-    >>> json_safe({"epsilon": float("inf"), "loss": float("nan"), "steps": [1, 2.5]})
-    {'epsilon': 'inf', 'loss': None, 'steps': [1, 2.5]}
+    >>> from toolkit.config import TrainConfig
+    >>> silent_default_notes(TrainConfig(method="non-private", delta=1e-6))[0][:34]
+    "delta=1e-06 is ignored: method 'no"
 """
 from __future__ import annotations
-
-import math
 
 from toolkit.config import TrainConfig
 
@@ -30,17 +25,3 @@ def silent_default_notes(config: TrainConfig, given=None) -> list[str]:
                          "(no clipping, no noise, no guarantee); choose dp-sgd, dual-priv or dp-zo for a private run")
     return notes
 
-
-def json_safe(value):
-    """``value`` with every non-finite float replaced: ±inf by ``"inf"`` / ``"-inf"``, NaN by None."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

@@ -86,3 +86,18 @@ def epsilon_to_json(value):
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
+
+
+def strict_json(value):
+    """``value`` with every non-finite float, also inside dicts, lists and tuples, spelled as :func:`epsilon_to_json`
+    does, and dict keys as strings: what every JSON the toolkit writes goes through, since Python's ``json`` would
+    write ``Infinity`` / ``NaN``, which strict readers (``jq``, JavaScript's ``JSON.parse``) refuse.
+
+    >>> strict_json({"epsilon": float("inf"), "loss": float("nan"), 1: [2.5, float("-inf")]})
+    {'epsilon': 'inf', 'loss': 'nan', '1': [2.5, '-inf']}
+    """
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return epsilon_to_json(value)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from toolkit.validation import check_writable_file
+from toolkit.vocabulary import strict_json
 
 _SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
 MODULES = ("info", "warmstart", "tokens", "train", "plan", "predict", "bench", "sweep", "audit")
@@ -34,7 +35,7 @@ def subcommand(name: str, help: str):
 def write_json(result, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2, default=str))
+        Path(path).write_text(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False))
 
 
 def build_parser() -> argparse.ArgumentParser:

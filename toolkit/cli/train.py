@@ -25,11 +25,11 @@ from toolkit.cli import subcommand
 from toolkit.config import TrainConfig
 from toolkit.distributed import context, shutdown
 from toolkit.plan import plan
-from toolkit.silent_defaults import json_safe, silent_default_notes
+from toolkit.silent_defaults import silent_default_notes
 from toolkit.train import train
 from toolkit.validation import check_output_dir
 from toolkit.schema import choices_of, groups
-from toolkit.vocabulary import INFINITY_WORDS, parse_epsilon
+from toolkit.vocabulary import INFINITY_WORDS, parse_epsilon, strict_json
 
 # Fields holding a path: in a config file they are relative to the file's folder.
 PATH_FIELDS = ("model_dir", "train_data", "eval_data", "image_folder", "output_dir", "checkpoint_path", "resume_from")
@@ -154,7 +154,7 @@ def run(args) -> dict:
     if not ctx.is_main:  # data-parallel: rank 0 alone reports ε and writes the JSON
         args.json = None
         shutdown(ctx)
-        return json_safe(summary)
+        return strict_json(summary)
     if result.eval_answers is not None:
         summary["eval_predictions"] = [
             dict(id=r, prediction=p, correct=c)
@@ -167,11 +167,11 @@ def run(args) -> dict:
                                          "visual_tokens", "output_dir")}
     if ctx.enabled:
         shown["world_size"] = ctx.world_size
-    print(json.dumps(json_safe({k: v for k, v in shown.items() if v is not None}), indent=2, default=str))
+    print(json.dumps(strict_json({k: v for k, v in shown.items() if v is not None}), indent=2, default=str))
     if summary.get("verdict"):
         print(summary["verdict"]["sentence"])
     shutdown(ctx)
-    return json_safe(summary)
+    return strict_json(summary)
 
 
 @run.configure

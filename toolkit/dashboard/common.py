@@ -20,7 +20,7 @@ import gradio as gr
 import pandas as pd
 
 from toolkit.validation import check_choice, check_fraction, check_int, check_number, parse_number
-from toolkit.vocabulary import METHOD_LABELS, METHODS, PRIVACY_UNIT, epsilon_to_json, format_epsilon, is_private
+from toolkit.vocabulary import METHOD_LABELS, METHODS, PRIVACY_UNIT, format_epsilon, is_private, strict_json
 
 APP_PRIVACY_UNIT = f"{PRIVACY_UNIT} of the embedded data"
 METHOD_CHOICES = [(METHOD_LABELS[m], m) for m in METHODS]  # (label shown, value passed)
@@ -212,15 +212,6 @@ def public_table(table: pd.DataFrame) -> pd.DataFrame:
         if column in out:
             out[column] = out[column].astype(object).where(~private, None)
     return out
-
-
-def json_safe(value):
-    """Replace inf/nan (invalid in strict JSON) by strings, recursively (keys become strings)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return epsilon_to_json(value)
 
 
 # ------------------------------------------------------------------------------------------------ UI values

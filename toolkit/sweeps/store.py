@@ -30,7 +30,7 @@ import pandas as pd
 
 from toolkit.sweeps.plan import CONFIG_FIELDS
 from toolkit.validation import check_writable_file
-from toolkit.vocabulary import epsilon_to_json
+from toolkit.vocabulary import strict_json
 
 META_COLUMNS = ("cell_id", "sweep", "cell", "label")
 RESULT_COLUMNS = (
@@ -45,17 +45,6 @@ _CELL_ID = re.compile(r"[0-9A-Za-z_-]+")
 
 class CorruptResultError(ValueError):
     """A file in a results folder that is not a readable result; the message names the file and the fix."""
-
-
-def _strict(value):
-    """``value`` with every non-finite float (also inside lists and dicts) spelled as strict JSON allows."""
-    if isinstance(value, float):
-        return epsilon_to_json(value)
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -81,7 +70,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     """Write ``data`` as strict JSON (non-finite floats as strings) to ``path`` with :func:`write_text_atomic`."""
-    text = json.dumps(_strict(data), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+    text = json.dumps(strict_json(data), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
     return write_text_atomic(path, text)
 
 
@@ -190,6 +179,6 @@ def export_csv(results: pd.DataFrame | str | os.PathLike, path: str | os.PathLik
     table = df.copy()
     for column in table.columns:
         if table[column].dtype == object:
-            table[column] = [json.dumps(_strict(v), ensure_ascii=False) if isinstance(v, (dict, list, tuple)) else v
+            table[column] = [json.dumps(strict_json(v), ensure_ascii=False) if isinstance(v, (dict, list, tuple)) else v
                              for v in table[column]]
     return write_text_atomic(path, table.to_csv(index=False, lineterminator="\n"))

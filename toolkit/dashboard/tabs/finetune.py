@@ -25,7 +25,7 @@ from toolkit.dashboard import jobs, model, reference
 from toolkit.dashboard.budget import AUTO_STRATEGY, budget_controls, token_budget
 from toolkit.dashboard.common import (
     APP_PRIVACY_UNIT, GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, WITHHELD_TEXT, WITHHELD_WHY,
-    AppSettings, InputError, format_value, json_safe, message_html, progress_html, public_summary, routed,
+    AppSettings, InputError, format_value, message_html, progress_html, public_summary, routed,
     ui_batch_size, ui_choice, ui_fraction, ui_number, ui_steps, warn,
 )
 from toolkit.dashboard.planning import plan_html
@@ -34,7 +34,7 @@ from toolkit.methods import get_method, method_names
 from toolkit.tokens import STRATEGIES
 from toolkit.train import TrainConfig, train
 from toolkit.viz import training_curve_figure
-from toolkit.vocabulary import METHOD_LABELS, format_epsilon, is_private
+from toolkit.vocabulary import METHOD_LABELS, format_epsilon, is_private, strict_json
 
 HELP = dict(
     method=("Non-private: no noise (ε = ∞). DP-SGD: per-example clipping + Gaussian noise, every visual token. "
@@ -176,7 +176,7 @@ def write_settings(settings: AppSettings, summary: dict, history: pd.DataFrame) 
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=settings.results_dir()))
     path = folder / f"dualpriv-{summary['method']}-settings.json"
     record = public_summary(dict(summary, history=history.to_dict(orient="records"), privacy_unit=APP_PRIVACY_UNIT))
-    path.write_text(json.dumps(json_safe(record), indent=2, default=str))
+    path.write_text(json.dumps(strict_json(record), indent=2, default=str))
     return str(path)
 
 
@@ -274,7 +274,7 @@ def finetune(settings: AppSettings, method, epsilon, delta, budget_mode, token_p
         return dict(status=status,
                     curve=training_curve_figure(result.history if len(result.history) else rows, target),
                     verdict=comparison_html(config, summary, ref_entry, ref_note, shown["read"]),
-                    result=result_markdown(summary, job.reason), settings=json_safe(public_summary(summary)),
+                    result=result_markdown(summary, job.reason), settings=strict_json(public_summary(summary)),
                     download=shown["path"])
 
     def on_event(kind: str, value) -> None:
