@@ -66,10 +66,10 @@ def direct_route(tokens: int, d_in: int, d_out: int) -> bool:
 
 
 def linear_norms_sq(activation: torch.Tensor, output_grad: torch.Tensor, weight: bool, bias: bool,
-                    dtype: torch.dtype, budget: int = CHUNK_BYTES) -> torch.Tensor:
+                    dtype: torch.dtype, budget: int = CHUNK_BYTES, direct: bool | None = None) -> torch.Tensor:
     """Per-example ``‖∂L_i/∂W‖² (+ ‖∂L_i/∂b‖²)`` of an nn.Linear from its input and output gradient, in ``dtype``,
     a chunk of examples at a time (:func:`example_chunks`): each example's gradient ``G_iᵀA_i`` itself where
-    :func:`direct_route` says so, otherwise the ghost norm ``Σ (A_iA_iᵀ)⊙(G_iG_iᵀ)``.
+    :func:`direct_route` says so (or ``direct``, when given), otherwise the ghost norm ``Σ (A_iA_iᵀ)⊙(G_iG_iᵀ)``.
 
     >>> a, g = torch.randn(3, 5, 3), torch.randn(3, 5, 4)
     >>> direct = torch.einsum("bto,bti->boi", g, a).pow(2).sum((1, 2))
@@ -79,7 +79,7 @@ def linear_norms_sq(activation: torch.Tensor, output_grad: torch.Tensor, weight:
     a, g = tokens_view(activation), tokens_view(output_grad)
     batch, tokens, d_in = a.shape
     d_out = g.shape[2]
-    ghost = not direct_route(tokens, d_in, d_out)
+    ghost = not (direct_route(tokens, d_in, d_out) if direct is None else direct)
     products = (2 * tokens * tokens if ghost else d_out * d_in) if weight else 0
     per_example = itemsize(dtype) * (tokens * (d_in + d_out) + products)
     total = torch.zeros(batch, dtype=dtype, device=a.device)
