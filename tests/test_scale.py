@@ -499,3 +499,42 @@ def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():
     assert ffa["trainable_params"] < adam["trainable_params"]
     table = bench.run_bench(methods=("dual-priv",), preset="tiny", batch_size=2, steps=3, isolate=False, optimizer="sgd")
     assert table.iloc[0]["optimizer"] == "sgd"   # the table (and its JSON) says what was measured
+
+
+def _children_alive() -> int:
+    """Processes whose parent is this one (Linux /proc): the isolated bench worker while it runs."""
+    import os
+    from pathlib import Path
+
+    alive = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:   # the process ended while it was read
+            continue
+        alive += fields.get("PPid", "").strip() == str(os.getpid())
+    return alive
+
+
+def test_the_isolated_bench_tells_each_phase_while_its_worker_still_runs():
+    """At the 7B shape on a CPU one step takes minutes and a method an hour: the bench says which phase it is in as
+    it starts (model built, warm-up, peak-memory and timed steps), from inside the worker, not when it ends."""
+    import toolkit.bench as bench
+
+    told = []
+    table = bench.run_bench(methods=("dual-priv",), preset="tiny", batch_size=2, steps=4, isolate=True,
+                            on_phase=lambda method, text: told.append((method, text, _children_alive())))
+    assert [text for _, text, _ in told] == [
+        told[0][1], "step 1 of 4 (warm-up)", "step 2 of 4 (peak memory)", "step 3 of 4 (timed)",
+        "step 4 of 4 (timed)"]
+    assert told[0][1].startswith("model built (2 LM / 3 vision layers")
+    assert {method for method, _, _ in told} == {"dual-priv"}
+    assert all(alive >= 1 for _, _, alive in told)   # told while the worker ran, not after
+    assert table.iloc[0]["peak_memory_mb"] > 0
+
+
+def test_a_failing_bench_worker_raises_with_its_own_error_message():
+    import toolkit.bench as bench
+
+    with pytest.raises(RuntimeError, match="benchmark of dual-priv failed:(.|\n)*no-such-preset"):
+        bench.run_bench(methods=("dual-priv",), preset="no-such-preset", batch_size=2, steps=3, isolate=True)

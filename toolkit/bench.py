@@ -25,6 +25,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections import deque
 from typing import Callable
 
 import pandas as pd
@@ -46,6 +48,8 @@ COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "tokens_p
            "throughput_vs_non_private", "trainable_params", "tokens_per_step", "batch_size", "preset", "lm_layers",
            "vision_layers", "dtype", "trainable_dtype", "activation_checkpointing", "tower_in_step", "optimizer", "lora_variant",
            "memory_method", "device"]
+# a line of the isolated worker's stderr that starts with this is a phase of its measurement, not a message
+PHASE_PREFIX = "[bench phase] "
 
 
 def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
@@ -54,10 +58,13 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                    grad_sample_mode: str = "hooks", prune_tokens_for_all: bool = False, tower_in_step: bool = True,
                    seed: int = 0, device: str = "auto", dtype: str = "auto", lm_layers: int | None = None,
                    vision_layers: int | None = None, activation_checkpointing: bool = False,
-                   optimizer: str = "adam", lora_variant: str = "standard", trainable_dtype: str = "float32") -> dict:
+                   optimizer: str = "adam", lora_variant: str = "standard", trainable_dtype: str = "float32",
+                   on_phase: Callable[[str], None] | None = None) -> dict:
     """Measure one method in this process; returns one record of the table. ``optimizer``, ``lora_variant`` and
     ``trainable_dtype`` are the run's (``TrainConfig``): Adam's two moments, LoRA's A matrices and fp32 trained
-    weights are part of a method's memory."""
+    weights are part of a method's memory. ``on_phase(text)`` is told each phase as it starts (model built,
+    warm-up, profiled and timed steps): at the 7B shape on a CPU one step takes minutes."""
+    phase = on_phase or (lambda text: None)
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (warm-up, profiled, timed), got {steps}")
     prune = method == "dual-priv" or prune_tokens_for_all
@@ -73,6 +80,8 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
     # weights do not change memory or time: random ones, no warm start, created on the device in the dtype
     bundle = build_model(preset, seed=seed, dtype=torch_dtype, lm_layers=lm_layers, vision_layers=vision_layers,
                          device=device)
+    phase(f"model built ({bundle.info['lm_layers']} LM / {bundle.info['vision_layers']} vision layers, "
+          f"{str(torch_dtype).split('.')[-1]}, {device})")
     torch.manual_seed(seed)
     n_trainable = apply_trainable(bundle, config.trainable, config.lora_rank, lora_variant=config.lora_variant)
     cast_for_training(bundle.model, torch_dtype, config.trainable_dtype)
@@ -92,11 +101,14 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
         feats = pruner(tower_hidden_states(bundle, pixels)).features if tower_in_step else cached
         return answer_losses(stepper.module, feats, batch)
 
-    stepper.step(losses)  # warm-up
+    phase(f"step 1 of {steps} (warm-up)")
+    stepper.step(losses)
     baseline = live_training_tensors(bundle.model, getattr(stepper, "optimizer", None)) + [pixels]
+    phase(f"step 2 of {steps} (peak memory)")
     peak = measure_peak(lambda: stepper.step(losses), baseline, device=device)
     timer = StepTimer(skip=0, device=device)
-    for _ in range(steps - 2):
+    for step in range(3, steps + 1):
+        phase(f"step {step} of {steps} (timed)")
         timer.time(lambda: stepper.step(losses))
     tokens = int(batch["attention_mask"].sum())
     spec = bundle.info
@@ -111,13 +123,25 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                 memory_method=peak.method, device=str(device))
 
 
-def _measure_isolated(kwargs: dict) -> dict:
+def _measure_isolated(kwargs: dict, on_phase: Callable[[str], None] | None = None) -> dict:
+    """One method in a fresh subprocess; its phase lines are passed on as they come, the rest kept for an error."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, "-m", "toolkit.bench", json.dumps(kwargs)], capture_output=True,
-                          text=True, env=env)
+    tail: deque[str] = deque(maxlen=200)
+    # stdout to a file: whatever else the child prints there cannot fill a pipe while stderr is read
+    with tempfile.TemporaryFile("w+") as out:
+        with subprocess.Popen([sys.executable, "-m", "toolkit.bench", json.dumps(kwargs)], stdout=out,
+                              stderr=subprocess.PIPE, text=True, env=env) as proc:
+            for line in proc.stderr:
+                if line.startswith(PHASE_PREFIX):
+                    if on_phase is not None:
+                        on_phase(line[len(PHASE_PREFIX):].rstrip("\n"))
+                else:
+                    tail.append(line)
+        out.seek(0)
+        printed = out.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of {kwargs['method']} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"benchmark of {kwargs['method']} failed:\n{''.join(tail)[-2000:]}")
+    return json.loads(printed.strip().splitlines()[-1])
 
 
 def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
@@ -161,10 +185,12 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
               progress: Callable[[str, int, int], None] | None = None, device: str = "auto", dtype: str = "auto",
               lm_layers: int | None = None, vision_layers: int | None = None,
               activation_checkpointing: bool | None = None, optimizer: str | None = None,
-              lora_variant: str = "standard", trainable_dtype: str | None = None) -> pd.DataFrame:
+              lora_variant: str = "standard", trainable_dtype: str | None = None,
+              on_phase: Callable[[str, str], None] | None = None) -> pd.DataFrame:
     """Measure every method on the same model and batch; one row per method, with ratios.
 
-    ``progress(method, index, total)`` is called before each method (the dashboard uses it).
+    ``progress(method, index, total)`` is called before each method (the dashboard uses it), ``on_phase(method,
+    text)`` at each phase of its measurement (the command line prints it: a 7B-shape step takes minutes on a CPU).
     ``activation_checkpointing`` / ``grad_sample_mode`` / ``optimizer`` = None: :func:`bench_defaults` of the preset
     (``llava-7b-shape``: checkpointing on, ghost-fp32 clipping, SGD with momentum; else off / ``hooks`` / Adam).
     """
@@ -194,7 +220,8 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
                       dtype=dtype, lm_layers=lm_layers, vision_layers=vision_layers,
                       activation_checkpointing=activation_checkpointing, optimizer=optimizer,
                       lora_variant=lora_variant, trainable_dtype=trainable_dtype)
-        rows.append(_measure_isolated(kwargs) if isolate else measure_method(**kwargs))
+        tell = None if on_phase is None else (lambda text, method=method: on_phase(method, text))
+        rows.append(_measure_isolated(kwargs, tell) if isolate else measure_method(**kwargs, on_phase=tell))
     return add_ratios(pd.DataFrame(rows))
 
 
@@ -204,5 +231,9 @@ def format_table(table: pd.DataFrame) -> str:
     return table[[c for c in shown if c in table.columns]].to_string(index=False)
 
 
-if __name__ == "__main__":  # worker mode for isolate=True: one method, one JSON line on stdout
-    print(json.dumps(measure_method(**json.loads(sys.argv[1]))))
+def _tell_parent(text: str) -> None:
+    print(PHASE_PREFIX + text, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # worker mode for isolate=True: one method, one JSON line on stdout, phases on stderr
+    print(json.dumps(measure_method(**json.loads(sys.argv[1]), on_phase=_tell_parent)))

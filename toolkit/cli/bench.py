@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 from toolkit.cli import subcommand
 from toolkit.config import LORA_VARIANTS, OPTIMIZERS
@@ -17,6 +19,11 @@ def run(args) -> list[dict]:
     defaults = bench_defaults(args.preset)
     trainable = args.trainable or defaults["trainable"]
     keep_tokens = args.keep_tokens if args.keep_tokens is not None else defaults["keep_tokens"]
+    started = time.perf_counter()
+
+    def tell(method: str, text: str) -> None:   # stderr: stdout holds the table (and --json's rows)
+        print(f"[{time.perf_counter() - started:7.0f} s] {method}: {text}", file=sys.stderr, flush=True)
+
     table = run_bench(methods=methods, preset=args.preset, batch_size=args.batch_size, steps=args.steps,
                       token_strategy=args.token_strategy, keep_tokens=keep_tokens,
                       token_prune_ratio=None if keep_tokens else args.token_prune_ratio,
@@ -24,7 +31,8 @@ def run(args) -> list[dict]:
                       grad_sample_mode=args.grad_sample_mode, tower_in_step=not args.cached_features,
                       isolate=not args.in_process, device=args.device, dtype=args.dtype, lm_layers=args.lm_layers,
                       vision_layers=args.vision_layers, activation_checkpointing=args.activation_checkpointing,
-                      optimizer=args.optimizer, lora_variant=args.lora_variant, trainable_dtype=args.trainable_dtype)
+                      optimizer=args.optimizer, lora_variant=args.lora_variant, trainable_dtype=args.trainable_dtype,
+                      progress=lambda method, i, n: tell(method, f"method {i + 1} of {n}"), on_phase=tell)
     print(format_table(table))
     first = table.iloc[0]
     backward = table[table["method"] != "dp-zo"]   # DP-ZO's update has no inner optimizer
