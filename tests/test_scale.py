@@ -499,6 +499,7 @@ def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():
     assert ffa["trainable_params"] < adam["trainable_params"]
     table = bench.run_bench(methods=("dual-priv",), preset="tiny", batch_size=2, steps=3, isolate=False, optimizer="sgd")
     assert table.iloc[0]["optimizer"] == "sgd"   # the table (and its JSON) says what was measured
+    assert table.iloc[0]["grad_sample_mode"] == "hooks"   # the clipping mode moves memory and time as much
 
 
 def _children_alive() -> int:

@@ -47,7 +47,7 @@ COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "tokens_p
            "memory_vs_dp_zo", "memory_vs_non_private", "time_vs_dp_sgd", "time_vs_non_private",
            "throughput_vs_non_private", "trainable_params", "tokens_per_step", "batch_size", "preset", "lm_layers",
            "vision_layers", "dtype", "trainable_dtype", "activation_checkpointing", "tower_in_step", "optimizer", "lora_variant",
-           "memory_method", "device"]
+           "grad_sample_mode", "memory_method", "device"]
 # a line of the isolated worker's stderr that starts with this is a phase of its measurement, not a message
 PHASE_PREFIX = "[bench phase] "
 
