@@ -3,11 +3,14 @@ noise draw, one step, one accountant step), logits only at the answer positions,
 per-example gradients, the LLaVA-1.5-7B-shaped preset (meta device only), and the config's checks."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+import toolkit.bench as bench
 from toolkit.checkpoint import load_checkpoint
 from toolkit.config import TrainConfig
 from toolkit.data import Collator, make_vqa, preprocess_images
@@ -472,8 +475,6 @@ def test_a_rank_with_an_empty_share_contributes_a_zero_clipped_sum():
 def test_llava_7b_shape_bench_uses_the_lean_settings_without_flags(monkeypatch):
     """The 7B-shape preset's bench defaults are activation checkpointing, ghost-fp32 clipping and SGD with momentum,
     with trained weights in fp32 as training keeps them; other presets stay off / hooks / Adam; a flag overrides."""
-    import toolkit.bench as bench
-
     seen = []
     monkeypatch.setattr(bench, "measure_method", lambda **kw: seen.append(
         (kw["activation_checkpointing"], kw["grad_sample_mode"], kw["optimizer"], kw["trainable_dtype"])) or dict(
@@ -489,8 +490,6 @@ def test_llava_7b_shape_bench_uses_the_lean_settings_without_flags(monkeypatch):
 def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():
     """Adam's two moments and LoRA's A matrices are part of a method's memory: the bench trains what it is told
     (SGD with momentum holds one moment, FFA-LoRA trains fewer parameters) and says so in its row."""
-    import toolkit.bench as bench
-
     rows = {(o, v): bench.measure_method("dual-priv", preset="tiny", batch_size=2, steps=3, optimizer=o, lora_variant=v)
             for o, v in (("adam", "standard"), ("sgd", "standard"), ("adam", "ffa"))}
     adam, sgd, ffa = rows[("adam", "standard")], rows[("sgd", "standard")], rows[("adam", "ffa")]
@@ -504,9 +503,6 @@ def test_the_bench_measures_the_optimizer_and_lora_variant_it_is_given():
 
 def _children_alive() -> int:
     """Processes whose parent is this one (Linux /proc): the isolated bench worker while it runs."""
-    import os
-    from pathlib import Path
-
     alive = 0
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -520,9 +516,8 @@ def _children_alive() -> int:
 def test_the_isolated_bench_tells_each_phase_while_its_worker_still_runs():
     """At the 7B shape on a CPU one step takes minutes and a method an hour: the bench says which phase it is in as
     it starts (model built, warm-up, peak-memory and timed steps), from inside the worker, not when it ends."""
-    import toolkit.bench as bench
-
     told = []
+    before = _children_alive()    # a child left by another test must not pass for the worker
     table = bench.run_bench(methods=("dual-priv",), preset="tiny", batch_size=2, steps=4, isolate=True,
                             on_phase=lambda method, text: told.append((method, text, _children_alive())))
     assert [text for _, text, _ in told] == [
@@ -530,12 +525,10 @@ def test_the_isolated_bench_tells_each_phase_while_its_worker_still_runs():
         "step 4 of 4 (timed)"]
     assert told[0][1].startswith("model built (2 LM / 3 vision layers")
     assert {method for method, _, _ in told} == {"dual-priv"}
-    assert all(alive >= 1 for _, _, alive in told)   # told while the worker ran, not after
+    assert all(alive > before for _, _, alive in told)   # told while the worker ran, not after
     assert table.iloc[0]["peak_memory_mb"] > 0
 
 
 def test_a_failing_bench_worker_raises_with_its_own_error_message():
-    import toolkit.bench as bench
-
     with pytest.raises(RuntimeError, match="benchmark of dual-priv failed:(.|\n)*no-such-preset"):
         bench.run_bench(methods=("dual-priv",), preset="no-such-preset", batch_size=2, steps=3, isolate=True)

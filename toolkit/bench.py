@@ -77,11 +77,12 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
                          lora_variant=lora_variant, trainable_dtype=trainable_dtype).resolved()
     device = resolve_device(config)
     torch_dtype = resolve_dtype(config.dtype, device)
+    dtype_name = str(torch_dtype).split(".")[-1]
     # weights do not change memory or time: random ones, no warm start, created on the device in the dtype
     bundle = build_model(preset, seed=seed, dtype=torch_dtype, lm_layers=lm_layers, vision_layers=vision_layers,
                          device=device)
     phase(f"model built ({bundle.info['lm_layers']} LM / {bundle.info['vision_layers']} vision layers, "
-          f"{str(torch_dtype).split('.')[-1]}, {device})")
+          f"{dtype_name}, {device})")
     torch.manual_seed(seed)
     n_trainable = apply_trainable(bundle, config.trainable, config.lora_rank, lora_variant=config.lora_variant)
     cast_for_training(bundle.model, torch_dtype, config.trainable_dtype)
@@ -115,7 +116,7 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
     return dict(method=method, visual_tokens=pruner.n_out, peak_memory_mb=round(peak.peak_mb, 2),
                 step_time_s=round(timer.median, 4), tokens_per_s=round(tokens / timer.median, 2),
                 trainable_params=n_trainable, tokens_per_step=tokens, batch_size=batch_size, preset=preset,
-                lm_layers=spec["lm_layers"], vision_layers=spec["vision_layers"], dtype=str(torch_dtype).split(".")[-1],
+                lm_layers=spec["lm_layers"], vision_layers=spec["vision_layers"], dtype=dtype_name,
                 activation_checkpointing=activation_checkpointing, tower_in_step=tower_in_step,
                 optimizer=config.optimizer if method != "dp-zo" else "zo-sgd", lora_variant=config.lora_variant,
                 trainable_dtype=config.trainable_dtype,
