@@ -93,18 +93,30 @@ def _report_cell(event: dict) -> None:
         print(f"FAILED {event['label']}: {event['error']}", flush=True)
 
 
+def _report_steps(row: dict) -> None:
+    """A cell takes 10-60 min on one core: say where it is at every tenth of its steps (public counts only)."""
+    step, steps = row["step"], row["steps"]
+    if step % max(1, steps // 10) == 0 or step == steps:
+        print(f"  step {step} of {steps}", flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
+
+    def run(sweep) -> None:     # every stage: resumable, a failed cell reported and retried by the next run
+        run_sweep(sweep, out, progress=False, callback=_report_cell, step_callback=_report_steps,
+                  on_error="continue", shard=args.shard)
+
     tuning = named_sweep("update-masks", task=args.tune_task)   # $DUALPRIV_QUICK shrinks every stage
     if args.stage in ("tune", "all"):
-        run_sweep(tuning, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+        run(tuning)
     budgets, ranks = named_sweep("dual-priv-budgets", task=args.tune_task), named_sweep("dp-lora-ranks", task=args.tune_task)
     if args.stage in ("budgets", "all"):
-        run_sweep(budgets, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+        run(budgets)
     if args.stage in ("ranks", "all"):
-        run_sweep(ranks, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+        run(ranks)
     if args.stage in ("tune", "budgets", "ranks"):
         return
     if args.chosen_from is not None:
@@ -128,7 +140,7 @@ def main(argv=None) -> None:
     for task in args.tasks:
         sweep = test_sweep(chosen, task)
         if args.stage in ("test", "all"):
-            run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+            run(sweep)
         results = sweep_results(sweep, out)
         if results.empty and task in report["tasks"]:
             print(f"{task}: no results in {out}; the table from {args.chosen_from} is kept")
@@ -140,7 +152,7 @@ def main(argv=None) -> None:
     for key, recipe, task in ceilings:
         sweep = ceiling_sweep(task, recipe=recipe)
         if args.stage in ("test", "ceiling", "all"):
-            run_sweep(sweep, out, progress=False, callback=_report_cell, on_error="continue", shard=args.shard)
+            run(sweep)
         results = sweep_results(sweep, out)
         if results.empty and task in report.get(key, {}):
             continue

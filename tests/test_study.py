@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -124,7 +125,9 @@ def test_the_study_script_runs_every_stage_and_resumes(tmp_path, monkeypatch, ca
     assert all(row["epsilon"] == 3.0 and row["seeds"] == 1 for row in report["tasks"]["parity"])
     assert len(report["budgets"]) == 2 and len(report["ranks"]) == 2          # the validation ablations
     assert report["ceilings"]["parity"]["seeds"] == 1                          # non-private on the same recipe
-    assert "s/step" in capsys.readouterr().out                                  # a trained cell is reported
+    printed = capsys.readouterr().out
+    assert "s/step" in printed                                                  # a trained cell is reported
+    assert re.search(r"^  step (\d+) of \1$", printed, re.M)                   # and where a running one is
     study.main(["--out", str(out), "--tasks", "parity"])                        # resumes: nothing new trains
     assert "s/step" not in capsys.readouterr().out
 
