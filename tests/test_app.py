@@ -717,6 +717,31 @@ def test_memory_is_measured_repeatedly_and_shown_with_its_spread(settings):
     assert jobs.running_job("local") is None
 
 
+def test_memory_status_says_which_phase_the_method_being_measured_is_in(settings, monkeypatch):
+    """At the 7B shape one method runs for minutes: the status names its phase (model built, warm-up, the
+    peak-memory step, timed steps) while it runs. The real bench runs; its worker is held at the peak-memory phase
+    until the page has shown it, so the test does not depend on how fast this machine is."""
+    shown = threading.Event()
+    real_bench = memory.run_bench
+
+    def held_bench(on_phase, **kwargs):
+        def tell(method, text):
+            on_phase(method, text)
+            if "peak memory" in text:
+                shown.wait(timeout=60)
+        return real_bench(on_phase=tell, **kwargs)
+
+    monkeypatch.setattr(memory, "run_bench", held_bench)
+    statuses = []
+    for update in memory.memory(settings, ["dual-priv"], 2, 3, "dual-priv", BUDGET_RATIO, 0.75, 16, 0.2,
+                                preset="tiny"):
+        statuses.append(html.unescape(update["status"]))
+        if "measuring dual-priv on tiny" in statuses[-1] and "step 2 of 3 (peak memory)" in statuses[-1]:
+            shown.set()
+    assert shown.is_set(), statuses
+    assert "measured 1 method(s)" in statuses[-1]
+
+
 def test_memory_offers_presets_by_what_exists_and_the_paper_budget_on_576_tokens():
     assert memory.memory_presets(cuda=False)[:2] == ["tiny", "llava576"]
     assert "llava-7b-shape" not in memory.memory_presets(cuda=False)  # shape-only: only with a GPU

@@ -168,7 +168,8 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
                   grad_prune_ratio=grad_ratio, isolate=settings.bench_isolate,
                   trainable=bench_defaults(preset)["trainable"])  # a shape-only preset's own (LoRA, as in the paper)
     where = "each in a fresh subprocess" if settings.bench_isolate else "in the app's process"
-    current: list = []  # the (method, index, total) being measured
+    current: list = []  # the (method, index, total, repeat) being measured
+    phases: dict = {}   # method -> the phase it is in (a 7B-shape method runs for minutes: say where it is)
 
     def work(job: jobs.Job):
         tables = []
@@ -179,17 +180,26 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
                 job.emit("method", (method, done, total, repeat + 1))
                 job.progress(done, total)
 
-            tables.append(run_bench(progress=progress, **kwargs))
+            tables.append(run_bench(progress=progress, on_phase=lambda method, text: job.emit("phase", (method, text)),
+                                    **kwargs))
         return summarize_repeats(tables)
 
     def render() -> dict:
         if not current:
             return dict(blank, status=message_html(f"Measuring {', '.join(chosen)} on {preset} ({where})…"))
         method, done, total, repeat = current[-1]
+        phase = f" · {phases[method]}" if method in phases else ""
         return dict(blank, status=progress_html(done, total, f"repeat {repeat}/{n_repeats}: measuring {method} on "
-                                                              f"{preset} ({where}) · {job.elapsed():.0f} s"))
+                                                              f"{preset} ({where}){phase} · {job.elapsed():.0f} s"))
 
-    outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=lambda kind, value: current.append(value),
+    def on_event(kind: str, value) -> None:
+        if kind == "method":
+            current.append(value)
+            phases.pop(value[0], None)      # a new repeat starts from its own first phase
+        elif kind == "phase":
+            phases[value[0]] = value[1]
+
+    outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=on_event,
                                      first_status=message_html(f"Measuring {', '.join(chosen)} on {preset} ({where})…"))
     failed = jobs.unfinished_html(outcome, job, "The measurement")
     if failed:
