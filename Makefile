@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 7860
-# torch is pinned and installed first, alone: an open range would pull a multi-GB CUDA build.
+# torch is pinned and installed first, alone, so the rest cannot pull another build; which build (CPU or CUDA)
+# is the configured index's: override TORCH to choose (README, "GPU installs").
 TORCH ?= torch==2.13.0
 
 .PHONY: install install-test warm-start app test test-fast chromium clean mutations gpu-bench gpu-bench-smoke gpu-wheels
