@@ -530,5 +530,29 @@ def test_the_isolated_bench_tells_each_phase_while_its_worker_still_runs():
 
 
 def test_a_failing_bench_worker_raises_with_its_own_error_message():
+    """What fails inside a worker (run_bench checks its arguments first; here the worker is called directly)."""
     with pytest.raises(RuntimeError, match="benchmark of dual-priv failed:(.|\n)*no-such-preset"):
-        bench.run_bench(methods=("dual-priv",), preset="no-such-preset", batch_size=2, steps=3, isolate=True)
+        bench._measure_isolated(dict(method="dual-priv", preset="no-such-preset", batch_size=2, steps=3))
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(steps=2), "steps must be an integer >= 3"),
+    (dict(preset="bogus"), "unknown preset 'bogus'"),
+    (dict(keep_tokens=1000), "larger than the 64 patches"),
+    (dict(token_prune_ratio=1.5), "token_prune_ratio must be in [0, 1)"),
+    (dict(grad_sample_mode="bogus"), "unknown grad_sample_mode 'bogus'"),
+    (dict(dtype="bogus"), "unknown dtype 'bogus'"),
+    (dict(vision_layers=1), "vision_layers must be an integer >= 2"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+])
+def test_the_bench_refuses_a_bad_argument_by_name_before_any_worker_starts(bad, words, monkeypatch):
+    """A bad argument is named at once, not by a worker's traceback after a model was built (an hour at 7B)."""
+    started = []
+    monkeypatch.setattr(bench, "_measure_isolated", lambda *a, **kw: started.append(a))
+    kwargs = dict(methods=("non-private", "dual-priv"), preset="tiny", batch_size=2, steps=3, isolate=True,
+                  keep_tokens=None, token_prune_ratio=0.75) | bad
+    if "keep_tokens" in bad:
+        kwargs["token_prune_ratio"] = None
+    with pytest.raises(ValueError) as err:
+        bench.run_bench(**kwargs)
+    assert words in str(err.value) and started == []

@@ -37,9 +37,11 @@ from toolkit.data import Collator, make_vqa, preprocess_images
 from toolkit.features import make_pruner_for
 from toolkit.forward import LlavaLM, answer_losses, tower_hidden_states
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
-from toolkit.models import PRESETS, apply_trainable, build_model, enable_activation_checkpointing
+from toolkit.models import (PRESETS, apply_trainable, build_model, enable_activation_checkpointing, preset_spec,
+                            spec_patches)
 from toolkit.optimizers import make_optimizer
 from toolkit.precision import cast_for_training, resolve_dtype
+from toolkit.tokens import resolve_keep
 from toolkit.vocabulary import METHODS
 
 DEFAULT_METHODS = METHODS
@@ -50,6 +52,31 @@ COLUMNS = ["method", "visual_tokens", "peak_memory_mb", "step_time_s", "tokens_p
            "grad_sample_mode", "memory_method", "device"]
 # a line of the isolated worker's stderr that starts with this is a phase of its measurement, not a message
 PHASE_PREFIX = "[bench phase] "
+
+
+def bench_config(method: str, *, preset: str, batch_size: int, steps: int, token_strategy: str,
+                 keep_tokens: int | None, token_prune_ratio: float | None, grad_prune_ratio: float, trainable: str,
+                 grad_sample_mode: str, prune_tokens_for_all: bool = False, seed: int = 0, device: str = "auto",
+                 dtype: str = "auto", lm_layers: int | None = None, vision_layers: int | None = None,
+                 activation_checkpointing: bool = False, optimizer: str = "adam", lora_variant: str = "standard",
+                 trainable_dtype: str = "float32") -> TrainConfig:
+    """The run one method's measurement stands for, with every argument checked (``ValueError`` naming it): the
+    bench checks them all before a model is built or a worker started, not an hour into the 7B shape."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 3:
+        raise ValueError(f"steps must be an integer >= 3 (warm-up, profiled, timed), got {steps!r}")
+    prune = method == "dual-priv" or prune_tokens_for_all
+    config = TrainConfig(method=method, preset=preset, steps=steps, expected_batch_size=batch_size,
+                         token_strategy=token_strategy if prune else "none", keep_tokens=keep_tokens,
+                         token_prune_ratio=token_prune_ratio if prune else None,
+                         grad_prune_ratio=grad_prune_ratio if method == "dual-priv" else 0.0,
+                         trainable=trainable, grad_sample_mode=grad_sample_mode, seed=seed, device=device,
+                         dtype=dtype, activation_checkpointing=activation_checkpointing, optimizer=optimizer,
+                         lora_variant=lora_variant, trainable_dtype=trainable_dtype).resolved()
+    spec = preset_spec(preset, lm_layers, vision_layers)
+    if prune:
+        resolve_keep(config.token_strategy, spec_patches(spec), config.keep_tokens, config.token_prune_ratio)
+    resolve_dtype(config.dtype, resolve_device(config))
+    return config
 
 
 def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps: int = 4,
@@ -65,16 +92,13 @@ def measure_method(method: str, preset: str = "tiny", batch_size: int = 8, steps
     weights are part of a method's memory. ``on_phase(text)`` is told each phase as it starts (model built,
     warm-up, profiled and timed steps): at the 7B shape on a CPU one step takes minutes."""
     phase = on_phase or (lambda text: None)
-    if steps < 3:
-        raise ValueError(f"steps must be >= 3 (warm-up, profiled, timed), got {steps}")
-    prune = method == "dual-priv" or prune_tokens_for_all
-    config = TrainConfig(method=method, preset=preset, steps=steps, expected_batch_size=batch_size,
-                         token_strategy=token_strategy if prune else "none", keep_tokens=keep_tokens,
-                         token_prune_ratio=token_prune_ratio if prune else None,
-                         grad_prune_ratio=grad_prune_ratio if method == "dual-priv" else 0.0,
-                         trainable=trainable, grad_sample_mode=grad_sample_mode, seed=seed, device=device,
-                         dtype=dtype, activation_checkpointing=activation_checkpointing, optimizer=optimizer,
-                         lora_variant=lora_variant, trainable_dtype=trainable_dtype).resolved()
+    config = bench_config(method, preset=preset, batch_size=batch_size, steps=steps, token_strategy=token_strategy,
+                          keep_tokens=keep_tokens, token_prune_ratio=token_prune_ratio,
+                          grad_prune_ratio=grad_prune_ratio, trainable=trainable, grad_sample_mode=grad_sample_mode,
+                          prune_tokens_for_all=prune_tokens_for_all, seed=seed, device=device, dtype=dtype,
+                          lm_layers=lm_layers, vision_layers=vision_layers,
+                          activation_checkpointing=activation_checkpointing, optimizer=optimizer,
+                          lora_variant=lora_variant, trainable_dtype=trainable_dtype)
     device = resolve_device(config)
     torch_dtype = resolve_dtype(config.dtype, device)
     dtype_name = str(torch_dtype).split(".")[-1]
@@ -208,19 +232,21 @@ def run_bench(methods=DEFAULT_METHODS, preset: str = "tiny", batch_size: int = 8
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown}; choose among {DEFAULT_METHODS}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    shared = dict(preset=preset, batch_size=batch_size, steps=steps, token_strategy=token_strategy,
+                  keep_tokens=keep_tokens, token_prune_ratio=token_prune_ratio, grad_prune_ratio=grad_prune_ratio,
+                  trainable=trainable, grad_sample_mode=grad_sample_mode, prune_tokens_for_all=prune_tokens_for_all,
+                  device=device, dtype=dtype, lm_layers=lm_layers, vision_layers=vision_layers,
+                  activation_checkpointing=activation_checkpointing, optimizer=optimizer, lora_variant=lora_variant,
+                  trainable_dtype=trainable_dtype)
+    for method in methods:      # every method's arguments, before the first one runs
+        bench_config(method, **shared)
     rows = []
     for i, method in enumerate(methods):
         if progress is not None:
             progress(method, i, len(methods))
-        kwargs = dict(method=method, preset=preset, batch_size=batch_size, steps=steps, token_strategy=token_strategy,
-                      keep_tokens=keep_tokens, token_prune_ratio=token_prune_ratio, grad_prune_ratio=grad_prune_ratio,
-                      trainable=trainable, grad_sample_mode=grad_sample_mode,
-                      prune_tokens_for_all=prune_tokens_for_all, tower_in_step=tower_in_step, device=device,
-                      dtype=dtype, lm_layers=lm_layers, vision_layers=vision_layers,
-                      activation_checkpointing=activation_checkpointing, optimizer=optimizer,
-                      lora_variant=lora_variant, trainable_dtype=trainable_dtype)
+        kwargs = dict(method=method, tower_in_step=tower_in_step, **shared)
         tell = None if on_phase is None else (lambda text, method=method: on_phase(method, text))
         rows.append(_measure_isolated(kwargs, tell) if isolate else measure_method(**kwargs, on_phase=tell))
     return add_ratios(pd.DataFrame(rows))

@@ -65,7 +65,8 @@ class TrainConfig:
     # privacy
     epsilon: float = setting(3.0, group="privacy", minimum=0, strict=True, allow_inf=True,
                              help="target ε ('inf' for no noise); only for private methods")
-    delta: float = setting(1e-5, group="privacy", minimum=0, maximum=1, strict=True, help="target δ")
+    delta: float = setting(1e-5, group="privacy", minimum=0, maximum=1, strict=True, below_maximum=True,
+                           help="target δ")
     max_grad_norm: float = setting(1.0, group="privacy", minimum=0, strict=True, help="clipping norm C")
     accountant: str = setting("prv", group="privacy", help="privacy accountant", choices=ACCOUNTANTS)
     sampling: str | None = setting(None, group="privacy", choices=SAMPLINGS,
@@ -94,7 +95,7 @@ class TrainConfig:
     token_strategy: str | None = setting(None, group="tokens", choices=lambda: tuple(STRATEGIES),
                                          help="visual token strategy; None: the method's default")
     keep_tokens: int | None = setting(None, group="tokens", minimum=1, help="visual tokens kept per image")
-    token_prune_ratio: float | None = setting(None, group="tokens", minimum=0, maximum=1,
+    token_prune_ratio: float | None = setting(None, group="tokens", minimum=0, maximum=1, below_maximum=True,
                                               help="share of visual tokens pruned (None with keep_tokens None: "
                                                    "0.75 for a pruning method)")
     token_layer: int | None = setting(None, group="tokens", help="vision layer whose attention scores tokens")
@@ -209,8 +210,6 @@ def check_config(c: TrainConfig, method_rules: bool = True) -> None:
     """Raise ``ValueError`` naming the first bad field of a resolved config: every field against its schema
     (choices, bounds), then the rules that tie fields together."""
     check_fields(c)
-    if c.delta >= 1:
-        raise ValueError(f"delta must be in (0, 1), got {c.delta!r}")
     if c.private and c.secure_mode and c.noise_seed is not None:
         raise ValueError("secure_mode draws every secret from fresh OS randomness: noise_seed must be None "
                          f"(got {c.noise_seed!r}; a seed would make the noise and batches re-creatable)")

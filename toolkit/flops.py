@@ -52,7 +52,7 @@ import pandas as pd
 
 from toolkit.data import TASKS, Collator
 from toolkit.methods import get_method
-from toolkit.models import PRESETS, build_tokenizer
+from toolkit.models import PRESETS, build_tokenizer, spec_patches
 
 METHOD_NAMES = ("non-private", "dp-sgd", "dual-priv", "dp-zo")
 
@@ -98,7 +98,7 @@ def preset_dims(preset: str) -> ModelDims:
                      layers=s["lm_layers"], vocab=s.get("vocab_size", len(build_tokenizer())),
                      vision_hidden=s["vision_hidden"], vision_layers=s["vision_layers"],
                      vision_intermediate=s.get("vision_intermediate", s["vision_hidden"] * 2),
-                     n_patches=(s["image_size"] // s["patch_size"]) ** 2, patch_size=s["patch_size"],
+                     n_patches=spec_patches(s), patch_size=s["patch_size"],
                      has_cls=s["tower"] == "clip")
 
 

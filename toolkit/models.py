@@ -89,16 +89,13 @@ def _vision_config(spec: dict):
     raise ValueError(f"unknown vision tower kind {spec['tower']!r}")
 
 
-def build_model(preset: str = "tiny", seed: int = 0, *, dtype: torch.dtype | None = None,
-                lm_layers: int | None = None, vision_layers: int | None = None,
-                device: str | torch.device | None = None) -> LlavaBundle:
-    """Build a randomly initialised LLaVA from a named preset (see ``PRESETS``), reproducible from ``seed``.
+def spec_patches(spec: dict) -> int:
+    """Patches a preset spec's vision tower yields per image (its visual tokens before pruning)."""
+    return (spec["image_size"] // spec["patch_size"]) ** 2
 
-    ``dtype``: the parameters' dtype (default float32); the model is created directly in it, so a bf16 build
-    never holds an fp32 copy. ``lm_layers`` / ``vision_layers`` override the preset's depths (same widths): a
-    shallower real-width model for per-layer memory measurements (``vision_layers`` >= 2, since LLaVA takes
-    features from the second-to-last layer). ``device="meta"`` builds shapes only (no memory, no values).
-    """
+
+def preset_spec(preset: str, lm_layers: int | None = None, vision_layers: int | None = None) -> dict:
+    """The preset's spec with its depths overridden (same widths), checked: what :func:`build_model` builds."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = dict(PRESETS[preset])
@@ -111,6 +108,20 @@ def build_model(preset: str = "tiny", seed: int = 0, *, dtype: torch.dtype | Non
             raise ValueError(f"vision_layers must be an integer >= 2 (features come from the second-to-last "
                              f"layer), got {vision_layers!r}")
         spec["vision_layers"] = vision_layers
+    return spec
+
+
+def build_model(preset: str = "tiny", seed: int = 0, *, dtype: torch.dtype | None = None,
+                lm_layers: int | None = None, vision_layers: int | None = None,
+                device: str | torch.device | None = None) -> LlavaBundle:
+    """Build a randomly initialised LLaVA from a named preset (see ``PRESETS``), reproducible from ``seed``.
+
+    ``dtype``: the parameters' dtype (default float32); the model is created directly in it, so a bf16 build
+    never holds an fp32 copy. ``lm_layers`` / ``vision_layers`` override the preset's depths (same widths): a
+    shallower real-width model for per-layer memory measurements (``vision_layers`` >= 2, since LLaVA takes
+    features from the second-to-last layer). ``device="meta"`` builds shapes only (no memory, no values).
+    """
+    spec = preset_spec(preset, lm_layers, vision_layers)
     if spec.get("shape_only") and device is None and lm_layers is None and vision_layers is None:
         raise ValueError(
             f"preset {preset!r} is for memory/speed measurements at real scale (~7.06e9 parameters: 14 GB in bf16, "

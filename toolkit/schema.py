@@ -28,15 +28,15 @@ UNKNOWN_POLICIES = ("error", "warn", "ignore")
 
 def setting(default, *, group: str, help: str, choices: Iterable | Callable[[], Iterable] | None = None,
             minimum: float | None = None, maximum: float | None = None, strict: bool = False,
-            optional: bool = False, allow_inf: bool = False, default_factory=None):
+            below_maximum: bool = False, optional: bool = False, allow_inf: bool = False, default_factory=None):
     """A dataclass field with its schema in ``metadata``.
 
     ``choices`` is a sequence or a function returning one (for registries that grow); ``minimum`` / ``maximum``
-    bound a number (``strict``: the minimum itself is refused; ``allow_inf``: +inf is a value, as ε = inf means
+    bound a number (``strict``: the minimum itself is refused; ``below_maximum``: the maximum too; ``allow_inf``: +inf is a value, as ε = inf means
     "no noise"); ``optional``: ``None`` is allowed (it means "the
     default of the method", see the field's help)."""
     metadata = dict(group=group, help=help, choices=choices, minimum=minimum, maximum=maximum, strict=strict,
-                    optional=optional or default is None, allow_inf=allow_inf)
+                    below_maximum=below_maximum, optional=optional or default is None, allow_inf=allow_inf)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -65,11 +65,12 @@ def check_field(field: dataclasses.Field, value) -> None:
                   maximum=None if high is None else int(high))
         return
     if low is not None and high is not None:  # one message naming the whole interval
+        below = meta.get("below_maximum")
         inside = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            (low < value if meta.get("strict") else low <= value) and value <= high)
+            (low < value if meta.get("strict") else low <= value) and (value < high if below else value <= high))
         if not inside:
-            raise ValueError(f"{field.name} must be in {'(' if meta.get('strict') else '['}{low:g}, {high:g}], "
-                             f"got {value!r}")
+            raise ValueError(f"{field.name} must be in {'(' if meta.get('strict') else '['}{low:g}, {high:g}"
+                             f"{')' if below else ']'}, got {value!r}")
         return
     check_number(field.name, value, minimum=low, strict=bool(meta.get("strict")), allow_inf=bool(meta.get("allow_inf")))
     if high is not None and value > high:

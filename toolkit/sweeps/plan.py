@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
-from toolkit.models import PRESETS
+from toolkit.models import PRESETS, spec_patches
 from toolkit.tokens import STRATEGIES, resolve_keep
 from toolkit.config import method_rule
 from toolkit.train import TrainConfig
@@ -183,7 +183,7 @@ def _strategy_spec(name: str):
 def preset_patches(preset: str) -> int | None:
     """Patches the preset's vision tower yields (None for an unknown preset, e.g. a local model)."""
     spec = PRESETS.get(preset)
-    return None if spec is None else (spec["image_size"] // spec["patch_size"]) ** 2
+    return None if spec is None else spec_patches(spec)
 
 
 def _has_fused_tokens(c: TrainConfig) -> bool:

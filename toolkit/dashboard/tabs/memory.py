@@ -22,7 +22,7 @@ from toolkit.dashboard.common import (
     GRAD_RATIO_MEANING, HELP as SHARED_HELP, METHOD_CHOICES, AppSettings, InputError, message_html,
     progress_html, routed, ui_batch_size, ui_choice, ui_fraction, ui_integer, ui_steps, warn,
 )
-from toolkit.models import PRESETS
+from toolkit.models import PRESETS, spec_patches
 from toolkit.tokens import STRATEGIES
 from toolkit.viz import peak_memory_figure
 from toolkit.vocabulary import METHODS, method_label
@@ -67,7 +67,7 @@ def budget_for_preset(preset: str) -> tuple[str, float, int]:
     """The budget controls' values for ``preset``: 576 -> 64 kept tokens on a many-token preset (the paper's
     setting), a 0.75 prune ratio otherwise."""
     spec = PRESETS[preset]
-    n_patches = (spec["image_size"] // spec["patch_size"]) ** 2
+    n_patches = spec_patches(spec)
     if n_patches > 4 * PAPER_KEEP_TOKENS:
         return BUDGET_KEEP, 0.75, PAPER_KEEP_TOKENS
     return BUDGET_RATIO, 0.75, max(1, n_patches // 4)
