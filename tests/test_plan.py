@@ -83,8 +83,19 @@ def test_the_plan_cli_takes_trains_flags_and_writes_json(tmp_path, capsys):
     assert "plan: dp-sgd" in capsys.readouterr().out
 
 
-def test_a_batch_larger_than_the_data_samples_everyone_as_train_does():
-    p = plan(TrainConfig(method="dp-sgd", steps=5, expected_batch_size=1000, train_limit=100), TABLE, propose=False)
+def test_the_plan_refuses_what_train_refuses_with_trains_words(tmp_path):
+    """A plan that train would not run is no plan: a batch above N, δ ≥ 1/N, a declared size below the data, an
+    empty data file (was a ZeroDivisionError); a non-private batch above N samples everyone, as in train."""
+    with pytest.raises(ValueError, match="expected_batch_size=1000 is larger than the N = 100 records"):
+        plan(TrainConfig(method="dp-sgd", steps=5, expected_batch_size=1000, train_limit=100), TABLE, propose=False)
+    with pytest.raises(ValueError, match="delta=0.5 is not below 1/N"):
+        plan(TrainConfig(method="dp-sgd", steps=5, delta=0.5), TABLE, propose=False)
+    with pytest.raises(ValueError, match="dataset_size 5 is smaller than the training set"):
+        plan(TrainConfig(method="dp-sgd", steps=5, expected_batch_size=2, dataset_size=5), TABLE, propose=False)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="empty.json holds no training records"):
+        plan(TrainConfig(method="dp-sgd", steps=5, train_data=str(tmp_path / "empty.json")), TABLE, propose=False)
+    p = plan(TrainConfig(method="non-private", steps=5, expected_batch_size=1000, train_limit=100), TABLE)
     assert p.sample_rate == 1.0 and p.n == 100
 
 

@@ -93,3 +93,23 @@ def test_warm_start_cli_trains_once_then_finds_the_cache(tmp_path, monkeypatch, 
     assert json.loads(out.read_text())["was_cached"] is True
     assert main(["warm-start", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["warm-start", "--task", "bogus"], "unknown --task 'bogus'"),
+    (["warm-start", "--steps", "0"], "--steps must be an integer >= 1"),
+    (["warm-start", "--seed", "-1"], "--seed must be an integer >= 0"),
+    (["predict", "--model", "no-model", "--data", "{data}", "--device", "bogus"], "device 'bogus' is not a torch device"),
+    (["predict", "--model", "no-model", "--data", "{data}", "--batch-size", "-1"], "batch_size must be an integer >= 1"),
+    (["predict", "--model", "no-model", "--data", "{data}", "--mode", "saved", "--limit", "0"], "limit must be an integer >= 1"),
+])
+def test_a_bad_warm_start_or_predict_argument_is_named_before_anything_trains_or_loads(args, words, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Was: an unknown task silently trained the digit warm start, a bad device or batch size a torch traceback or
+    an empty result. Refused by name, exit code 2, before a model is trained or loaded."""
+    monkeypatch.setenv("DUALPRIV_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "data.json").write_text("[]")
+    assert main([a.format(data=tmp_path / "data.json") for a in args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()

@@ -243,12 +243,18 @@ def check_config(c: TrainConfig, method_rules: bool = True) -> None:
         raise ValueError(f"export_format 'adapter' needs a LoRA trainable mode (lora, lora+head), got "
                          f"{c.trainable!r}: use 'merged'")
     if c.device != "auto":
-        try:
-            device = torch.device(c.device)
-        except RuntimeError as err:
-            raise ValueError(f"device {c.device!r} is not a torch device ({err})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {c.device!r} asked for, but torch sees no CUDA device")
+        check_device(c.device)
+
+
+def check_device(name: str) -> torch.device:
+    """``name`` as a torch device this machine has (``ValueError`` naming it otherwise)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {name!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
 
 
 def check_scale_fields(c: TrainConfig) -> None:

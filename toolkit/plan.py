@@ -30,6 +30,7 @@ from pathlib import Path
 
 from toolkit.config import TrainConfig, planned_steps
 from toolkit.privacy.accounting import PrivacyBudgetError, calibrate_noise, epsilon_for, rdp_noise_estimate
+from toolkit.privacy.rules import check_private_run
 from toolkit.privacy.user_level import unit_words
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "measured" / "plan_calibration.json"
@@ -131,11 +132,16 @@ def count_units(c: TrainConfig) -> tuple[int, str]:
         if c.train_limit is not None:
             raw = raw[:c.train_limit]
         n = len({str(r.get("user_id")) for r in raw if isinstance(r, dict)}) if unit == "user" else len(raw)
+        if n < 1:
+            raise ValueError(f"{c.train_data} holds no training {'users' if unit == 'user' else 'records'}"
+                             f"{' within train_limit' if c.train_limit is not None else ''}")
     else:
         from toolkit.data import dataset_sizes
         n = dataset_sizes()[c.task][c.train_split]
         if c.train_limit is not None:
             n = min(n, c.train_limit)
+    if c.dataset_size is not None and unit != "user" and c.dataset_size < n:   # as train refuses it
+        raise ValueError(f"dataset_size {c.dataset_size} is smaller than the training set ({n} records)")
     return (c.dataset_size or n), unit
 
 
@@ -157,7 +163,7 @@ def plan(config: TrainConfig, calibration: dict | None = None, propose: bool = T
     c = config.resolved()
     n, unit = count_units(c)
     batch = c.expected_batch_size
-    q = min(1.0, batch / n)   # as train: a batch above N samples everyone at every step
+    q = check_private_run(c, n)   # train's rules: δ < 1/N and a batch within N, refused here as there
     steps = planned_steps(c, q)
     table = calibration if calibration is not None else load_calibration()
     if not c.private:

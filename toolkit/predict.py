@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from toolkit.config import check_device
 from toolkit.data import Collator, VQADataset
 from toolkit.evaluation import Answers, answer_records, choose_eval_mode
 from toolkit.export import Exported, load_trained
@@ -36,6 +37,7 @@ from toolkit.feature_cache import cached_features
 from toolkit.features import make_pruner_for
 from toolkit.forward import LlavaLM
 from toolkit.userdata import load_llava_json
+from toolkit.validation import check_choice, check_int
 
 MODES = ("saved", "closed-set", "generate")
 
@@ -106,9 +108,16 @@ def predict(model: str | os.PathLike | Predictor, data: str | os.PathLike | VQAD
     A record may end with its question (no ``gpt`` answer): it gets a prediction and no score. Returns
     ``dict(model, data, mode, candidates, accuracy, records, predictions)``.
     """
-    predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device)
+    # every argument, then the data (cheap), before the model is loaded
+    check_choice("mode", mode, MODES)
+    check_int("batch_size", batch_size, minimum=1)
+    if limit is not None:
+        check_int("limit", limit, minimum=1)
+    if not isinstance(model, Predictor) and not isinstance(device, torch.device):
+        check_device(device)
     dataset = data if isinstance(data, VQADataset) else load_llava_json(
         data, image_folder, privacy_unit=False, limit=limit, require_answers=False)
+    predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device)
     answers = predictor.answer(dataset, mode, batch_size)
     return dict(model=str(predictor.exported.path), data=dataset.name, mode=answers.mode,
                 candidates=list(answers.candidates), accuracy=answers.accuracy, records=len(dataset),

@@ -16,8 +16,6 @@ from toolkit.cli import subcommand
 def run(args) -> dict:
     from toolkit.predict import predict
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be an integer >= 1, got {args.limit}")
     result = predict(args.model, args.data, image_folder=args.image_folder, mode=args.mode, limit=args.limit,
                      batch_size=args.batch_size, device=args.device)
     shown = {k: result[k] for k in ("model", "data", "mode", "records", "accuracy")}

@@ -9,12 +9,18 @@ from toolkit.cli import subcommand
 
 @subcommand("warm-start", help="train and cache the public warm start of a model preset (a few CPU minutes, once)")
 def run(args) -> dict:
+    from toolkit.data import TASKS
     from toolkit.models import PRESETS
+    from toolkit.validation import check_int
     from toolkit.warmstart import DEFAULT_STEPS, public_curriculum, warm_start, warm_start_path
 
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    if args.task not in TASKS:
+        raise ValueError(f"unknown --task {args.task!r}; choose one of {sorted(TASKS)}")
+    check_int("--seed", args.seed, minimum=0)
     steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.preset, 600)
+    check_int("--steps", steps, minimum=1)
     curriculum = public_curriculum(args.task)
     path = warm_start_path(args.preset, args.seed, steps, curriculum=curriculum)
     cached = (path / "toolkit_bundle.json").is_file()
