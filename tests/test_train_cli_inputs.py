@@ -8,6 +8,7 @@ from PIL import Image
 import toolkit.cli.train as train_cli
 from toolkit.cli import build_parser, main
 from toolkit.models import build_model
+from toolkit.samples import make_photo_dataset
 
 FAST = ["--method", "dual-priv", "--steps", "1", "--warm-start-steps", "0", "--expected-batch-size", "4",
         "--progress", "false"]
@@ -97,6 +98,34 @@ def test_a_bad_config_file_is_named(text, message, tmp_path, capsys, no_training
 
 
 def test_predict_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
-    (tmp_path / "data.json").write_text("[]")
-    assert main(["predict", "--model", str(tmp_path), "--data", str(tmp_path / "data.json")]) == 2
+    paths = make_photo_dataset(tmp_path / "photos", n_train=2, n_test=2)
+    (tmp_path / "model").mkdir()
+    assert main(["predict", "--model", str(tmp_path / "model"), "--data", str(paths["test"])]) == 2
     assert "is not a toolkit export" in _error(capsys)
+
+
+def test_predict_reads_the_data_before_it_loads_the_model(tmp_path, capsys):
+    """An empty or missing data file is named before minutes of model loading, not after."""
+    (tmp_path / "data.json").write_text("[]")
+    assert main(["predict", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "data.json")]) == 2
+    assert "holds no records" in _error(capsys)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", "--steps", "3", "--secure-mode", "maybe"], "argument --secure-mode: expected true/false, got 'maybe'"),
+    (["plan", "--steps", "x"], "argument --steps: expected an integer, got 'x'"),
+    (["plan", "--steps", "3", "--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    (["train", "--steps", "3", "--fusion-noise-std", "loud"], "expected a number, 'matched' or none, got 'loud'"),
+    (["audit", "--canary-seed", "-1"], "--canary-seed must be an integer >= 0"),
+])
+def test_a_bad_flag_value_is_one_line_naming_the_flag_and_what_it_takes(args, words, capsys, no_training):
+    """Was: 'invalid _parse_bool value' (a private function's name), after 60 lines of usage."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and "_parse" not in err and "usage:" not in err and len(err.splitlines()) <= 2
+
+
+def test_none_gives_a_number_setting_its_documented_default(capsys):
+    """The help of --lr says 'None: the method's default'; `--lr none` is that, not a parse error."""
+    assert main(["plan", "--method", "dp-sgd", "--steps", "3", "--lr", "none"]) == 0
+    assert build_parser().parse_args(["train", "--lr", "none", "--steps", "3"]).lr is None

@@ -38,6 +38,14 @@ def write_json(result, path: str | None) -> None:
         Path(path).write_text(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line and a pointer to --help: a subcommand's full usage runs to 60 lines, above the
+    error it would bury."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     for module in MODULES:
         try:
@@ -45,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as err:
             if err.name != f"toolkit.cli.{module}":
                 raise
-    parser = argparse.ArgumentParser(prog="python -m toolkit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m toolkit", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure, _run) in _SUBCOMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)

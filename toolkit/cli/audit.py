@@ -15,6 +15,7 @@ from toolkit.audit import AUDIT_DEFAULTS, run_audit
 from toolkit.cli import subcommand
 from toolkit.cli.train import add_config_flags, config_from_args
 from toolkit.config import TrainConfig
+from toolkit.validation import check_int
 from toolkit.vocabulary import epsilon_to_json
 
 HONESTY = ("What it proves: a lower bound ABOVE the reported ε proves a bug (the run leaks more than its "
@@ -40,6 +41,8 @@ def audit_config(args) -> TrainConfig:
                           "2025): ε lower bounds from canaries; above the reported ε proves a bug, below it proves "
                           "nothing")
 def run(args) -> dict:
+    if args.canary_seed is not None:     # named as the flag: "seed" alone reads like --seed
+        check_int("--canary-seed", args.canary_seed, minimum=0)
     config = audit_config(args)
     result = run_audit(config, canaries=args.canaries, k=args.k, seed=args.canary_seed,
                        confidence=args.confidence)
@@ -56,12 +59,13 @@ def run(args) -> dict:
 @run.configure
 def configure(parser) -> None:
     add_config_flags(parser, _AuditFlags)
-    parser.add_argument("--canaries", type=int, default=128, help="m, canary records (each in with prob. 1/2)")
+    parser.add_argument("--canaries", type=int, default=128,
+                        help="m, canary records (each in with prob. 1/2; default 128)")
     parser.add_argument("--k", type=int, default=None,
                         help="guesses per side: 'in' for the k highest scores, 'out' for the k lowest "
                              "(default: canaries // 8); fix it before looking at the scores")
     parser.add_argument("--canary-seed", type=int, default=None,
                         help="seed of the canaries and the coin flips (default: fresh entropy, recorded in the "
                              "output); the training noise is seeded by --noise-seed (default: secret)")
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
     parser.epilog = HONESTY

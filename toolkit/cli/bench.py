@@ -7,6 +7,7 @@ import time
 
 from toolkit.cli import subcommand
 from toolkit.config import LORA_VARIANTS, OPTIMIZERS
+from toolkit.models import PRESETS
 from toolkit.precision import TRAINABLE_DTYPES
 
 
@@ -47,15 +48,22 @@ def run(args) -> list[dict]:
 
 @run.configure
 def configure(parser) -> None:
-    parser.add_argument("--methods", default="non-private,dp-sgd,dual-priv,dp-zo")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="warm-up + profiled + timed steps (>= 3)")
-    parser.add_argument("--token-strategy", default="dual-priv")
+    parser.add_argument("--methods", default="non-private,dp-sgd,dual-priv,dp-zo",
+                        help="comma-separated, each in a fresh subprocess (default: all four)")
+    parser.add_argument("--preset", default="tiny",
+                        help=f"model preset: {', '.join(PRESETS)} (default tiny; llava-7b-shape is LLaVA-1.5-7B's "
+                             "size, 14 GB of weights in bf16: shallower with --lm-layers / --vision-layers)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples in the measured batch (default 8)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="warm-up + profiled + timed steps (>= 3; default 4)")
+    parser.add_argument("--token-strategy", default="dual-priv",
+                        help="how Dual-Priv chooses its visual tokens (default dual-priv)")
     parser.add_argument("--keep-tokens", type=int, default=None,
                         help="visual tokens Dual-Priv keeps (default: the preset's, else --token-prune-ratio)")
-    parser.add_argument("--token-prune-ratio", type=float, default=0.75)
-    parser.add_argument("--grad-prune-ratio", type=float, default=0.2)
+    parser.add_argument("--token-prune-ratio", type=float, default=0.75,
+                        help="share of visual tokens Dual-Priv prunes, in [0, 1) (default 0.75; --keep-tokens wins)")
+    parser.add_argument("--grad-prune-ratio", type=float, default=0.2,
+                        help="share of Dual-Priv's noisy update zeroed, in [0, 1] (default 0.2)")
     parser.add_argument("--trainable", default=None, help="default: the preset's, else lora+head")
     parser.add_argument("--grad-sample-mode", default=None,
                         help="per-example clipping: hooks, functorch, ghost, ghost-fp32, ghost-fp32-bk (default: the preset's, "

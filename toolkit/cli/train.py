@@ -36,7 +36,19 @@ PATH_FIELDS = ("model_dir", "train_data", "eval_data", "image_folder", "output_d
 
 
 def _parse_float(text: str) -> float:
-    return math.inf if text.strip().lower() in INFINITY_WORDS else float(text)
+    if text.strip().lower() in INFINITY_WORDS:
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
 
 
 def _parse_epsilon(text: str) -> float:
@@ -49,7 +61,12 @@ def _parse_epsilon(text: str) -> float:
 def _parse_fusion(text: str):
     if text.lower() in ("none", "off", "0"):
         return None
-    return text if text == "matched" else float(text)
+    if text == "matched":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, 'matched' or none, got {text!r}") from None
 
 
 def _parse_bool(text: str) -> bool:
@@ -60,8 +77,16 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true/false, got {text!r}")
 
 
+def _or_none(parse):
+    """A number field that may be None (its help says what None means): 'none' gives None."""
+    def parse_optional(text: str):
+        return None if text.strip().lower() == "none" else parse(text)
+    return parse_optional
+
+
 def field_parser(config_cls, name: str):
-    """The text parser of a dataclass field, from its annotation."""
+    """The text parser of a dataclass field, from its annotation; it raises ``ValueError`` with a readable message
+    (a config file names the file and key; a flag goes through :func:`_flag_type`)."""
     hint = typing.get_type_hints(config_cls)[name]
     args = typing.get_args(hint)
     base = next((a for a in args if a is not type(None)), hint) if args else hint
@@ -69,7 +94,18 @@ def field_parser(config_cls, name: str):
         return _parse_fusion
     if name == "epsilon":
         return _parse_epsilon
-    return {bool: _parse_bool, float: _parse_float, int: int}.get(base, str)
+    parse = {bool: _parse_bool, float: _parse_float, int: _parse_int}.get(base, str)
+    return _or_none(parse) if type(None) in args and parse is not str else parse
+
+
+def _flag_type(parse):
+    """argparse prints 'invalid <function name> value' for a ValueError; an ArgumentTypeError it prints as it is."""
+    def parse_flag(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse_flag
 
 
 def add_config_flags(parser, config_cls) -> None:
@@ -80,12 +116,17 @@ def add_config_flags(parser, config_cls) -> None:
         section = parser.add_argument_group(group)
         for f in fields:
             choices = choices_of(f)
-            default = "the method's default" if f.default is None and f.metadata.get("optional") else f.default
             text = f.metadata.get("help", "")
+            if f.default is None:   # the help says what None means, or there is no value unless one is given
+                suffix = "" if "None" in text or "default" in text else " (default: not set)"
+            else:
+                suffix = f" (default: {f.default})"
+            metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
+            if f.type in (bool, "bool"):
+                metavar = "{true,false}"
             section.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                                 type=field_parser(config_cls, f.name), default=argparse.SUPPRESS,
-                                 metavar="{" + ",".join(map(str, choices)) + "}" if choices else None,
-                                 help=f"{text} (default: {default})".replace("%", "%%"))
+                                 type=_flag_type(field_parser(config_cls, f.name)), default=argparse.SUPPRESS,
+                                 metavar=metavar, help=f"{text}{suffix}".replace("%", "%%"))
 
 
 def load_config_file(path: str | Path, config_cls=TrainConfig) -> dict:
