@@ -126,3 +126,12 @@ def test_a_missing_calibration_is_empty_but_a_broken_one_is_an_error_naming_it(t
     broken.write_text(json.dumps({"runs": 3}))
     with pytest.raises(ValueError, match="no list of 'cells'"):
         load_calibration(broken)
+
+
+def test_the_plan_claims_no_protection_at_infinite_epsilon_and_no_calibration_for_zeroth_order():
+    """ε = ∞ protects no one (it said 'ε = ∞ protects one record'); the table measured gradient-noise runs, so a
+    DP-ZO plan gets no verdict from it (it said such runs 'learned')."""
+    assert plan(TrainConfig(method="dp-sgd", epsilon=math.inf, steps=5), TABLE).unit_sentence.startswith("nothing")
+    zo = plan(TrainConfig(method="dp-zo", epsilon=3.0, steps=30), TABLE)
+    assert "no calibration for dp-zo" in zo.verdict and "learned" not in zo.verdict and zo.evidence["runs"] == 0
+    assert "learned" in plan(TrainConfig(method="dp-sgd", epsilon=math.inf, steps=30), TABLE).verdict

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from toolkit.config import TrainConfig, planned_steps
+from toolkit.methods import get_method
 from toolkit.privacy.accounting import PrivacyBudgetError, calibrate_noise, epsilon_for, rdp_noise_estimate
 from toolkit.privacy.rules import check_private_run
 from toolkit.privacy.user_level import unit_words
@@ -148,7 +149,9 @@ def count_units(c: TrainConfig) -> tuple[int, str]:
 def unit_sentence(c: TrainConfig, unit: str) -> str:
     """What ε protects, in words."""
     if not c.private:
-        return "nothing: a non-private run has no guarantee"
+        return "nothing: a non-private run adds no noise and has no guarantee, whatever ε is set"
+    if not math.isfinite(float(c.epsilon)):
+        return "nothing: ε = ∞ adds no noise, so no record is protected"
     eps = _fmt(float(c.epsilon))
     if unit == "user":
         return unit_words(eps, c.user_records_per_step)
@@ -174,7 +177,12 @@ def plan(config: TrainConfig, calibration: dict | None = None, propose: bool = T
     sigma = _sigma(c.epsilon, c.delta, q, steps, c.accountant)
     reached = epsilon_for(sigma, q, steps, c.delta, c.accountant) if sigma > 0 else math.inf
     ratio = sigma / batch
-    verdict, evidence = _verdict(ratio, steps, table)
+    if get_method(c.method).noise == "gradient":
+        verdict, evidence = _verdict(ratio, steps, table)
+    else:   # the table's runs noised a clipped gradient; a zeroth-order update's noise is another quantity
+        verdict, evidence = (f"no calibration for {c.method}: the measured runs noised a clipped gradient "
+                             f"({table.get('recipe', {}).get('method', 'dual-priv')}); its noise ratio is not "
+                             "comparable", dict(runs=0))
     proposal = _proposal(c, n, batch, steps, ratio, table) if propose and math.isfinite(c.epsilon) else None
     return Plan(c.method, True, unit, unit_sentence(c, unit), n, batch, q, steps, float(c.epsilon), c.delta, sigma,
                 reached, c.max_grad_norm, sigma * c.max_grad_norm / batch, ratio, verdict, evidence, proposal,
