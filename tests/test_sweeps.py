@@ -534,3 +534,18 @@ def test_a_built_in_study_releases_costs_only_on_the_public_embedded_data():
     own = named_sweep("privacy-utility", quick=True, train_data="photos/train.json")
     assert "release_cost_stats" not in own.base
     assert named_sweep("privacy-utility", quick=True, release_cost_stats=False).base["release_cost_stats"] is False
+
+
+def test_a_failing_sweep_names_its_cell_and_a_sweep_whose_every_cell_failed_exits_non_zero(tmp_path, capsys):
+    """Was: the bare error with no cell named, and with --keep-going an all-failed sweep exited 0."""
+    from toolkit.cli import main
+
+    config = tmp_path / "broken.yaml"    # a declared size below the 64 records: refused when the cell trains
+    config.write_text("name: broken\nbase: {warm_start_steps: 0, train_limit: 64, eval_limit: 32, steps: 2,"
+                      " expected_batch_size: 4, accountant: rdp, dataset_size: 10}\ngrid:\n  method: [dp-sgd]\n")
+    with pytest.raises(ValueError, match="sweep cell 'method=dp-sgd.*dataset_size 10 is smaller"):
+        run_sweep(load_sweep_config(config), tmp_path / "a", progress=False)
+    assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "b"), "--keep-going",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "FAILED method=dp-sgd" in err and "every cell of the sweep failed" in err

@@ -11,6 +11,7 @@ command skips the cells whose file exists. After the run, every finished cell is
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def run(args) -> dict:
     result.update(wall_time_s=time.perf_counter() - started, ran=events["done"], cached=events["cached"],
                   failed=events["failed"], failures=failures, rows=df.to_dict(orient="records"))
     export_csv(df, result["csv"])
+    for failure in failures:
+        print(f"FAILED {failure['label']}: {failure['error']}", file=sys.stderr)
+    if failures and not events["done"] and not events["cached"]:
+        raise ValueError(f"every cell of the sweep failed ({len(failures)}); the first: {failures[0]['label']}: "
+                         f"{failures[0]['error']}")
     shown = {k: result[k] for k in ("name", "results", "csv", "cells", "skipped", "ran", "cached", "failed",
                                     "wall_time_s")}
     print(json.dumps(shown, indent=2, default=str, ensure_ascii=False))
@@ -81,7 +87,7 @@ def configure(parser) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder: NAME/CELL_ID.json (one per finished cell), NAME.plan.json, NAME.csv")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (no warm start, 32 records, 2 steps): checks the plumbing in minutes")
+                        help="tiny settings (no warm start, 64 training and 32 eval records, 2 steps): checks the plumbing in minutes")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (cells and skipped) and stop")
     parser.add_argument("--list", action="store_true", help="list the built-in sweeps")
     parser.add_argument("--keep-going", action="store_true",

@@ -154,6 +154,8 @@ def run_sweep(sweep: Sweep, out_dir: str | os.PathLike, progress: bool = True,
                     result = train_module.train(config, callback=step_callback)
                 except Exception as err:  # noqa: BLE001 - reported, then re-raised or skipped per on_error
                     if on_error == "raise":
+                        if isinstance(err, ValueError):   # a config error: say which cell of the grid has it
+                            raise ValueError(f"sweep cell {cell.label!r}: {err}") from err
                         raise
                     event.update(kind="failed", error=f"{type(err).__name__}: {err}")
                 else:
