@@ -87,7 +87,8 @@ def configure(parser) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder: NAME/CELL_ID.json (one per finished cell), NAME.plan.json, NAME.csv")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (no warm start, 64 training and 32 eval records, 2 steps): checks the plumbing in minutes")
+                        help="tiny settings (no warm start, 64 training and 32 eval records, 2 steps): checks the "
+                             "plumbing in minutes")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (cells and skipped) and stop")
     parser.add_argument("--list", action="store_true", help="list the built-in sweeps")
     parser.add_argument("--keep-going", action="store_true",
