@@ -141,7 +141,9 @@ def count_units(c: TrainConfig) -> tuple[int, str]:
         n = dataset_sizes()[c.task][c.train_split]
         if c.train_limit is not None:
             n = min(n, c.train_limit)
-    if c.dataset_size is not None and unit != "user" and c.dataset_size < n:   # as train refuses it
+    # as train refuses it; a file of your own is counted before validation refuses records (the dashboard declares
+    # the accepted count as dataset_size), so only the embedded tasks' exact N is held against it
+    if c.dataset_size is not None and not c.train_data and c.dataset_size < n:
         raise ValueError(f"dataset_size {c.dataset_size} is smaller than the training set ({n} records)")
     return (c.dataset_size or n), unit
 
