@@ -13,7 +13,8 @@ import torch
 from fast_run import fast
 from toolkit.config import TrainConfig
 from toolkit.privacy import FixedBatchSampler
-from toolkit.privacy.rules import LargeDeltaWarning, check_delta
+from toolkit.plan import plan
+from toolkit.privacy.rules import LargeDeltaWarning, check_delta, declared_units
 from toolkit.train import make_sampler, train
 
 FAST = fast(steps=2)
@@ -52,6 +53,17 @@ def test_a_batch_larger_than_the_data_set_is_refused():
 def test_a_batch_of_the_whole_data_set_is_reported_as_q_one():
     result = train(TrainConfig(method="dp-sgd", epsilon=3.0, **dict(FAST, expected_batch_size=32)))
     assert result.sample_rate == 1.0 and result.summary()["sample_rate"] == 1.0
+
+
+# ------------------------------------------------------------------------------------- declared size
+
+def test_a_declared_size_below_the_data_is_refused_in_the_same_words_by_train_and_plan():
+    words = r"dataset_size 5 is smaller than the training set's 32 records"
+    with pytest.raises(ValueError, match=words):
+        train(TrainConfig(method="dp-sgd", epsilon=3.0, dataset_size=5, **FAST))
+    with pytest.raises(ValueError, match=words):
+        plan(TrainConfig(method="dp-sgd", epsilon=3.0, dataset_size=5, **FAST), propose=False)
+    assert declared_units(None, 32) == 32 and declared_units(32, 32) == 32 and declared_units(400, 32) == 400
 
 
 # --------------------------------------------------------------------------------------- fixed batches

@@ -98,6 +98,10 @@ def test_user_mode_refuses_what_it_does_not_cover_yet(tmp_path):
     with pytest.raises(ValueError, match="needs train_data"):
         TrainConfig(method="dp-sgd", privacy_unit="user", steps=1).resolved()
     paths = _user_data(tmp_path, users=2, per_user=2)
+    with pytest.raises(ValueError, match="dataset_size 1 is smaller than the training set's 2 users"):
+        train(TrainConfig(method="dp-sgd", privacy_unit="user", dataset_size=1, steps=1, expected_batch_size=1,
+                          warm_start_steps=0, train_data=paths["train"], image_folder=paths["image_folder"],
+                          progress=False))
     with pytest.raises(ValueError, match="dp-zo"):
         train(TrainConfig(method="dp-zo", privacy_unit="user", steps=1, expected_batch_size=1, warm_start_steps=0,
                           train_data=paths["train"], image_folder=paths["image_folder"], progress=False))

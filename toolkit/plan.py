@@ -31,7 +31,7 @@ from pathlib import Path
 from toolkit.config import TrainConfig, planned_steps
 from toolkit.methods import get_method
 from toolkit.privacy.accounting import PrivacyBudgetError, calibrate_noise, epsilon_for, rdp_noise_estimate
-from toolkit.privacy.rules import check_private_run
+from toolkit.privacy.rules import check_private_run, declared_units
 from toolkit.privacy.user_level import unit_words
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "measured" / "plan_calibration.json"
@@ -141,11 +141,9 @@ def count_units(c: TrainConfig) -> tuple[int, str]:
         n = dataset_sizes()[c.task][c.train_split]
         if c.train_limit is not None:
             n = min(n, c.train_limit)
-    # as train refuses it; a file of your own is counted before validation refuses records (the dashboard declares
-    # the accepted count as dataset_size), so only the embedded tasks' exact N is held against it
-    if c.dataset_size is not None and not c.train_data and c.dataset_size < n:
-        raise ValueError(f"dataset_size {c.dataset_size} is smaller than the training set ({n} records)")
-    return (c.dataset_size or n), unit
+    if c.train_data:  # counted before validation refuses records (the dashboard declares the accepted count as
+        return (c.dataset_size or n), unit  # dataset_size), so only the embedded tasks' exact N is held against it
+    return declared_units(c.dataset_size, n, "users" if unit == "user" else "records"), unit
 
 
 def unit_sentence(c: TrainConfig, unit: str) -> str:

@@ -38,7 +38,7 @@ from toolkit.precision import cast_for_training, resolve_dtype
 from toolkit.privacy import FixedBatchSampler, PoissonSampler, calibrate_noise, check_sampling
 from toolkit.privacy.curve import EpsilonCurve
 from toolkit.privacy.release import checkpoint_segments
-from toolkit.privacy.rules import check_private_run
+from toolkit.privacy.rules import check_private_run, declared_units
 from toolkit.privacy.user_level import UserLevelRun
 from toolkit.secret_random import secret_generator
 from toolkit.tokens import matched_fusion_sigma
@@ -208,9 +208,7 @@ def data_stage(c: TrainConfig, model: ModelStage, train_set: VQADataset | None,
     if eval_set is None:
         eval_set = make_vqa(c.task, c.eval_split, model.bundle.image_size, limit=c.eval_limit)
     users = UserLevelRun(c, train_set, model.dist.world_size) if c.privacy_unit == "user" else None
-    n_records = c.dataset_size or len(train_set) if users is None else users.n_users
-    if users is None and n_records < len(train_set):
-        raise ValueError(f"dataset_size {n_records} is smaller than the training set ({len(train_set)} records)")
+    n_records = declared_units(c.dataset_size, len(train_set)) if users is None else users.n_users
     eval_mode, candidates = choose_eval_mode(c.eval_mode, [r.answer for r in eval_set],
                                              eval_set.candidates if eval_set.candidates_declared else None)
     return DataStage(train_set=train_set, eval_set=eval_set, users=users, n_records=n_records,

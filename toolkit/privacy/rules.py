@@ -4,6 +4,9 @@
   random (it leaks a record with probability 1/N ≤ δ), so it protects nobody; the usual choice is δ ≤ 1/(10N)
   or smaller. δ ≥ 1/N is refused unless ``allow_large_delta=True`` (then named outside the guarantee and in the
   card); 1/(10N) < δ < 1/N is accepted with a warning.
+* N is the units the training data holds (records, or users for user-level DP), or a declared ``dataset_size``
+  when the data is a sample of a larger private set. A declared size below the units actually held contradicts
+  the data, so it is refused rather than believed.
 * The expected batch is at most N: q = expected_batch_size / N ≤ 1. A larger batch would be silently clamped to
   q = 1 (every record in every step), so it is refused; a batch of exactly N is q = 1, reported as such.
 
@@ -39,6 +42,16 @@ def check_delta(delta: float, n_records: int, allow_large_delta: bool = False) -
         warnings.warn(f"delta={delta:g} is above 1/(10N) = {limit / 10:.3g} (N = {n_records} records): the usual "
                       "choice is delta <= 1/(10N), since delta bounds the chance the guarantee fails for a record",
                       LargeDeltaWarning, stacklevel=2)
+
+
+def declared_units(dataset_size: int | None, held: int, unit: str = "records") -> int:
+    """N: the ``held`` units of the training data, or a declared ``dataset_size``, refused when it is below them."""
+    if dataset_size is None:
+        return held
+    if dataset_size < held:
+        raise ValueError(f"dataset_size {dataset_size} is smaller than the training set's {held} {unit}: declare "
+                         f"at least {held}, or leave dataset_size unset to use the count")
+    return dataset_size
 
 
 def check_batch_within_records(expected_batch_size: int, n_records: int) -> float:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from toolkit.privacy.engine import GHOST_MODES
+from toolkit.privacy.rules import declared_units
 from toolkit.privacy.sampling import StepSampler
 
 UNITS = ("record", "user")
@@ -159,10 +160,7 @@ class UserLevelRun:
     def __init__(self, c, train_set, world_size: int = 1):
         check_user_mode(c.method, c.grad_sample_mode, c.max_physical_batch_size, world_size)
         self.user_records, self.user_ids = users_of(train_set.records)
-        self.n_users = c.dataset_size or len(self.user_records)
-        if self.n_users < len(self.user_records):
-            raise ValueError(f"dataset_size {self.n_users} is smaller than the training set's "
-                             f"{len(self.user_records)} users")
+        self.n_users = declared_units(c.dataset_size, len(self.user_records), "users")
         self.records_per_user = c.user_records_per_step
         eps = "∞" if c.epsilon == float("inf") else f"{c.epsilon:g}"
         train_set.privacy_unit = unit_words(eps, self.records_per_user)
