@@ -41,6 +41,19 @@ def test_plan_counts_the_records_of_a_data_file_without_loading_a_model(tmp_path
     assert "one record" in p.unit_sentence
 
 
+def test_a_plan_of_a_data_file_says_its_n_is_counted_before_validation(tmp_path):
+    """A file's records are counted without opening an image, so validation may later refuse some and train's N
+    be smaller: the plan says so, unless the accepted count was declared as dataset_size (as the dashboard does)."""
+    paths = make_photo_dataset(tmp_path, n_train=40, n_test=4)
+    config = dict(method="dp-sgd", epsilon=8.0, steps=5, expected_batch_size=10, train_data=paths["train"])
+    counted = plan(TrainConfig(**config), TABLE, propose=False)
+    assert "N = 40 records (records in the file before validation; train counts the records it accepts)" \
+        in counted.line()
+    assert counted.to_dict()["n_counted"].startswith("records in the file before validation")
+    declared = plan(TrainConfig(dataset_size=38, **config), TABLE, propose=False)
+    assert declared.n == 38 and declared.n_counted == "" and "N = 38 records," in declared.line()
+
+
 @pytest.mark.parametrize("ratio_eps, kind", [(50.0, "learned"), (0.3, "stuck")])
 def test_the_verdict_says_where_the_noise_falls_on_the_measured_table(ratio_eps, kind):
     p = plan(TrainConfig(method="dual-priv", epsilon=ratio_eps, steps=30, expected_batch_size=70), TABLE,

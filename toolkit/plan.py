@@ -62,16 +62,20 @@ class Plan:
     evidence: dict = field(default_factory=dict)
     proposal: dict | None = None
     seconds: float = 0.0
+    n_counted: str = ""            # how N was found, where it may differ from the N train will use
 
     def line(self) -> str:
         """The one-line verdict ``train`` prints before it starts."""
         if not self.private:
-            return f"plan: non-private, N = {self.n} records, {self.steps} steps of {self.expected_batch_size}: " \
+            return f"plan: non-private, N = {self.n} records{self._n_note()}, {self.steps} steps of {self.expected_batch_size}: " \
                    f"{self.verdict}"
-        return (f"plan: {self.method}, N = {self.n} {self.unit}s, q = {self.sample_rate:.3g}, {self.steps} steps, "
+        return (f"plan: {self.method}, N = {self.n} {self.unit}s{self._n_note()}, q = {self.sample_rate:.3g}, {self.steps} steps, "
                 f"σ = {self.noise_multiplier:.3g}, ε = {_fmt(self.epsilon_reached)} at δ = {self.delta:g}; "
                 f"noise σ·C/B = {self.noise_std:.3g} vs signal ≤ C = {self.max_grad_norm:g} "
                 f"(ratio {self.noise_ratio:.3g}): {self.verdict}")
+
+    def _n_note(self) -> str:
+        return f" ({self.n_counted})" if self.n_counted else ""
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -123,10 +127,11 @@ def load_calibration(path: str | Path | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------ the data's size
 
-def count_units(c: TrainConfig) -> tuple[int, str]:
-    """(N, unit): the records of the training data, or its distinct users for user-level DP; the JSON is read,
-    no image is opened. ``dataset_size`` (a declared size) wins, as in ``train``."""
+def count_units(c: TrainConfig) -> tuple[int, str, str]:
+    """(N, unit, how N was counted): the records of the training data, or its distinct users for user-level DP;
+    the JSON is read, no image is opened. ``dataset_size`` (a declared size) wins, as in ``train``."""
     unit = c.privacy_unit
+    units = "users" if unit == "user" else "records"
     if c.train_data:
         from toolkit.userdata import read_records   # the JSON only: no image is opened
         raw = read_records(Path(c.train_data))
@@ -134,16 +139,18 @@ def count_units(c: TrainConfig) -> tuple[int, str]:
             raw = raw[:c.train_limit]
         n = len({str(r.get("user_id")) for r in raw if isinstance(r, dict)}) if unit == "user" else len(raw)
         if n < 1:
-            raise ValueError(f"{c.train_data} holds no training {'users' if unit == 'user' else 'records'}"
+            raise ValueError(f"{c.train_data} holds no training {units}"
                              f"{' within train_limit' if c.train_limit is not None else ''}")
-    else:
-        from toolkit.data import dataset_sizes
-        n = dataset_sizes()[c.task][c.train_split]
-        if c.train_limit is not None:
-            n = min(n, c.train_limit)
-    if c.train_data:  # counted before validation refuses records (the dashboard declares the accepted count as
-        return (c.dataset_size or n), unit  # dataset_size), so only the embedded tasks' exact N is held against it
-    return declared_units(c.dataset_size, n, "users" if unit == "user" else "records"), unit
+        # validation (which opens every image) may refuse some: train's N is the accepted count, which the
+        # dashboard declares as dataset_size; so only the embedded tasks' exact N is held against a declared size
+        if c.dataset_size is not None:
+            return c.dataset_size, unit, ""
+        return n, unit, f"{units} in the file before validation; train counts the {units} it accepts"
+    from toolkit.data import dataset_sizes
+    n = dataset_sizes()[c.task][c.train_split]
+    if c.train_limit is not None:
+        n = min(n, c.train_limit)
+    return declared_units(c.dataset_size, n, units), unit, ""
 
 
 def unit_sentence(c: TrainConfig, unit: str) -> str:
@@ -164,7 +171,7 @@ def plan(config: TrainConfig, calibration: dict | None = None, propose: bool = T
     """The plan of ``config`` (resolved here); see the module docstring. No model is built, no image read."""
     started = time.perf_counter()
     c = config.resolved()
-    n, unit = count_units(c)
+    n, unit, n_counted = count_units(c)
     batch = c.expected_batch_size
     q = check_private_run(c, n)   # train's rules: δ < 1/N and a batch within N, refused here as there
     steps = planned_steps(c, q)
@@ -173,7 +180,7 @@ def plan(config: TrainConfig, calibration: dict | None = None, propose: bool = T
         verdict, evidence = _verdict(0.0, steps, table)
         return Plan(c.method, False, unit, unit_sentence(c, unit), n, batch, q, steps, None, None, 0.0, None,
                     c.max_grad_norm, 0.0, 0.0, "no noise, no guarantee; " + verdict, evidence, None,
-                    time.perf_counter() - started)
+                    time.perf_counter() - started, n_counted)
     sigma = _sigma(c.epsilon, c.delta, q, steps, c.accountant)
     reached = epsilon_for(sigma, q, steps, c.delta, c.accountant) if sigma > 0 else math.inf
     ratio = sigma / batch
@@ -186,7 +193,7 @@ def plan(config: TrainConfig, calibration: dict | None = None, propose: bool = T
     proposal = _proposal(c, n, batch, steps, ratio, table) if propose and math.isfinite(c.epsilon) else None
     return Plan(c.method, True, unit, unit_sentence(c, unit), n, batch, q, steps, float(c.epsilon), c.delta, sigma,
                 reached, c.max_grad_norm, sigma * c.max_grad_norm / batch, ratio, verdict, evidence, proposal,
-                time.perf_counter() - started)
+                time.perf_counter() - started, n_counted)
 
 
 def _sigma(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
