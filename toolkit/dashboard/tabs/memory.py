@@ -168,8 +168,8 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
                   grad_prune_ratio=grad_ratio, isolate=settings.bench_isolate,
                   trainable=bench_defaults(preset)["trainable"])  # a shape-only preset's own (LoRA, as in the paper)
     where = "each in a fresh subprocess" if settings.bench_isolate else "in the app's process"
-    current: list = []  # the (method, index, total, repeat) being measured
-    phases: dict = {}   # method -> the phase it is in (a 7B-shape method runs for minutes: say where it is)
+    # the (method, index, total, repeat) being measured, and its phase (a 7B-shape method runs for minutes)
+    now: dict = dict(measuring=None, phase="")
 
     def work(job: jobs.Job):
         tables = []
@@ -185,19 +185,18 @@ def memory(settings: AppSettings, methods, batch_size, steps, token_strategy, bu
         return summarize_repeats(tables)
 
     def render() -> dict:
-        if not current:
+        if now["measuring"] is None:
             return dict(blank, status=message_html(f"Measuring {', '.join(chosen)} on {preset} ({where})…"))
-        method, done, total, repeat = current[-1]
-        phase = f" · {phases[method]}" if method in phases else ""
+        method, done, total, repeat = now["measuring"]
+        phase = f" · {now['phase']}" if now["phase"] else ""
         return dict(blank, status=progress_html(done, total, f"repeat {repeat}/{n_repeats}: measuring {method} on "
                                                               f"{preset} ({where}){phase} · {job.elapsed():.0f} s"))
 
     def on_event(kind: str, value) -> None:
         if kind == "method":
-            current.append(value)
-            phases.pop(value[0], None)      # a new repeat starts from its own first phase
-        elif kind == "phase":
-            phases[value[0]] = value[1]
+            now.update(measuring=value, phase="")   # each method, in each repeat, starts from its first phase
+        elif kind == "phase" and now["measuring"] is not None and value[0] == now["measuring"][0]:
+            now["phase"] = value[1]
 
     outcome = yield from jobs.stream(job, work, render, blank=blank, on_event=on_event,
                                      first_status=message_html(f"Measuring {', '.join(chosen)} on {preset} ({where})…"))
