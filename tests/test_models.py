@@ -166,6 +166,26 @@ def test_a_local_checkpoint_uses_its_own_chat_template_and_image_processor(hf_ch
     assert preprocess_images([wide], 32).min() < 0
 
 
+def test_a_run_without_progress_prints_no_transformers_bars_and_leaves_them_as_they_were(hf_checkpoint, tmp_path,
+                                                                                        capfd):
+    """``progress=False`` hides transformers' own "Loading weights" and "Writing model shards" bars too (they went
+    to a user's log), and restores them after; with ``progress=True`` they are shown, so the check can fail."""
+    from transformers.utils import logging as hf_logging
+
+    from toolkit.train import TrainConfig, train
+
+    config = dict(method="dual-priv", model_dir=str(hf_checkpoint), steps=1, train_limit=8, eval_limit=4,
+                  expected_batch_size=4, export_format="merged")
+    capfd.readouterr()
+    train(TrainConfig(progress=True, output_dir=str(tmp_path / "shown"), **config))
+    shown = capfd.readouterr().err
+    assert "Loading weights" in shown and "Writing model shards" in shown
+    train(TrainConfig(progress=False, output_dir=str(tmp_path / "hidden"), **config))
+    hidden = capfd.readouterr().err
+    assert "Loading weights" not in hidden and "Writing model shards" not in hidden, hidden
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_a_model_trained_from_a_local_checkpoint_exports_with_its_template_and_processor(hf_checkpoint, tmp_path):
     from toolkit.export import load_trained
     from toolkit.train import TrainConfig, train

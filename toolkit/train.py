@@ -56,6 +56,7 @@ from toolkit.forward import answer_losses
 from toolkit.metering import StepTimer, live_training_tensors, measure_peak
 from toolkit.privacy.release import (COST_STATS, TRAINING_STATS, WITHHELD, outside_the_guarantee, released_stats,
                                      releases_cost_stats, releases_training_stats, segment_record)
+from toolkit.quiet import transformers_progress_bars
 from toolkit.result import TrainResult
 from toolkit.run_setup import Run, load_bundle, make_sampler, public_gradients, setup
 from toolkit.stats import answers_verdict
@@ -222,8 +223,10 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     stops, the model is still evaluated, and the result has ``cancelled=True``. ``train_set`` / ``eval_set``
     replace the embedded task's splits with data sets of your own (see :func:`setup`).
     """
-    run = setup(config.resolved(), train_set, eval_set)
-    result = finish(run, run_steps(run, callback))
-    if run.config.output_dir and run.dist.is_main:  # data-parallel replicas are identical: rank 0 exports
-        result.save(run.config.output_dir)
+    config = config.resolved()
+    with transformers_progress_bars(config.progress):
+        run = setup(config, train_set, eval_set)
+        result = finish(run, run_steps(run, callback))
+        if run.config.output_dir and run.dist.is_main:  # data-parallel replicas are identical: rank 0 exports
+            result.save(run.config.output_dir)
     return result
