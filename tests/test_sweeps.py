@@ -35,6 +35,10 @@ def test_privacy_utility_plan_runs_non_private_once_per_seed():
     assert {s.rule for s in plan.skipped} == {"duplicate"}
     assert len(plan.skipped) == 4 * 3                       # the other 4 non-private ε, per seed
 
+    # shown as it runs, at ε = ∞, not at the grid's first ε; a skipped point keeps the grid value it had
+    assert {c.label.split(" | ")[1] for c in plan.cells if c.config.method == "non-private"} == {"epsilon=∞"}
+    assert {s.label.split(" | ")[1] for s in plan.skipped} == {"epsilon=1", "epsilon=3", "epsilon=8", "epsilon=∞"}
+
 
 def test_ablation_plan_skips_noise_without_fused_tokens():
     plan = plan_sweep(named_sweep("ablation", quick=False))
@@ -410,6 +414,9 @@ def test_cli_sweep_config_dry_run_and_run(tmp_path, capsys):
     assert main(["sweep", "--named", "nope", "--out", str(out)]) == 2
     assert main(["sweep", "--named", "ablation", "--dry-run"]) == 0
     assert "fusion-noise-needs-fused-tokens" in capsys.readouterr().out
+    # a file's cells take the preset of its base: --preset beside --config was ignored silently, now refused
+    assert main(["sweep", "--config", str(config), "--preset", "llava576", "--dry-run"]) == 2
+    assert "--preset applies to --named only" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- running (fake train, fast)

@@ -33,11 +33,13 @@ def run(args) -> dict:
     if bool(args.config) == bool(args.named):
         raise ValueError("give exactly one of --config FILE or --named NAME (see --list)")
     if args.config:
+        if args.preset is not None:   # a file's cells take their preset from its base (was ignored silently)
+            raise ValueError("--preset applies to --named only: a sweep file sets the preset in its base config")
         sweep = load_sweep_config(args.config)
         if args.quick:
             sweep = sweep.quick_version()
     else:
-        sweep = named_sweep(args.named, quick=args.quick, preset=args.preset)
+        sweep = named_sweep(args.named, quick=args.quick, preset=args.preset or "tiny")
     plan = plan_sweep(sweep)
     result = dict(plan.summary(), description=sweep.description, out=str(args.out) if args.out else None,
                   results=str(results_folder(sweep, args.out)) if args.out else None,
@@ -83,7 +85,8 @@ def configure(parser) -> None:
     parser.add_argument("--named", metavar="NAME",
                         help="a built-in sweep: privacy-utility, ablation, budget, lora-rank, update-masks, "
                              "dual-priv-budgets, dp-lora-ranks (see --list)")
-    parser.add_argument("--preset", default="tiny", help="model preset for --named (default: tiny; llava576)")
+    parser.add_argument("--preset", help="model preset for --named (default: tiny; llava576); a --config file "
+                                          "sets its own in its base")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder: NAME/CELL_ID.json (one per finished cell), NAME.plan.json, NAME.csv")
     parser.add_argument("--quick", action="store_true",

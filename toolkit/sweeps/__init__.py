@@ -28,7 +28,7 @@ Example: planning is instant and trains nothing::
     >>> plan = plan_sweep(sweep)
     >>> for cell in plan.cells:   # non-private runs once, at ε = ∞ (normalisation N1)
     ...     print(cell.label)
-    method=non-private | epsilon=1 | seed=0
+    method=non-private | epsilon=∞ | seed=0
     method=dp-sgd | epsilon=1 | seed=0
     method=dp-sgd | epsilon=8 | seed=0
     >>> [(s.rule, s.label) for s in plan.skipped]

@@ -315,28 +315,33 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
         for axis, value in point:
             if axis in CONFIG_FIELDS:
                 values[axis] = value
-                parts.append(f"{axis}={_fmt(value)}")
+                parts.append((axis, None))
             else:
                 fields = {k: parse_value(k, v) for k, v in value.items() if k not in BUNDLE_KEYS}
                 values.update(fields)
                 label = value.get("label") or ", ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
                 columns[axis] = label
                 columns.update(value.get("tags") or {})
-                parts.append(str(label))
-        label = " | ".join(parts)
-        resolved = _normalise_resolved(_resolve(sweep, label, _normalise(values)))
+                parts.append((axis, str(label)))
+        normalised = _normalise(values)
+
+        def cell_label(shown: dict) -> str:
+            return " | ".join(f"{axis}={_fmt(shown[axis])}" if text is None else text for axis, text in parts)
+
+        grid_label, label = cell_label(values), cell_label(normalised)  # a cell is shown as it runs (N1: ε = ∞)
+        resolved = _normalise_resolved(_resolve(sweep, label, normalised))
         if resolved.keep_tokens is not None and resolved.token_prune_ratio is not None:
             raise ValueError(f"sweep {sweep.name!r}, cell {label}: both keep_tokens and token_prune_ratio are set; "
                              "give one budget (clear the other in base)")
         reason = next(((name, why) for name, rule in RULES.items() if (why := rule(resolved))), None)
         if reason:
-            skipped.append(Skipped(label, *reason))
+            skipped.append(Skipped(grid_label, *reason))
             continue
         if why := method_rule(resolved):
             raise ValueError(f"sweep {sweep.name!r}, cell {label}: {why}")
         key = config_key(resolved)
-        if key in seen:
-            skipped.append(Skipped(label, "duplicate", f"same resolved config as cell {seen[key]!r}"))
+        if key in seen:   # a skipped point keeps its grid values: which one it was is the information
+            skipped.append(Skipped(grid_label, "duplicate", f"same resolved config as cell {seen[key]!r}"))
             continue
         seen[key] = label
         cells.append(Cell(len(cells), key, resolved, label, columns))
