@@ -9,7 +9,7 @@ from toolkit.cli import main
 from toolkit.data import make_vqa
 
 
-def test_cli_writes_the_pruning_json_and_an_overlay(tmp_path):
+def test_cli_writes_the_pruning_json_and_an_overlay(tmp_path, capsys):
     out_json, overlay = tmp_path / "tokens.json", tmp_path / "overlay.html"
     rc = main(["tokens", "--strategy", "dual-priv", "--keep", "16", "--example", "2", "--out", str(overlay),
                "--json", str(out_json)])
@@ -18,9 +18,11 @@ def test_cli_writes_the_pruning_json_and_an_overlay(tmp_path):
     assert (result["strategy"], result["n_in"], result["n_out"], result["layer"]) == ("dual-priv", 64, 16, 1)
     assert len(result["kept_indices"]) == 13 and len(result["scores"]) == 64 and len(result["clusters"]) == 64
     assert result["source"]["example"] == 2 and result["pictures"] == [str(overlay)]
+    # the summary's parts add up to the tokens the LM reads: [CLS] is one of them
+    assert "64 patches -> 16 visual tokens ([CLS] + 13 kept + 2 fused from 51 patches; 0 patches dropped)" in capsys.readouterr().out
 
 
-def test_cli_takes_an_image_file_and_a_prune_ratio(tmp_path):
+def test_cli_takes_an_image_file_and_a_prune_ratio(tmp_path, capsys):
     image = tmp_path / "digit.png"
     make_vqa("digit", "test", image_size=32, limit=1)[0].image.save(image)
     out_json = tmp_path / "t.json"
@@ -28,6 +30,8 @@ def test_cli_takes_an_image_file_and_a_prune_ratio(tmp_path):
                "--preset", "tiny-siglip", "--json", str(out_json)])
     result = json.loads(out_json.read_text())
     assert rc == 0 and result["n_out"] == 16 and result["source"]["image"] == str(image)
+    assert "64 patches -> 16 visual tokens (16 kept; 48 patches dropped)" \
+        in capsys.readouterr().out     # no [CLS] in a SigLIP tower, so none is counted
 
 
 @pytest.mark.parametrize("argv, message", [

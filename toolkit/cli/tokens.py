@@ -73,8 +73,11 @@ def run(args) -> dict:
     except ImageExportError as err:
         raise ValueError(str(err)) from err  # the CLI reports ValueErrors as "error: ..." with exit status 2
     result["pictures"] = pictures
-    print(f"{output.strategy}: {output.n_in} -> {output.n_out} visual tokens "
-          f"({result['n_kept']} kept, {result['n_contextual']} fused, {result['n_dropped']} dropped)"
+    fused_from = output.n_in - result["n_kept"] - result["n_dropped"]
+    parts = (["[CLS]"] if output.cls_slot is not None else []) + [f"{result['n_kept']} kept"] + (
+        [f"{result['n_contextual']} fused from {fused_from} patches"] if result["n_contextual"] else [])
+    print(f"{output.strategy}: {output.n_in} patches -> {output.n_out} visual tokens "   # the parts sum to n_out
+          f"({' + '.join(parts)}; {result['n_dropped']} patches dropped)"
           + (f"; wrote {', '.join(pictures)}" if pictures else ""))
     return result
 
