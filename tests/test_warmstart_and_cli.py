@@ -97,6 +97,7 @@ def test_warm_start_cli_trains_once_then_finds_the_cache(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("args, words", [
     (["warm-start", "--task", "bogus"], "unknown --task 'bogus'"),
+    (["warm-start", "--preset", "llava-7b-shape"], "shape-only preset 'llava-7b-shape' has no warm start"),
     (["warm-start", "--steps", "0"], "--steps must be an integer >= 1"),
     (["warm-start", "--seed", "-1"], "--seed must be an integer >= 0"),
     (["predict", "--model", "no-model", "--data", "{data}", "--device", "bogus"],

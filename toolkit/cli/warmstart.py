@@ -5,17 +5,20 @@
 from __future__ import annotations
 
 from toolkit.cli import subcommand
+from toolkit.data import TASKS
+from toolkit.models import PRESETS
+
+TRAINABLE_PRESETS = tuple(name for name, spec in PRESETS.items() if not spec.get("shape_only"))
 
 
 @subcommand("warm-start", help="train and cache the public warm start of a model preset (a few CPU minutes, once)")
 def run(args) -> dict:
-    from toolkit.data import TASKS
-    from toolkit.models import PRESETS
     from toolkit.validation import check_int
     from toolkit.warmstart import DEFAULT_STEPS, public_curriculum, warm_start, warm_start_path
 
-    if args.preset not in PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    if args.preset not in TRAINABLE_PRESETS:   # a shape-only preset is for memory/speed, never trained
+        raise ValueError(f"{'shape-only' if args.preset in PRESETS else 'unknown'} preset {args.preset!r} has no "
+                         f"warm start; choose one of {', '.join(TRAINABLE_PRESETS)}")
     if args.task not in TASKS:
         raise ValueError(f"unknown --task {args.task!r}; choose one of {sorted(TASKS)}")
     check_int("--seed", args.seed, minimum=0)
@@ -38,9 +41,10 @@ def run(args) -> dict:
 
 @run.configure
 def configure(parser) -> None:
-    parser.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(TRAINABLE_PRESETS)} (default tiny)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the warm start (default 0, what runs use)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's default)")
     parser.add_argument("--task", default="parity",
-                        help="the embedded task whose runs will start from it: 'scene' has its own public curriculum "
-                             "(the colour of each shape), every digit task shares the digit one (default parity)")
+                        help=f"the embedded task whose runs will start from it: {', '.join(TASKS)}. 'scene' has its "
+                             "own public curriculum (the colour of each shape), every digit task shares the digit "
+                             "one (default parity)")
