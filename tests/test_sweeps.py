@@ -40,6 +40,19 @@ def test_privacy_utility_plan_runs_non_private_once_per_seed():
     assert {s.label.split(" | ")[1] for s in plan.skipped} == {"epsilon=1", "epsilon=3", "epsilon=8", "epsilon=∞"}
 
 
+def test_a_cell_train_would_refuse_for_its_data_size_is_refused_when_the_sweep_is_planned():
+    """Was: a batch above N failed only when its cell's turn came, after the cells before it had trained."""
+    base = dict(warm_start_steps=0, train_limit=32, steps=2)
+    with pytest.raises(ValueError, match=r"cell method=dp-sgd \| seed=0: expected_batch_size=64 is larger than the "
+                                         r"N = 32 records"):
+        plan_sweep(Sweep("big", base=dict(base, expected_batch_size=64), grid=dict(method=["non-private", "dp-sgd"])))
+    with pytest.raises(ValueError, match=r"cell method=dp-sgd \| seed=0: delta=0.05 is not below 1/N = 1/32"):
+        plan_sweep(Sweep("delta", base=dict(base, expected_batch_size=8, delta=0.05),
+                         grid=dict(method=["non-private", "dp-sgd"])))
+    assert len(plan_sweep(Sweep("ok", base=dict(base, expected_batch_size=64, dataset_size=640),
+                                grid=dict(method=["non-private", "dp-sgd"]))).cells) == 2
+
+
 def test_ablation_plan_skips_noise_without_fused_tokens():
     plan = plan_sweep(named_sweep("ablation", quick=False))
     assert len([c for c in plan.cells if c.config.seed == 0]) == 12
@@ -547,10 +560,16 @@ def test_a_failing_sweep_names_its_cell_and_a_sweep_whose_every_cell_failed_exit
     """Was: the bare error with no cell named, and with --keep-going an all-failed sweep exited 0."""
     from toolkit.cli import main
 
-    config = tmp_path / "broken.yaml"    # a declared size below the 64 records: refused when the cell trains
-    config.write_text("name: broken\nbase: {warm_start_steps: 0, train_limit: 64, eval_limit: 32, steps: 2,"
-                      " expected_batch_size: 4, accountant: rdp, dataset_size: 10}\ngrid:\n  method: [dp-sgd]\n")
-    with pytest.raises(ValueError, match="sweep cell 'method=dp-sgd.*dataset_size 10 is smaller"):
+    # records whose pictures are missing: the plan counts the JSON, validation refuses them when the cell trains
+    (tmp_path / "data.json").write_text(json.dumps([
+        dict(id=str(i), image=f"missing{i}.png", conversations=[dict(**{"from": "human"}, value="<image>\nq?"),
+                                                                 dict(**{"from": "gpt"}, value="a")])
+        for i in range(8)]))
+    config = tmp_path / "broken.yaml"
+    config.write_text(f"name: broken\nbase: {{warm_start_steps: 0, steps: 2, expected_batch_size: 4, "
+                      f"delta: 1.0e-3, accountant: rdp, train_data: {tmp_path / 'data.json'}, "
+                      f"image_folder: {tmp_path}}}\ngrid:\n  method: [dp-sgd]\n")
+    with pytest.raises(ValueError, match="sweep cell 'method=dp-sgd.*missing0.png"):
         run_sweep(load_sweep_config(config), tmp_path / "a", progress=False)
     assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "b"), "--keep-going",
                  "--no-progress"]) == 2

@@ -23,7 +23,8 @@ The package, one concern per module:
 Example: planning is instant and trains nothing::
 
     >>> from toolkit.sweeps import Sweep, plan_sweep
-    >>> sweep = Sweep("demo", base=dict(warm_start_steps=0, train_limit=32, eval_limit=32, steps=2),
+    >>> sweep = Sweep("demo", base=dict(warm_start_steps=0, train_limit=32, eval_limit=32, steps=2,
+    ...                                 expected_batch_size=16),
     ...               grid=dict(method=["non-private", "dp-sgd"], epsilon=[1.0, 8.0]), seeds=[0])
     >>> plan = plan_sweep(sweep)
     >>> for cell in plan.cells:   # non-private runs once, at ε = ∞ (normalisation N1)
@@ -75,8 +76,9 @@ Rules (a cell that matches one is *skipped*, with the rule's name and reason kep
   whose tower yields 64), so one budget list can serve several presets.
 * R5 ``contextual-tokens-need-fusing-strategy``: ``contextual_tokens > 0`` with a strategy that never fuses.
 
-A config error (unknown field, bad value, both ``keep_tokens`` and ``token_prune_ratio``) is not a combination
-to skip: :func:`plan_sweep` raises ``ValueError`` for it before anything runs.
+A config error (unknown field, bad value, both ``keep_tokens`` and ``token_prune_ratio``, a batch above the N
+records or δ ≥ 1/N as ``train`` refuses them) is not a combination to skip: :func:`plan_sweep` raises
+``ValueError`` for it, naming the cell, before anything runs.
 
 Cell key
 --------

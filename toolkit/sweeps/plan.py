@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +25,8 @@ from toolkit.config import method_rule
 from toolkit.train import TrainConfig
 from toolkit.validation import check_int
 from toolkit.methods import get_method, method_names
+from toolkit.plan import count_units
+from toolkit.privacy.rules import LargeDeltaWarning, check_private_run
 from toolkit.vocabulary import INFINITY_WORDS, epsilon_to_json, format_epsilon
 
 # Bump when the canonical form in config_key changes: every key changes, finished cells re-run (the safe side).
@@ -309,7 +312,7 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
     check_fields(sweep.base, f"sweep {sweep.name!r} base")
     base = {k: parse_value(k, v) for k, v in sweep.base.items()}
     axes = _axis_points(sweep)
-    cells, skipped, seen = [], [], {}
+    cells, skipped, seen, counted = [], [], {}, {}
     for point in itertools.product(*axes, [("seed", s) for s in sweep.seeds]):
         values, columns, parts = dict(base), {}, []
         for axis, value in point:
@@ -339,6 +342,7 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
             continue
         if why := method_rule(resolved):
             raise ValueError(f"sweep {sweep.name!r}, cell {label}: {why}")
+        _check_against_the_data(sweep, label, resolved, counted)
         key = config_key(resolved)
         if key in seen:   # a skipped point keeps its grid values: which one it was is the information
             skipped.append(Skipped(grid_label, "duplicate", f"same resolved config as cell {seen[key]!r}"))
@@ -346,6 +350,20 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
         seen[key] = label
         cells.append(Cell(len(cells), key, resolved, label, columns))
     return SweepPlan(sweep, cells, skipped)
+
+
+def _check_against_the_data(sweep: Sweep, label: str, c: TrainConfig, counted: dict) -> None:
+    """Train's rules that need N (batch ≤ N, δ < 1/N), checked when the sweep is planned, not when a cell's turn
+    comes after others have trained; N is counted once per data setting (a file's JSON is read, no image)."""
+    where = (c.task, c.train_split, c.train_data, c.train_limit, c.privacy_unit, c.dataset_size)
+    try:
+        if where not in counted:
+            counted[where] = count_units(c)[0]
+        with warnings.catch_warnings():   # δ above 1/(10N) is warned about once, by the cell's own run
+            warnings.simplefilter("ignore", LargeDeltaWarning)
+            check_private_run(c, counted[where])
+    except (ValueError, OSError) as err:
+        raise ValueError(f"sweep {sweep.name!r}, cell {label}: {err}") from None
 
 
 def _resolve(sweep: Sweep, label: str, values: dict) -> TrainConfig:
