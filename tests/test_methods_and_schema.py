@@ -86,7 +86,9 @@ def test_every_config_field_carries_a_schema():
 
 @pytest.mark.parametrize("bad", [dict(grad_sample_mode="bogus"), dict(accountant="moments"), dict(dtype="fp8"),
                                  dict(prune_scope="layer"), dict(trainable="everything"), dict(task="colour"),
-                                 dict(lora_rank=0), dict(expected_batch_size=2.5), dict(token_strategy="best")])
+                                 dict(lora_rank=0), dict(expected_batch_size=2.5), dict(token_strategy="best"),
+                                 dict(feature_cache="false"), dict(secure_mode=1),    # a switch is True or False
+                                 dict(keep_tokens=8, token_prune_ratio=0.5)])          # one visual-token budget
 def test_a_bad_choice_or_bound_is_refused_before_any_model_is_built(bad, monkeypatch):
     import toolkit.train as train_module
 

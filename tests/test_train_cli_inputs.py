@@ -129,3 +129,18 @@ def test_none_gives_a_number_setting_its_documented_default(capsys):
     """The help of --lr says 'None: the method's default'; `--lr none` is that, not a parse error."""
     assert main(["plan", "--method", "dp-sgd", "--steps", "3", "--lr", "none"]) == 0
     assert build_parser().parse_args(["train", "--lr", "none", "--steps", "3"]).lr is None
+
+
+def test_an_evaluation_file_without_training_data_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Was: it trained on the embedded task and scored that model on the user's file, without a word."""
+    import toolkit.run_setup as run_setup
+    from toolkit.train import TrainConfig, train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data settings were checked")
+
+    monkeypatch.setattr(run_setup, "model_stage", no_model)
+    paths = make_photo_dataset(tmp_path, n_train=4, n_test=4)
+    with pytest.raises(ValueError, match="eval_data .* is given without train_data: the run would train on the "
+                                         "embedded 'parity' task"):
+        train(TrainConfig(eval_data=paths["test"], image_folder=paths["image_folder"], steps=1, progress=False))

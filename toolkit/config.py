@@ -174,6 +174,10 @@ class TrainConfig:
             c.epsilon = parse_epsilon(c.epsilon)
         if c.token_strategy is None:
             c.token_strategy = method.default_token_strategy
+        if c.keep_tokens is not None and c.token_prune_ratio is not None and c.token_strategy != "none":
+            raise ValueError(f"both keep_tokens and token_prune_ratio are set (keep_tokens={c.keep_tokens}, "
+                             f"token_prune_ratio={c.token_prune_ratio}): give one visual-token budget, leave the "
+                             "other None")   # here, before a model loads; the pruner would refuse it only then
         if c.keep_tokens is None and c.token_prune_ratio is None and c.token_strategy != "none":
             c.token_prune_ratio = 0.75
         if c.grad_prune_ratio is None:

@@ -174,6 +174,10 @@ def user_datasets(c: TrainConfig, train_set: VQADataset | None, eval_set: VQADat
     if train_set is None and c.train_data:
         train_set = load_llava_json(c.train_data, c.image_folder, limit=c.train_limit,
                                     several_per_user=c.privacy_unit == "user")
+    if eval_set is None and c.eval_data and train_set is None and not c.train_data:
+        raise ValueError(f"eval_data {c.eval_data!r} is given without train_data: the run would train on the "
+                         f"embedded {c.task!r} task and score that model on your file. Give train_data too (or "
+                         "score an exported model with toolkit.predict)")
     if eval_set is None and c.eval_data:
         eval_set = load_llava_json(c.eval_data, c.image_folder, privacy_unit=False, limit=c.eval_limit)
     if eval_set is None and train_set is not None and c.train_data:

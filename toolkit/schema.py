@@ -54,6 +54,8 @@ def check_field(field: dataclasses.Field, value) -> None:
     meta = field.metadata
     if value is None and meta.get("optional"):
         return
+    if str(field.type) == "bool" and not isinstance(value, bool):  # "false" and 0 would pass as truthy / falsy
+        raise ValueError(f"{field.name} must be True or False, got {value!r}")
     choices = choices_of(field)
     if choices is not None and value not in choices:
         raise ValueError(f"unknown {field.name} {value!r}; choose one of {choices}")

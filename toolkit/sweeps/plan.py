@@ -333,9 +333,6 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
 
         grid_label, label = cell_label(values), cell_label(normalised)  # a cell is shown as it runs (N1: ε = ∞)
         resolved = _normalise_resolved(_resolve(sweep, label, normalised))
-        if resolved.keep_tokens is not None and resolved.token_prune_ratio is not None:
-            raise ValueError(f"sweep {sweep.name!r}, cell {label}: both keep_tokens and token_prune_ratio are set; "
-                             "give one budget (clear the other in base)")
         reason = next(((name, why) for name, rule in RULES.items() if (why := rule(resolved))), None)
         if reason:
             skipped.append(Skipped(grid_label, *reason))
