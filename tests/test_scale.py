@@ -556,3 +556,16 @@ def test_the_bench_refuses_a_bad_argument_by_name_before_any_worker_starts(bad, 
     with pytest.raises(ValueError) as err:
         bench.run_bench(**kwargs)
     assert words in str(err.value) and started == []
+
+
+@pytest.mark.parametrize("flags, value", [([], None), (["--activation-checkpointing"], True),
+                                          (["--activation-checkpointing", "true"], True),
+                                          (["--activation-checkpointing", "false"], False),
+                                          (["--no-activation-checkpointing"], False)])
+def test_bench_takes_activation_checkpointing_as_train_spells_it(flags, value):
+    """Was: only the bare switch; ``bench --activation-checkpointing true`` (train's spelling, as in the README)
+    failed with "unrecognized arguments: true"."""
+    from toolkit.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--methods", "dual-priv", *flags])
+    assert args.activation_checkpointing is value

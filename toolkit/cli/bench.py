@@ -1,11 +1,11 @@
 """``python -m toolkit bench``: peak memory and step time of several methods, side by side, in one run."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from toolkit.cli import subcommand
+from toolkit.cli.train import flag_type, parse_bool
 from toolkit.config import LORA_VARIANTS, OPTIMIZERS
 from toolkit.models import PRESETS
 from toolkit.precision import TRAINABLE_DTYPES
@@ -63,7 +63,7 @@ def configure(parser) -> None:
     parser.add_argument("--token-prune-ratio", type=float, default=0.75,
                         help="share of visual tokens Dual-Priv prunes, in [0, 1) (default 0.75; --keep-tokens wins)")
     parser.add_argument("--grad-prune-ratio", type=float, default=0.2,
-                        help="share of Dual-Priv's noisy update zeroed, in [0, 1] (default 0.2)")
+                        help="share of Dual-Priv's noisy update zeroed, in [0, 1) (default 0.2)")
     parser.add_argument("--trainable", default=None, help="default: the preset's, else lora+head")
     parser.add_argument("--grad-sample-mode", default=None,
                         help="per-example clipping: hooks, functorch, ghost, ghost-fp32, ghost-fp32-bk (default: the preset's, "
@@ -83,6 +83,10 @@ def configure(parser) -> None:
                              "(the model's dtype); default: the preset's, else float32")
     parser.add_argument("--lora-variant", default="standard", choices=LORA_VARIANTS,
                         help="'ffa': LoRA's A matrices frozen (FFA-LoRA), for every method")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+    # spelled as train spells it (--activation-checkpointing true); the bare switch and --no- form still work
+    parser.add_argument("--activation-checkpointing", nargs="?", const=True, default=None, metavar="{true,false}",
+                        type=flag_type(parse_bool),
                         help="recompute LM layer activations in backward (not for dp-zo, which has no backward); "
                              "default: the preset's (on for llava-7b-shape), else off")
+    parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
+                        const=False, help="the same as --activation-checkpointing false")

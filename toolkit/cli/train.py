@@ -69,7 +69,7 @@ def _parse_fusion(text: str):
         raise ValueError(f"expected a number, 'matched' or none, got {text!r}") from None
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -86,7 +86,7 @@ def _or_none(parse):
 
 def field_parser(config_cls, name: str):
     """The text parser of a dataclass field, from its annotation; it raises ``ValueError`` with a readable message
-    (a config file names the file and key; a flag goes through :func:`_flag_type`)."""
+    (a config file names the file and key; a flag goes through :func:`flag_type`)."""
     hint = typing.get_type_hints(config_cls)[name]
     args = typing.get_args(hint)
     base = next((a for a in args if a is not type(None)), hint) if args else hint
@@ -94,11 +94,11 @@ def field_parser(config_cls, name: str):
         return _parse_fusion
     if name == "epsilon":
         return _parse_epsilon
-    parse = {bool: _parse_bool, float: _parse_float, int: _parse_int}.get(base, str)
+    parse = {bool: parse_bool, float: _parse_float, int: _parse_int}.get(base, str)
     return _or_none(parse) if type(None) in args and parse is not str else parse
 
 
-def _flag_type(parse):
+def flag_type(parse):
     """argparse prints 'invalid <function name> value' for a ValueError; an ArgumentTypeError it prints as it is."""
     def parse_flag(text: str):
         try:
@@ -125,7 +125,7 @@ def add_config_flags(parser, config_cls) -> None:
             if f.type in (bool, "bool"):
                 metavar = "{true,false}"
             section.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                                 type=_flag_type(field_parser(config_cls, f.name)), default=argparse.SUPPRESS,
+                                 type=flag_type(field_parser(config_cls, f.name)), default=argparse.SUPPRESS,
                                  metavar=metavar, help=f"{text}{suffix}".replace("%", "%%"))
 
 
