@@ -87,6 +87,13 @@ def test_a_config_file_is_read_and_explicit_flags_override_it(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"method": "non-private", "lr": 0.01}))
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.json")])
     assert (train_cli.config_from_args(args).method, train_cli.config_from_args(args).lr) == ("non-private", 0.01)
+    # a length given by flag replaces the file's other length (steps and epochs together are refused)
+    (tmp_path / "epochs.yaml").write_text("epochs: 20\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "epochs.yaml"), "--steps", "2"])
+    assert (train_cli.config_from_args(args).steps, train_cli.config_from_args(args).epochs) == (2, None)
+    args = build_parser().parse_args(["train", "--steps", "2", "--epochs", "3"])
+    with pytest.raises(ValueError, match=r"give steps or epochs, not both \(steps=2, epochs=3\)"):
+        train_cli.config_from_args(args).resolved()
 
 
 @pytest.mark.parametrize("text, message", [("stpes: 3\n", "unknown field 'stpes'"), ("- 1\n", "must hold a mapping"),

@@ -219,6 +219,8 @@ def check_config(c: TrainConfig, method_rules: bool = True) -> None:
                          f"(got {c.noise_seed!r}; a seed would make the noise and batches re-creatable)")
     if c.steps is None and c.epochs is None:
         raise ValueError("give steps or epochs (e.g. --steps 100)")
+    if c.steps is not None and c.epochs is not None:   # steps would win and epochs be ignored without a word
+        raise ValueError(f"give steps or epochs, not both (steps={c.steps}, epochs={c.epochs:g})")
     if method_rules and (reason := method_rule(c)):
         raise ValueError(reason)
     if c.update_mask == "public" and c.train_data:

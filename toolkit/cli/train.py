@@ -167,6 +167,9 @@ def config_from_args(args, config_cls=TrainConfig):
     for f in dataclasses.fields(config_cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
+    for given, other in (("steps", "epochs"), ("epochs", "steps")):   # a flag's length replaces the file's
+        if getattr(args, given, None) is not None and not hasattr(args, other):
+            values.pop(other, None)
     return config_cls.from_dict(values) if hasattr(config_cls, "from_dict") else config_cls(**values)
 
 
