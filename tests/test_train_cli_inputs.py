@@ -151,3 +151,32 @@ def test_an_evaluation_file_without_training_data_is_refused_before_the_model_lo
     with pytest.raises(ValueError, match="eval_data .* is given without train_data: the run would train on the "
                                          "embedded 'parity' task"):
         train(TrainConfig(eval_data=paths["test"], image_folder=paths["image_folder"], steps=1, progress=False))
+
+
+def test_a_plausible_python_api_mistake_is_named_not_an_attribute_error(tmp_path):
+    """Was: AttributeError from deep inside (a dict for a config, a path for a result), a folder given as the
+    checkpoint said it "does not exist", an adapter export loaded as a model said only "no config.json"."""
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.export import save_trained
+    from toolkit.model_io import load_model
+    from toolkit.train import train
+
+    with pytest.raises(TypeError, match=r"train needs a TrainConfig, got dict \(TrainConfig.from_dict"):
+        train({"method": "dp-sgd", "steps": 1})
+    with pytest.raises(TypeError, match="save_trained needs the TrainResult that train returns, got str"):
+        save_trained("model", tmp_path / "out")
+    with pytest.raises(ValueError, match="is a folder: resume_from names the checkpoint file"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is a LoRA adapter, not a whole model: load it with toolkit.export.load_trained"):
+        load_model(tmp_path / "adapter")
+
+
+def test_training_and_scoring_on_one_embedded_split_is_warned_about():
+    from fast_run import fast
+    from toolkit.train import TrainConfig, train
+
+    with pytest.warns(UserWarning, match="train_split and eval_split are both 'test': the accuracy is measured on "
+                                         "the records the model trained on"):
+        train(TrainConfig(method="non-private", **fast(steps=1, train_split="test", eval_split="test")))

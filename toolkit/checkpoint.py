@@ -90,6 +90,9 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict, step: int, module:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a folder: resume_from names the checkpoint file a run "
+                         "wrote (its checkpoint_path)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -188,6 +188,8 @@ def save_trained(result, path: str | os.PathLike, export_format: str = "auto", b
     The folder is written beside ``path`` under a temporary name and renamed when complete: a failure leaves
     nothing half-written. ``path`` must not exist or be empty.
     """
+    if not (hasattr(result, "bundle") and hasattr(result, "config")):   # e.g. save_trained("model", "out")
+        raise TypeError(f"save_trained needs the TrainResult that train returns, got {type(result).__name__}")
     path = Path(path)
     check_output_dir(path, "output_dir")
     bundle, config = result.bundle, result.config

@@ -79,6 +79,9 @@ def _read_config(path: Path):
     if not path.is_dir():
         raise ModelLoadError(f"model path {str(path)!r} is not a directory")
     if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():   # a peft adapter export: its base is elsewhere
+            raise ModelLoadError(f"{str(path)!r} is a LoRA adapter, not a whole model: load it with "
+                                 "toolkit.export.load_trained(path), or with peft onto its base")
         raise ModelLoadError(f"{str(path)!r} has no config.json: not a transformers model directory")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)

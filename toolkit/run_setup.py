@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -207,6 +208,9 @@ def model_stage(c: TrainConfig) -> ModelStage:
 def data_stage(c: TrainConfig, model: ModelStage, train_set: VQADataset | None,
                eval_set: VQADataset | None) -> DataStage:
     """The embedded task's splits where no set of your own was given; the privacy unit's count; the eval mode."""
+    if train_set is None and eval_set is None and c.train_split == c.eval_split:
+        warnings.warn(f"train_split and eval_split are both {c.train_split!r}: the accuracy is measured on the "
+                      "records the model trained on, so it says nothing about new data", stacklevel=3)
     if train_set is None:
         train_set = make_vqa(c.task, c.train_split, model.bundle.image_size, limit=c.train_limit)
     if eval_set is None:

@@ -223,6 +223,9 @@ def train(config: TrainConfig, callback: Callable[[dict], bool | None] | None = 
     stops, the model is still evaluated, and the result has ``cancelled=True``. ``train_set`` / ``eval_set``
     replace the embedded task's splits with data sets of your own (see :func:`setup`).
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train needs a TrainConfig, got {type(config).__name__} (TrainConfig.from_dict(values) "
+                        "builds one from a dict, naming any unknown key)")
     config = config.resolved()
     with transformers_progress_bars(config.progress):
         run = setup(config, train_set, eval_set)
