@@ -4,6 +4,8 @@ per-example gradients, the LLaVA-1.5-7B-shaped preset (meta device only), and th
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -569,3 +571,14 @@ def test_bench_takes_activation_checkpointing_as_train_spells_it(flags, value):
 
     args = build_parser().parse_args(["bench", "--methods", "dual-priv", *flags])
     assert args.activation_checkpointing is value
+
+
+def test_measuring_a_cpu_peak_prints_nothing_on_stderr():
+    """Was: kineto's "USDT ... profiler_start / profiler_stop" lines in every run's and sweep cell's log."""
+    code = ("import torch; from toolkit.metering import measure_peak; "
+            "print(measure_peak(lambda: torch.ones(1000).sum(), baseline_tensors=[]).peak_mb > 0)")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    assert "profiler_start" not in done.stderr and "USDT" not in done.stderr, done.stderr

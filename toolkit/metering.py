@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ def measure_peak(step: Callable[[], object], baseline_tensors: Iterable[torch.Te
         return PeakMemory(torch.cuda.max_memory_allocated(gpu) / MB, before / MB,
                           torch.cuda.max_memory_reserved(gpu) / MB, str(device), "cuda max_memory_allocated")
     baseline = tensor_bytes(baseline_tensors)
+    # kineto prints "profiler_start/stop" lines on stderr for every session unless its log level is raised; it
+    # reads the variable when the profiler first starts in a process. A user's own setting wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = profiler_memory_events(prof)
