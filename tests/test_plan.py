@@ -61,6 +61,7 @@ def test_the_verdict_says_where_the_noise_falls_on_the_measured_table(ratio_eps,
     assert p.evidence["kind"] == kind
     assert ("learned" in p.verdict) if kind == "learned" else ("stayed at the majority class" in p.verdict)
     assert p.evidence["runs"] == 2
+    assert "e.g. photo task, N = 1000" in p.verdict     # a parity plan names the other task its runs measured
 
 
 def test_the_published_calibration_table_is_measured_and_monotone_enough_to_read():

@@ -206,8 +206,9 @@ def _sigma(epsilon: float, delta: float, q: float, steps: int, accountant: str) 
 
 
 def _example(cell: dict) -> str:
-    """One measured cell in words: its size, noise ratio, and accuracy against its majority class."""
-    return (f"N = {cell['n']}, ratio {cell['noise_ratio']:.3g}: {100 * cell['accuracy_mean']:.0f}% vs "
+    """One measured cell in words: its task and size (the runs may be of another task than yours), noise ratio,
+    and accuracy against its majority class."""
+    return (f"{cell['task']} task, N = {cell['n']}, ratio {cell['noise_ratio']:.3g}: {100 * cell['accuracy_mean']:.0f}% vs "
             f"{100 * cell['majority']:.0f}%")
 
 
