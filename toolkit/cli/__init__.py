@@ -55,17 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
     parser = _Parser(prog="python -m toolkit", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", required=True)
+    parser.subcommand_parsers = {}
     for name, (help_text, configure, _run) in _SUBCOMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
         configure(sub)
         sub.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH")
+        parser.subcommand_parsers[name] = sub
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # named by the subcommand that did not take them, not by the top-level program
+            parser.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # argparse has printed the usage error (or --help): report its code, not raise
         return int(exit_.code or 0)
     _help, _configure, run = _SUBCOMMANDS[args.command]
