@@ -91,12 +91,13 @@ def test_every_config_field_carries_a_schema():
                                  dict(keep_tokens=8, token_prune_ratio=0.5),           # one visual-token budget
                                  dict(epochs=2.0)])                                    # with steps=1: one length
 def test_a_bad_choice_or_bound_is_refused_before_any_model_is_built(bad, monkeypatch):
+    import toolkit.run_setup as run_setup
     import toolkit.train as train_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the config was validated")
 
-    monkeypatch.setattr(train_module, "load_bundle", no_model)
+    monkeypatch.setattr(run_setup, "model_stage", no_model)
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
         train_module.train(TrainConfig(steps=1, **bad))

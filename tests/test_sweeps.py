@@ -53,6 +53,17 @@ def test_a_cell_train_would_refuse_for_its_data_size_is_refused_when_the_sweep_i
                                 grid=dict(method=["non-private", "dp-sgd"]))).cells) == 2
 
 
+def test_a_run_length_set_over_a_base_replaces_the_bases_other_length():
+    """steps and epochs together are refused; a grid point, an override or a quick base that sets one length
+    replaces the base's other one instead (was: steps won and epochs was kept in the config, ignored)."""
+    base = dict(epochs=2.0, train_limit=32, expected_batch_size=8)
+    cell = plan_sweep(Sweep("grid", base=base, grid=dict(steps=[3]))).cells[0].config
+    assert (cell.steps, cell.epochs) == (3, None)
+    assert named_sweep("privacy-utility", quick=False, steps=50).base["epochs"] is None
+    quick = Sweep("q", base=base, quick=dict(base=dict(epochs=1.0))).quick_version()
+    assert (quick.base["steps"], quick.base["epochs"]) == (None, 1.0)
+
+
 def test_ablation_plan_skips_noise_without_fused_tokens():
     plan = plan_sweep(named_sweep("ablation", quick=False))
     assert len([c for c in plan.cells if c.config.seed == 0]) == 12

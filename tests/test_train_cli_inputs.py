@@ -91,6 +91,9 @@ def test_a_config_file_is_read_and_explicit_flags_override_it(tmp_path):
     (tmp_path / "epochs.yaml").write_text("epochs: 20\n")
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "epochs.yaml"), "--steps", "2"])
     assert (train_cli.config_from_args(args).steps, train_cli.config_from_args(args).epochs) == (2, None)
+    args = build_parser().parse_args(["audit", "--epochs", "5"])       # over the audit's own default steps=200
+    from toolkit.cli.audit import audit_config
+    assert (audit_config(args).resolved().steps, audit_config(args).epochs) == (None, 5)
     args = build_parser().parse_args(["train", "--steps", "2", "--epochs", "3"])
     with pytest.raises(ValueError, match=r"give steps or epochs, not both \(steps=2, epochs=3\)"):
         train_cli.config_from_args(args).resolved()

@@ -275,6 +275,20 @@ def resolve_device(c: TrainConfig) -> torch.device:
     return torch.device(c.device)
 
 
+RUN_LENGTHS = ("steps", "epochs")   # one of them sets a run's length; both together are refused
+
+
+def overlay(base: dict, top: dict) -> dict:
+    """``base``'s fields with ``top``'s on top (a config file under flags, a sweep's base under a grid point or an
+    override); a run length that ``top`` sets replaces ``base``'s other one, which would otherwise be a refused
+    pair (``steps`` and ``epochs``). ``top`` setting both is left to be refused."""
+    merged = {**base, **top}
+    for given, other in (RUN_LENGTHS, RUN_LENGTHS[::-1]):
+        if top.get(given) is not None and other not in top:
+            merged[other] = None
+    return merged
+
+
 def planned_steps(c: TrainConfig, sample_rate: float) -> int:
     """``steps``, or ``ceil(epochs / q)`` (an epoch is 1/q Poisson steps in expectation)."""
     return c.steps if c.steps is not None else max(1, math.ceil(c.epochs / sample_rate))

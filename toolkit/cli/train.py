@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from toolkit.cli import subcommand
-from toolkit.config import TrainConfig
+from toolkit.config import RUN_LENGTHS, TrainConfig, overlay
 from toolkit.distributed import context, shutdown
 from toolkit.plan import plan
 from toolkit.silent_defaults import silent_default_notes
@@ -163,13 +163,11 @@ def load_config_file(path: str | Path, config_cls=TrainConfig) -> dict:
 
 def config_from_args(args, config_cls=TrainConfig):
     """Defaults, then the ``--config`` file, then the flags given."""
-    values = load_config_file(args.config, config_cls) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(config_cls):
-        if hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    for given, other in (("steps", "epochs"), ("epochs", "steps")):   # a flag's length replaces the file's
-        if getattr(args, given, None) is not None and not hasattr(args, other):
-            values.pop(other, None)
+    from_file = load_config_file(args.config, config_cls) if getattr(args, "config", None) else {}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)
+                if f.default is not dataclasses.MISSING and f.name in RUN_LENGTHS}   # e.g. audit's steps=200
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    values = overlay(overlay(defaults, from_file), flags)   # a length given later replaces an earlier other one
     return config_cls.from_dict(values) if hasattr(config_cls, "from_dict") else config_cls(**values)
 
 

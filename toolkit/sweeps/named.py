@@ -12,6 +12,7 @@ import math
 import os
 from typing import Callable
 
+from toolkit.config import overlay
 from toolkit.models import apply_trainable, build_model
 from toolkit.sweeps.plan import Sweep, check_fields, preset_patches
 from toolkit.vocabulary import METHODS
@@ -290,7 +291,7 @@ def named_sweep(name: str, quick: bool | None = None, preset: str = "tiny", **ba
         sweep = sweep.quick_version()
     if base:
         check_fields(base, "named_sweep overrides")
-        sweep = dataclasses.replace(sweep, base={**sweep.base, **base})
+        sweep = dataclasses.replace(sweep, base=overlay(sweep.base, base))
     if not sweep.base.get("train_data") and "release_cost_stats" not in base:
         # The embedded digits are public: a built-in study's step time and memory are its results, not a
         # function of anyone's secret batch. On your own data (train_data=...) they stay withheld by default.

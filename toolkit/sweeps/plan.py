@@ -21,7 +21,7 @@ from typing import Callable
 
 from toolkit.models import PRESETS, spec_patches
 from toolkit.tokens import STRATEGIES, resolve_keep
-from toolkit.config import method_rule
+from toolkit.config import method_rule, overlay
 from toolkit.train import TrainConfig
 from toolkit.validation import check_int
 from toolkit.methods import get_method, method_names
@@ -97,7 +97,7 @@ class Sweep:
 
     def quick_version(self) -> "Sweep":
         """The same sweep shrunk for CI: :data:`QUICK_BASE`, then this sweep's own ``quick`` overrides."""
-        base = {**self.base, **QUICK_BASE, **self.quick.get("base", {})}
+        base = overlay(overlay(self.base, QUICK_BASE), self.quick.get("base", {}))
         grid = {**self.grid, **self.quick.get("grid", {})}
         seeds = self.quick.get("seeds", self.seeds[:1])
         return Sweep(f"{self.name}-quick", base=base, grid=grid, seeds=seeds,
@@ -317,11 +317,11 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
         values, columns, parts = dict(base), {}, []
         for axis, value in point:
             if axis in CONFIG_FIELDS:
-                values[axis] = value
+                values = overlay(values, {axis: value})
                 parts.append((axis, None))
             else:
                 fields = {k: parse_value(k, v) for k, v in value.items() if k not in BUNDLE_KEYS}
-                values.update(fields)
+                values = overlay(values, fields)
                 label = value.get("label") or ", ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
                 columns[axis] = label
                 columns.update(value.get("tags") or {})
