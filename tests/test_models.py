@@ -186,6 +186,30 @@ def test_a_run_without_progress_prints_no_transformers_bars_and_leaves_them_as_t
     assert hf_logging.is_progress_bar_enabled()
 
 
+def test_overlapping_runs_without_progress_restore_the_bars_when_the_last_one_ends():
+    """The switch is process-wide and the dashboard runs jobs in threads: the first run to leave must not turn
+    the bars back on under a second one still running, and the Hub's own setting comes back as it was."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from toolkit.quiet import transformers_progress_bars
+
+    first, second = transformers_progress_bars(False), transformers_progress_bars(False)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not hf_logging.is_progress_bar_enabled()          # the second run is still inside
+    second.__exit__(None, None, None)
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    hub_utils.disable_progress_bars()                        # a user's own choice for the Hub's bars
+    try:
+        with transformers_progress_bars(False):
+            pass
+        assert hub_utils.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
+    finally:
+        hub_utils.enable_progress_bars()
+
+
 def test_a_model_trained_from_a_local_checkpoint_exports_with_its_template_and_processor(hf_checkpoint, tmp_path):
     from toolkit.export import load_trained
     from toolkit.train import TrainConfig, train

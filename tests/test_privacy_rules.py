@@ -104,3 +104,13 @@ def test_a_private_fixed_batch_run_is_marked_as_not_covered_by_the_poisson_accou
     notes = result.summary()["outside_the_guarantee"]
     assert any("fixed-size" in note and "does NOT bound" in note for note in notes)
     assert result.summary()["privacy_segments"][0]["sampling"] == "fixed"
+
+
+def test_a_planner_can_check_delta_without_warning_and_still_refuses():
+    """plan_sweep checks every cell's δ without the warning (each cell's run gives it) and without touching the
+    process-wide warning filters, which a run in another thread relies on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_delta(1 / 200, 100, warn=False)
+    with pytest.raises(ValueError, match="not below 1/N"):
+        check_delta(0.5, 100, warn=False)

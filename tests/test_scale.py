@@ -575,10 +575,11 @@ def test_bench_takes_activation_checkpointing_as_train_spells_it(flags, value):
 
 def test_measuring_a_cpu_peak_prints_nothing_on_stderr():
     """Was: kineto's "USDT ... profiler_start / profiler_stop" lines in every run's and sweep cell's log."""
-    code = ("import torch; from toolkit.metering import measure_peak; "
-            "print(measure_peak(lambda: torch.ones(1000).sum(), baseline_tensors=[]).peak_mb > 0)")
+    code = ("import os, torch; from toolkit.metering import measure_peak; "
+            "print(measure_peak(lambda: torch.ones(1000).sum(), baseline_tensors=[]).peak_mb > 0, "
+            "'KINETO_LOG_LEVEL' in os.environ)")
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == "True False", done.stderr   # the variable is not left set
     assert "profiler_start" not in done.stderr and "USDT" not in done.stderr, done.stderr

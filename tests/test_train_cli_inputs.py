@@ -128,6 +128,7 @@ def test_predict_reads_the_data_before_it_loads_the_model(tmp_path, capsys):
     (["train", "--steps", "3", "--fusion-noise-std", "loud"], "expected a number, 'matched' or none, got 'loud'"),
     (["audit", "--canary-seed", "-1"], "--canary-seed must be an integer >= 0"),
     (["bench", "--in-process", "true"], "python -m toolkit bench: error: unrecognized arguments: true"),  # its name
+    (["--bogus", "info"], "python -m toolkit: error: unrecognized arguments: --bogus"),   # the top level's
 ])
 def test_a_bad_flag_value_is_one_line_naming_the_flag_and_what_it_takes(args, words, capsys, no_training):
     """Was: 'invalid _parse_bool value' (a private function's name), after 60 lines of usage."""

@@ -79,11 +79,18 @@ def measure_peak(step: Callable[[], object], baseline_tensors: Iterable[torch.Te
         return PeakMemory(torch.cuda.max_memory_allocated(gpu) / MB, before / MB,
                           torch.cuda.max_memory_reserved(gpu) / MB, str(device), "cuda max_memory_allocated")
     baseline = tensor_bytes(baseline_tensors)
-    # kineto prints "profiler_start/stop" lines on stderr for every session unless its log level is raised; it
-    # reads the variable when the profiler first starts in a process. A user's own setting wins.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    # kineto prints "profiler_start/stop" lines on stderr for every session unless its log level is raised (6;
+    # that hides its error lines too). It reads the variable when the profiler first starts in a process, so it is
+    # set only around that start: child processes and a user's own setting are left alone.
+    quieted = "KINETO_LOG_LEVEL" not in os.environ
+    if quieted:
+        os.environ["KINETO_LOG_LEVEL"] = "6"
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        if quieted:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
     events = profiler_memory_events(prof)
     running = peak = 0
     for _, nbytes in events:

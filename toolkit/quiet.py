@@ -10,7 +10,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import threading
 
+import huggingface_hub.utils as hub_utils
 from transformers.utils import logging as hf_logging
 
 
@@ -26,16 +28,37 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+_BARS_LOCK = threading.Lock()
+_bars_hidden = dict(depth=0, transformers=True, hub_disabled=False)   # nesting depth; the state to restore
+
+
 @contextlib.contextmanager
 def transformers_progress_bars(shown: bool):
     """transformers' (and the Hub's) progress bars hidden while inside unless ``shown``, then as they were: a run
     with ``progress=False`` must not print "Loading weights" or "Writing model shards" bars into a user's log.
-    ``shown`` leaves them as the user set them (e.g. ``HF_HUB_DISABLE_PROGRESS_BARS``)."""
-    before = hf_logging.is_progress_bar_enabled()
-    if not shown:
-        hf_logging.disable_progress_bar()
+    ``shown`` leaves them as the user set them (e.g. ``HF_HUB_DISABLE_PROGRESS_BARS``).
+
+    The switch is process-wide (transformers has no other), so overlapping runs in threads (the dashboard) count:
+    the first to hide saves the state, the last to leave restores it; a run with bars inside another's hidden
+    window goes without them."""
+    if shown:
+        yield
+        return
+    with _BARS_LOCK:
+        if _bars_hidden["depth"] == 0:
+            _bars_hidden.update(transformers=hf_logging.is_progress_bar_enabled(),
+                                hub_disabled=hub_utils.are_progress_bars_disabled())
+            hf_logging.disable_progress_bar()
+        _bars_hidden["depth"] += 1
     try:
         yield
     finally:
-        if before and not shown:
-            hf_logging.enable_progress_bar()
+        with _BARS_LOCK:
+            _bars_hidden["depth"] -= 1
+            if _bars_hidden["depth"] == 0:
+                if _bars_hidden["transformers"]:
+                    hf_logging.enable_progress_bar()      # turns the Hub's on too: put its own state back
+                if _bars_hidden["hub_disabled"]:
+                    hub_utils.disable_progress_bars()
+                else:
+                    hub_utils.enable_progress_bars()

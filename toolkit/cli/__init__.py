@@ -68,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra:   # named by the subcommand that did not take them, not by the top-level program
-            parser.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:   # named by the parser they were given to: the subcommand's, unless before its name
+            given = list(sys.argv[1:] if argv is None else argv)
+            before = given.index(args.command) > given.index(extra[0]) if extra[0] in given else False
+            (parser if before else parser.subcommand_parsers[args.command]).error(
+                f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # argparse has printed the usage error (or --help): report its code, not raise
         return int(exit_.code or 0)
     _help, _configure, run = _SUBCOMMANDS[args.command]

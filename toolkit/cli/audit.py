@@ -33,7 +33,8 @@ _EPSILON_FIELDS = ("epsilon_target", "epsilon_reported", "epsilon_lower_bound", 
 
 
 def audit_config(args) -> TrainConfig:
-    """The run under audit: :data:`AUDIT_DEFAULTS` fill what neither the flags nor ``--config`` give."""
+    """The run under audit: :data:`AUDIT_DEFAULTS` fill what the flags do not give (a length given replaces the
+    default other one: ``--epochs 5`` clears the default ``steps``)."""
     return TrainConfig(**dataclasses.asdict(config_from_args(args, _AuditFlags)))
 
 

@@ -28,8 +28,9 @@ class LargeDeltaWarning(UserWarning):
     """δ is below 1/N but above the customary 1/(10N)."""
 
 
-def check_delta(delta: float, n_records: int, allow_large_delta: bool = False) -> None:
-    """Refuse δ ≥ 1/N (unless ``allow_large_delta``) and warn when δ > 1/(10N); see the module docstring."""
+def check_delta(delta: float, n_records: int, allow_large_delta: bool = False, warn: bool = True) -> None:
+    """Refuse δ ≥ 1/N (unless ``allow_large_delta``) and warn when δ > 1/(10N) (``warn=False``: a planner that
+    leaves the warning to the run itself); see the module docstring."""
     limit = 1.0 / n_records
     if delta >= limit:
         if not allow_large_delta:
@@ -38,7 +39,7 @@ def check_delta(delta: float, n_records: int, allow_large_delta: bool = False) -
                 "a guarantee with delta >= 1/N allows publishing a whole record, so it protects nobody. Choose "
                 f"delta <= 1/(10N) = {limit / 10:.3g} or smaller, or set allow_large_delta=True to accept it "
                 "(then marked outside the guarantee and in the model card)")
-    elif delta > limit / 10:
+    elif warn and delta > limit / 10:
         warnings.warn(f"delta={delta:g} is above 1/(10N) = {limit / 10:.3g} (N = {n_records} records): the usual "
                       "choice is delta <= 1/(10N), since delta bounds the chance the guarantee fails for a record",
                       LargeDeltaWarning, stacklevel=2)
@@ -64,10 +65,10 @@ def check_batch_within_records(expected_batch_size: int, n_records: int) -> floa
     return expected_batch_size / n_records
 
 
-def check_private_run(c, n_records: int) -> float:
+def check_private_run(c, n_records: int, warn: bool = True) -> float:
     """The rules for a resolved config ``c`` over ``n_records`` declared records; returns q."""
     sample_rate = check_batch_within_records(c.expected_batch_size, n_records) if c.private \
         else min(1.0, c.expected_batch_size / n_records)
     if c.private:
-        check_delta(c.delta, n_records, getattr(c, "allow_large_delta", False))
+        check_delta(c.delta, n_records, getattr(c, "allow_large_delta", False), warn)
     return sample_rate

@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import typing
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +25,7 @@ from toolkit.train import TrainConfig
 from toolkit.validation import check_int
 from toolkit.methods import get_method, method_names
 from toolkit.plan import count_units
-from toolkit.privacy.rules import LargeDeltaWarning, check_private_run
+from toolkit.privacy.rules import check_private_run
 from toolkit.vocabulary import INFINITY_WORDS, epsilon_to_json, format_epsilon
 
 # Bump when the canonical form in config_key changes: every key changes, finished cells re-run (the safe side).
@@ -356,9 +355,7 @@ def _check_against_the_data(sweep: Sweep, label: str, c: TrainConfig, counted: d
     try:
         if where not in counted:
             counted[where] = count_units(c)[0]
-        with warnings.catch_warnings():   # δ above 1/(10N) is warned about once, by the cell's own run
-            warnings.simplefilter("ignore", LargeDeltaWarning)
-            check_private_run(c, counted[where])
+        check_private_run(c, counted[where], warn=False)   # δ above 1/(10N): warned about by the cell's own run
     except (ValueError, OSError) as err:
         raise ValueError(f"sweep {sweep.name!r}, cell {label}: {err}") from None
 
