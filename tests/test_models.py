@@ -172,6 +172,8 @@ def test_a_run_without_progress_prints_no_transformers_bars_and_leaves_them_as_t
     to a user's log), and restores them after; with ``progress=True`` they are shown, so the check can fail."""
     from transformers.utils import logging as hf_logging
 
+    from toolkit.data import make_vqa
+    from toolkit.predict import predict
     from toolkit.train import TrainConfig, train
 
     config = dict(method="dual-priv", model_dir=str(hf_checkpoint), steps=1, train_limit=8, eval_limit=4,
@@ -180,7 +182,9 @@ def test_a_run_without_progress_prints_no_transformers_bars_and_leaves_them_as_t
     train(TrainConfig(progress=True, output_dir=str(tmp_path / "shown"), **config))
     shown = capfd.readouterr().err
     assert "Loading weights" in shown and "Writing model shards" in shown
-    train(TrainConfig(progress=False, output_dir=str(tmp_path / "hidden"), **config))
+    result = train(TrainConfig(progress=False, output_dir=str(tmp_path / "hidden"), **config))
+    result.save(tmp_path / "saved-again")                  # an export after the run keeps the run's setting
+    predict(tmp_path / "hidden", make_vqa("parity", "test", 32, limit=2), progress=False)
     hidden = capfd.readouterr().err
     assert "Loading weights" not in hidden and "Writing model shards" not in hidden, hidden
     assert hf_logging.is_progress_bar_enabled()

@@ -36,6 +36,7 @@ from toolkit.export import Exported, load_trained
 from toolkit.feature_cache import cached_features
 from toolkit.features import make_pruner_for
 from toolkit.forward import LlavaLM
+from toolkit.quiet import transformers_progress_bars
 from toolkit.userdata import load_llava_json
 from toolkit.validation import check_choice, check_int
 
@@ -102,11 +103,12 @@ def predictions_table(dataset: VQADataset, answers: Answers) -> list[dict]:
 
 def predict(model: str | os.PathLike | Predictor, data: str | os.PathLike | VQADataset,
             image_folder: str | os.PathLike | None = None, mode: str = "saved", limit: int | None = None,
-            batch_size: int = 64, device: str = "cpu") -> dict:
+            batch_size: int = 64, device: str = "cpu", progress: bool = True) -> dict:
     """Predict an answer for every record of a LLaVA JSON/JSONL file (or a data set) with an exported model.
 
     A record may end with its question (no ``gpt`` answer): it gets a prediction and no score. Returns
-    ``dict(model, data, mode, candidates, accuracy, records, predictions)``.
+    ``dict(model, data, mode, candidates, accuracy, records, predictions)``. ``progress=False`` hides
+    transformers' "Loading weights" bar.
     """
     # every argument, then the data (cheap), before the model is loaded
     check_choice("mode", mode, MODES)
@@ -117,7 +119,8 @@ def predict(model: str | os.PathLike | Predictor, data: str | os.PathLike | VQAD
         check_device(device)
     dataset = data if isinstance(data, VQADataset) else load_llava_json(
         data, image_folder, privacy_unit=False, limit=limit, require_answers=False)
-    predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device)
+    with transformers_progress_bars(progress):
+        predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device)
     answers = predictor.answer(dataset, mode, batch_size)
     return dict(model=str(predictor.exported.path), data=dataset.name, mode=answers.mode,
                 candidates=list(answers.candidates), accuracy=answers.accuracy, records=len(dataset),

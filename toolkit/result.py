@@ -21,6 +21,7 @@ import pandas as pd
 from toolkit.config import TrainConfig
 from toolkit.export import save_trained
 from toolkit.privacy.release import outside_the_guarantee
+from toolkit.quiet import transformers_progress_bars
 
 __all__ = ["TrainResult"]
 
@@ -51,8 +52,10 @@ class TrainResult:
 
     def save(self, path, export_format: str | None = None):
         """Export the trained model, its tokenizer, what prediction needs and a model card to the new folder
-        ``path`` (see :func:`toolkit.export.save_trained`); ``export_format`` defaults to the config's."""
-        return save_trained(self, path, export_format or self.config.export_format)
+        ``path`` (see :func:`toolkit.export.save_trained`); ``export_format`` defaults to the config's, and
+        transformers' "Writing model shards" bar is shown as the run's ``progress`` says."""
+        with transformers_progress_bars(self.config.progress):
+            return save_trained(self, path, export_format or self.config.export_format)
 
     def summary(self) -> dict:
         c = self.config
