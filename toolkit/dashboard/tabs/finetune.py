@@ -1,4 +1,4 @@
-"""The Fine-tune tab: one run of any method with a live loss and ε curve, cancel, the app's time limit, the result
+"""The Fine-tune tab: one run of any method with a live ε curve (and loss, where released), cancel, the app's time limit, the result
 read against chance and a non-private reference, and the run's settings and result as a JSON download.
 
 The run itself is ``toolkit.train.train``; this module turns the UI's values into a validated ``TrainConfig``
@@ -357,7 +357,7 @@ def build(settings: AppSettings, runs_state: gr.State) -> list:
             with gr.Column(scale=3):
                 status = gr.HTML(message_html("Choose the settings and press Run."), elem_id="ft-status")
                 plan_box = gr.HTML(elem_id="ft-plan")
-                curve = gr.Plot(label="Loss and ε spent per step", elem_id="ft-curve")
+                curve = gr.Plot(label="ε spent per step (and the loss, where released)", elem_id="ft-curve")
                 verdict = gr.HTML(elem_id="ft-verdict")
                 result = gr.Markdown(elem_id="ft-result")
                 with gr.Accordion("Run settings (JSON)", open=False):
