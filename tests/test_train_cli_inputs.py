@@ -65,6 +65,13 @@ def test_an_unusable_output_dir_is_refused_before_training(setup, message, tmp_p
         assert (target / "old.txt").read_text() == "keep"
 
 
+def test_a_missing_checkpoint_is_refused_before_the_plan_line(tmp_path, capsys, no_training):
+    """Was: the plan line, as if the run were starting, and only then the error."""
+    assert main(["train", *FAST, "--resume-from", str(tmp_path / "nope.pt")]) == 2
+    captured = capsys.readouterr()
+    assert "plan:" not in captured.out and "nope.pt' does not exist" in captured.err
+
+
 def test_a_data_file_pointing_outside_its_image_folder_is_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")

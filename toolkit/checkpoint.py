@@ -88,13 +88,19 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict, step: int, module:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file ``path`` names (not its contents: see :func:`load_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {str(path)!r} is a folder: resume_from names the checkpoint file a run "
                          "wrote (its checkpoint_path)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = check_checkpoint_file(path)
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as err:  # torch raises several types for a file that is not a checkpoint

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from toolkit.checkpoint import check_checkpoint_file
 from toolkit.cli import subcommand
 from toolkit.config import RUN_LENGTHS, TrainConfig, overlay
 from toolkit.distributed import context, shutdown
@@ -177,6 +178,8 @@ def run(args) -> dict:
     config = config_from_args(args).resolved()
     if config.output_dir:  # checked here too so that nothing runs (not even the data loading) before it fails
         check_output_dir(config.output_dir, "--output-dir")
+    if config.resume_from:  # and before the plan line, which would read as if the run were about to start
+        check_checkpoint_file(config.resume_from)
     for note in silent_default_notes(config, args):   # issue 22: what would otherwise be ignored silently
         print(f"note: {note}", file=sys.stderr)
     try:                                              # issue 22: what this budget buys, before any work
