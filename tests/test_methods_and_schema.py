@@ -88,6 +88,7 @@ def test_every_config_field_carries_a_schema():
                                  dict(prune_scope="layer"), dict(trainable="everything"), dict(task="colour"),
                                  dict(lora_rank=0), dict(expected_batch_size=2.5), dict(token_strategy="best"),
                                  dict(feature_cache="false"), dict(secure_mode=1),    # a switch is True or False
+                                 dict(allow_large_delta="false"),     # was truthy: δ ≥ 1/N would have been accepted
                                  dict(keep_tokens=8, token_prune_ratio=0.5),           # one visual-token budget
                                  dict(epochs=2.0)])                                    # with steps=1: one length
 def test_a_bad_choice_or_bound_is_refused_before_any_model_is_built(bad, monkeypatch):
